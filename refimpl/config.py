@@ -1,0 +1,80 @@
+"""Reading typed fields out of a parsed config.json.
+
+Model configs are frozen dataclasses whose field names are the config.json keys.
+Each model's ``from_dict`` reads its fields through :func:`get_field`, which
+checks the JSON type and names the key in the error, and then calls
+:func:`check_known_keys` so that keys we do not interpret are either listed as
+deliberately ignored or reported.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from .errors import ConfigError
+
+REQUIRED = object()
+
+#: Keys that appear in Hugging Face config.json files and carry no math.
+COMMON_IGNORED_KEYS = frozenset(
+    {
+        "architectures", "model_type", "torch_dtype", "dtype", "transformers_version",
+        "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "use_cache",
+        "attention_dropout", "max_position_embeddings", "_name_or_path", "auto_map",
+        "output_attentions", "output_hidden_states", "return_dict", "id2label", "label2id",
+        "tokenizer_class", "torchscript", "use_bfloat16",
+    }
+)
+
+#: Keys whose presence means the checkpoint needs something this version lacks.
+UNSUPPORTED_KEYS = {
+    "quantization_config": "quantized checkpoints are not supported yet (plain float tensors only)",
+}
+
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def get_field(raw: dict, key: str, kind: type, default: Any = REQUIRED, *, nullable: bool = False):
+    """Return ``raw[key]`` checked to be of JSON kind ``kind`` (int, float, bool, str).
+
+    Ints are accepted where floats are expected; bools are never accepted as numbers.
+
+    Raises:
+        ConfigError: the key is missing and has no default, or has the wrong type.
+    """
+    if key not in raw:
+        if default is REQUIRED:
+            raise ConfigError(f"config.json lacks required field '{key}'")
+        return default
+    value = raw[key]
+    if value is None and nullable:
+        return None
+    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok, value = True, float(value)
+    if not ok:
+        raise ConfigError(f"config.json field '{key}' must be {_KINDS[kind]}, got {value!r}")
+    return value
+
+
+def get_positive_int(raw: dict, key: str, default: Any = REQUIRED) -> int:
+    """Like :func:`get_field` for an int that must be >= 1."""
+    value = get_field(raw, key, int, default)
+    if value < 1:
+        raise ConfigError(f"config.json field '{key}' must be a positive integer, got {value}")
+    return value
+
+
+def check_known_keys(raw: dict, used: set[str], ignored: frozenset[str], architecture: str) -> None:
+    """Reject keys that need unsupported features; warn about keys nobody reads.
+
+    Raises:
+        ConfigError: a key from :data:`UNSUPPORTED_KEYS` is present.
+    """
+    for key, why in UNSUPPORTED_KEYS.items():
+        if raw.get(key) is not None:
+            raise ConfigError(f"{architecture}: '{key}' is set: {why}")
+    unknown = sorted(set(raw) - used - ignored - COMMON_IGNORED_KEYS)
+    if unknown:
+        warnings.warn(f"{architecture}: config.json keys not read by the reference: {unknown}", stacklevel=3)

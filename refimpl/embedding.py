@@ -1,0 +1,63 @@
+"""Token embedding lookup and the language-model head.
+
+    h_0 = E[input_ids]            E: (V, M) ``model.embed_tokens.weight``
+    logits = h_L W_lm^T           W_lm: (V, M) ``lm_head.weight``, or E when tied
+
+Checked against: transformers ``torch.nn.Embedding`` and ``Qwen3ForCausalLM.lm_head``
+(``tie_word_embeddings``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import InputError
+from .linear import linear
+
+
+def check_token_ids(input_ids, vocab_size: int) -> np.ndarray:
+    """Validate token ids and return them as an int64 array ``(B, T)``.
+
+    Raises:
+        InputError: not an integer array, not 2-D, empty, or an id outside
+            ``[0, vocab_size)`` (the first offending id and its position are named).
+    """
+    ids = np.asarray(input_ids)
+    if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
+        raise InputError(f"token ids must be integers, got dtype {ids.dtype}")
+    if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise InputError(f"token ids must have shape (batch, seq) with batch, seq >= 1, got {ids.shape}")
+    bad = np.argwhere((ids < 0) | (ids >= vocab_size))
+    if bad.size:
+        where = tuple(int(i) for i in bad[0])
+        raise InputError(
+            f"token id {int(ids[where])} at position {where} is outside the vocabulary [0, {vocab_size})"
+        )
+    return ids.astype(np.int64)
+
+
+def embed_tokens(input_ids: np.ndarray, embedding: np.ndarray) -> np.ndarray:
+    """Rows of the embedding table for each token.
+
+    Args:
+        input_ids: ``(B, T)`` int64, already checked by :func:`check_token_ids`.
+        embedding: ``(V, M)``.
+
+    Returns:
+        ``(B, T, M)`` in the dtype of ``embedding``.
+    """
+    return embedding[input_ids]
+
+
+def lm_head(hidden: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Logits ``hidden @ weight.T``.
+
+    Args:
+        hidden: ``(B, T, M)`` final-normalised hidden states.
+        weight: ``(V, M)``: ``lm_head.weight``, or the embedding table when
+            ``tie_word_embeddings`` is true.
+
+    Returns:
+        ``(B, T, V)`` in the dtype of ``hidden``.
+    """
+    return linear(hidden, weight)

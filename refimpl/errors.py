@@ -1,0 +1,45 @@
+"""Errors raised by the reference.
+
+Every error the reference raises on bad input derives from :class:`RefimplError`
+(itself a ``ValueError``), carries a one-line message that names the problem, and
+is meant to be shown to a user as is, without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class RefimplError(ValueError):
+    """Base class of every input error raised by ``refimpl``."""
+
+
+class UnknownArchitectureError(RefimplError):
+    """config.json names an architecture that has no registry entry."""
+
+
+class ConfigError(RefimplError):
+    """config.json is missing a field, has a field of the wrong type, or asks for
+    a feature this version of the reference does not implement."""
+
+
+class CheckpointError(RefimplError):
+    """A checkpoint directory or one of its files cannot be read."""
+
+
+class MissingWeightsError(CheckpointError):
+    """The checkpoint lacks tensors the architecture needs."""
+
+
+class UnexpectedWeightsError(CheckpointError):
+    """The checkpoint carries tensors the architecture does not use."""
+
+
+class WeightShapeError(CheckpointError):
+    """A tensor in the checkpoint has the wrong shape for the config."""
+
+
+class InputError(RefimplError):
+    """Model input (token ids) has the wrong type, shape or range."""
+
+
+class ShapeError(RefimplError):
+    """A component received arrays whose shapes do not fit together."""

@@ -1,0 +1,1 @@
+"""Whole-model assemblies, one module per architecture family."""

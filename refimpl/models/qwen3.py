@@ -1,0 +1,263 @@
+"""Qwen3 dense decoder (``Qwen3ForCausalLM``).
+
+Forward pass, pre-norm, per layer l (weights under ``model.layers.{l}.``)::
+
+    h_0 = E[input_ids]
+    x   = RMSNorm(h; input_layernorm)
+    q   = RMSNorm_per_head(x Wq^T; q_norm)    (B, T, H, D)   QK-norm over D, before RoPE
+    k   = RMSNorm_per_head(x Wk^T; k_norm)    (B, T, Hkv, D)
+    v   = x Wv^T                              (B, T, Hkv, D)
+    q, k = RoPE_rotate_half(q, k; rope_theta, positions 0..T-1)
+    h   = h + o_proj( causal GQA(q, k, v; scale = D^-0.5) )
+    h   = h + SwiGLU( RMSNorm(h; post_attention_layernorm) )
+    logits = RMSNorm(h_L; norm) W_lm^T        (W_lm = E when tie_word_embeddings)
+
+head_dim D is its own config field (default 128) and need not equal
+hidden_size / num_attention_heads (Qwen3-32B: 64 heads x 128 = 8192 != 5120).
+
+Paper: Qwen3 Technical Report, arXiv:2505.09388, sec. 2 (QK-Norm, GQA, SwiGLU, RoPE, pre-RMSNorm).
+Checked against: transformers 5.24 ``models/qwen3/modeling_qwen3.py`` and
+``configuration_qwen3.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..attention import grouped_query_attention
+from ..config import check_known_keys, get_field, get_positive_int
+from ..embedding import embed_tokens, lm_head
+from ..errors import ConfigError
+from ..linear import linear
+from ..masks import causal_mask
+from ..mlp import swiglu_mlp
+from ..rmsnorm import rms_norm
+from ..rope import apply_rope_rotate_half, default_inv_freq, rope_cos_sin
+
+ARCHITECTURE = "Qwen3ForCausalLM"
+
+#: config.json keys read elsewhere or deliberately without effect here.
+IGNORED_KEYS = frozenset({"max_window_layers", "sliding_window"})
+
+
+@dataclass(frozen=True)
+class Qwen3Config:
+    """Qwen3 hyper-parameters; field names are the config.json keys.
+
+    Defaults are those of transformers' ``Qwen3Config`` where config.json may omit
+    a key. ``layer_types`` is resolved to a tuple with one entry per layer.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    use_sliding_window: bool = False
+    layer_types: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Qwen3Config":
+        """Build from a parsed config.json.
+
+        Raises:
+            ConfigError: missing or mistyped fields, heads that do not divide, or a
+                feature this version does not implement (sliding window, attention
+                bias, RoPE scaling, an activation other than silu).
+        """
+        heads = get_positive_int(raw, "num_attention_heads")
+        layers = get_positive_int(raw, "num_hidden_layers")
+        config = cls(
+            vocab_size=get_positive_int(raw, "vocab_size"),
+            hidden_size=get_positive_int(raw, "hidden_size"),
+            intermediate_size=get_positive_int(raw, "intermediate_size"),
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=get_positive_int(raw, "num_key_value_heads", heads),
+            head_dim=get_positive_int(raw, "head_dim", 128),
+            rms_norm_eps=get_field(raw, "rms_norm_eps", float, 1e-6),
+            rope_theta=_rope_theta(raw),
+            tie_word_embeddings=get_field(raw, "tie_word_embeddings", bool, False),
+            hidden_act=get_field(raw, "hidden_act", str, "silu"),
+            attention_bias=get_field(raw, "attention_bias", bool, False),
+            use_sliding_window=get_field(raw, "use_sliding_window", bool, False),
+            layer_types=_layer_types(raw, layers),
+        )
+        config._validate()
+        used = {f for f in cls.__dataclass_fields__} | {"rope_parameters", "rope_scaling"}
+        check_known_keys(raw, used, IGNORED_KEYS, ARCHITECTURE)
+        return config
+
+    def _validate(self) -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.rms_norm_eps < 0:
+            raise ConfigError(f"rms_norm_eps must be >= 0, got {self.rms_norm_eps}")
+        unsupported = {
+            "hidden_act": self.hidden_act != "silu",
+            "attention_bias": self.attention_bias,
+            "use_sliding_window": self.use_sliding_window,
+        }
+        for key, bad in unsupported.items():
+            if bad:
+                raise ConfigError(f"{ARCHITECTURE}: {key}={getattr(self, key)!r} is not supported by this version")
+
+
+def _rope_theta(raw: dict) -> float:
+    """rope_theta from ``rope_parameters`` (transformers 5) or top level (older files).
+
+    Raises:
+        ConfigError: a RoPE scaling type other than the default is requested.
+    """
+    params = raw.get("rope_parameters") or {}
+    scaling = raw.get("rope_scaling") or {}
+    if not isinstance(params, dict) or not isinstance(scaling, dict):
+        raise ConfigError("config.json fields 'rope_parameters' / 'rope_scaling' must be objects or null")
+    rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    if rope_type != "default":
+        raise ConfigError(f"{ARCHITECTURE}: RoPE type {rope_type!r} is not supported by this version (only 'default')")
+    if "rope_theta" in params:
+        return get_field(params, "rope_theta", float)
+    return get_field(raw, "rope_theta", float, 10000.0)
+
+
+def _layer_types(raw: dict, layers: int) -> tuple[str, ...]:
+    types = raw.get("layer_types")
+    if types is None:
+        return ("full_attention",) * layers
+    if not isinstance(types, list) or len(types) != layers:
+        raise ConfigError(f"config.json 'layer_types' must list {layers} entries, got {types!r}")
+    if any(t != "full_attention" for t in types):
+        raise ConfigError(f"{ARCHITECTURE}: only 'full_attention' layers are supported by this version, got {types}")
+    return tuple(types)
+
+
+def weight_shapes(config: Qwen3Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor name the checkpoint must hold, with its shape.
+
+    ``lm_head.weight`` is absent when ``tie_word_embeddings`` is true.
+    """
+    m, f, d = config.hidden_size, config.intermediate_size, config.head_dim
+    qd, kvd = config.num_attention_heads * d, config.num_key_value_heads * d
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, m), "model.norm.weight": (m,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, m)
+    per_layer = {
+        "input_layernorm.weight": (m,),
+        "post_attention_layernorm.weight": (m,),
+        "self_attn.q_proj.weight": (qd, m),
+        "self_attn.k_proj.weight": (kvd, m),
+        "self_attn.v_proj.weight": (kvd, m),
+        "self_attn.o_proj.weight": (m, qd),
+        "self_attn.q_norm.weight": (d,),
+        "self_attn.k_norm.weight": (d,),
+        "mlp.gate_proj.weight": (f, m),
+        "mlp.up_proj.weight": (f, m),
+        "mlp.down_proj.weight": (m, f),
+    }
+    for layer in range(config.num_hidden_layers):
+        shapes.update({f"model.layers.{layer}.{name}": s for name, s in per_layer.items()})
+    return shapes
+
+
+def layer_weights(weights: dict[str, np.ndarray], layer: int) -> dict[str, np.ndarray]:
+    """The tensors of one decoder layer, with the ``model.layers.{layer}.`` prefix removed."""
+    prefix = f"model.layers.{layer}."
+    return {name[len(prefix):]: w for name, w in weights.items() if name.startswith(prefix)}
+
+
+def attention_block(
+    x: np.ndarray, p: dict[str, np.ndarray], config: Qwen3Config, cos: np.ndarray, sin: np.ndarray
+) -> np.ndarray:
+    """Qwen3 self-attention on normalised input ``x`` ``(B, T, M)``; returns ``(B, T, M)``.
+
+    ``p`` holds the layer's ``self_attn.*`` tensors; ``cos, sin`` are ``(T, D/2)``.
+    """
+    b, t, _ = x.shape
+    d, eps = config.head_dim, config.rms_norm_eps
+    # QK-norm is per head, over head_dim, and comes before RoPE.
+    q = rms_norm(linear(x, p["self_attn.q_proj.weight"]).reshape(b, t, -1, d), p["self_attn.q_norm.weight"], eps)
+    k = rms_norm(linear(x, p["self_attn.k_proj.weight"]).reshape(b, t, -1, d), p["self_attn.k_norm.weight"], eps)
+    v = linear(x, p["self_attn.v_proj.weight"]).reshape(b, t, -1, d)
+    q, k = apply_rope_rotate_half(q, cos, sin), apply_rope_rotate_half(k, cos, sin)
+    out = grouped_query_attention(q, k, v, causal_mask(t, t), scale=d**-0.5)
+    return linear(out.reshape(b, t, -1), p["self_attn.o_proj.weight"])
+
+
+def decoder_layer(
+    h: np.ndarray, p: dict[str, np.ndarray], config: Qwen3Config, cos: np.ndarray, sin: np.ndarray
+) -> np.ndarray:
+    """One pre-norm decoder layer: attention then SwiGLU MLP, each with a residual."""
+    eps = config.rms_norm_eps
+    h = h + attention_block(rms_norm(h, p["input_layernorm.weight"], eps), p, config, cos, sin)
+    x = rms_norm(h, p["post_attention_layernorm.weight"], eps)
+    return h + swiglu_mlp(x, p["mlp.gate_proj.weight"], p["mlp.up_proj.weight"], p["mlp.down_proj.weight"])
+
+
+def forward(
+    weights: dict[str, np.ndarray], config: Qwen3Config, input_ids: np.ndarray
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Logits and named hidden states for checked token ids ``(B, T)``.
+
+    Args:
+        weights: every tensor of :func:`weight_shapes`, all in one compute dtype.
+        config: the model's config.
+        input_ids: ``(B, T)`` int64 within the vocabulary.
+
+    Returns:
+        ``(logits, taps)``: logits ``(B, T, V)``; taps maps ``"embed"``,
+        ``"layers.{l}"`` (output of layer l) and ``"norm"`` (final-normalised
+        hidden state) to ``(B, T, M)`` arrays, in that order.
+    """
+    embedding = weights["model.embed_tokens.weight"]
+    dtype = embedding.dtype
+    t = input_ids.shape[1]
+    cos, sin = rope_cos_sin(np.arange(t), default_inv_freq(config.head_dim, config.rope_theta), dtype)
+    h = embed_tokens(input_ids, embedding)
+    taps = {"embed": h}
+    for layer in range(config.num_hidden_layers):
+        h = decoder_layer(h, layer_weights(weights, layer), config, cos, sin)
+        taps[f"layers.{layer}"] = h
+    h = rms_norm(h, weights["model.norm.weight"], config.rms_norm_eps)
+    taps["norm"] = h
+    head = embedding if config.tie_word_embeddings else weights["lm_head.weight"]
+    return lm_head(h, head), taps
+
+
+#: Published flagship configs (config.json values that carry math).
+#: Sources: the config.json files of Qwen/Qwen3-0.6B, Qwen/Qwen3-8B and Qwen/Qwen3-32B
+#: on the Hugging Face Hub, as summarised in shared/spec/dense-architectures.md sec. 5.1.
+PRESETS = {
+    "Qwen3-0.6B": {
+        "architectures": [ARCHITECTURE], "vocab_size": 151936, "hidden_size": 1024,
+        "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
+        "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "tie_word_embeddings": True, "hidden_act": "silu",
+    },
+    "Qwen3-8B": {
+        "architectures": [ARCHITECTURE], "vocab_size": 151936, "hidden_size": 4096,
+        "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "tie_word_embeddings": False, "hidden_act": "silu",
+    },
+    "Qwen3-32B": {
+        "architectures": [ARCHITECTURE], "vocab_size": 151936, "hidden_size": 5120,
+        "intermediate_size": 25600, "num_hidden_layers": 64, "num_attention_heads": 64,
+        "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "tie_word_embeddings": False, "hidden_act": "silu",
+    },
+}
