@@ -1,0 +1,77 @@
+"""What a backend is: the protocol every adapter implements.
+
+The suite knows no engine. A backend is an object with
+
+* ``name``: a short string shown in reports (``"refimpl"``, ``"transformers"``);
+* ``supports(case, dtype)``: ``True``, or a string saying why this case or dtype is
+  not implemented (reported as status "not implemented", not as a failure);
+* ``load_model(checkpoint_dir, dtype)``: a :class:`LoadedModel` for a Hugging Face
+  checkpoint directory (``config.json`` + safetensors, float32 weights);
+* optionally ``package_versions() -> dict[str, str]``: versions recorded in the
+  JSON report (see :func:`package_versions`).
+
+A :class:`LoadedModel` maps token ids to a :class:`BackendOutput`. The runner
+compares the logits and whichever taps the backend returns; tap names are those
+of the golden corpus: ``"embed"`` (token embeddings), ``"layers.{l}"`` (output of
+decoder layer ``l``) and ``"norm"`` (final-normalised hidden state), each
+``(B, T, M)``. Any array dtype is accepted; errors are measured in float64.
+
+Exceptions raised by ``load_model`` or ``run`` mark that case as "error" and the run
+continues, except :class:`conformance.errors.BackendError`, which means the backend
+itself cannot work (for example a missing package) and stops the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from ..manifest import Case
+
+#: dtype names a backend may be asked to run in.
+DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class BackendOutput:
+    """What a backend returns for input ids ``(B, T)``.
+
+    Attributes:
+        logits: ``(B, T, V)``.
+        hidden_states: ``None`` or ``{tap name: (B, T, M)}``.
+    """
+
+    logits: np.ndarray
+    hidden_states: dict[str, np.ndarray] | None = None
+
+
+class LoadedModel(Protocol):
+    """A model loaded by a backend, ready to run."""
+
+    def run(self, input_ids: np.ndarray) -> BackendOutput:
+        """Forward pass on int64 token ids ``(B, T)``."""
+        ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """An engine adapter; see the module docstring."""
+
+    name: str
+
+    def supports(self, case: Case, dtype: str) -> bool | str:
+        """``True``, or the reason this case/dtype is not implemented."""
+        ...
+
+    def load_model(self, checkpoint_dir: Path, dtype: str) -> LoadedModel:
+        """Load a checkpoint directory to run in ``dtype`` (one of :data:`DTYPES`)."""
+        ...
+
+
+def package_versions(backend: Backend) -> dict[str, str]:
+    """The backend's ``package_versions()``, or ``{}`` if it does not define one."""
+    versions = getattr(backend, "package_versions", None)
+    return dict(versions()) if callable(versions) else {}

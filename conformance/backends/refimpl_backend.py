@@ -1,0 +1,50 @@
+"""The NumPy reference (``refimpl``) as a backend.
+
+It computes in float64 (the specification) or float32 (to measure what error a
+float32 engine should expect); other dtypes are reported as not implemented.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+import refimpl
+
+from ..manifest import Case
+from .base import BackendOutput
+
+DTYPES = ("float64", "float32")
+
+
+class RefimplModel:
+    """A loaded :class:`refimpl.Model`."""
+
+    def __init__(self, model: refimpl.Model):
+        self.model = model
+
+    def run(self, input_ids: np.ndarray) -> BackendOutput:
+        """Logits ``(B, T, V)`` and taps, in the compute dtype, for ids ``(B, T)``."""
+        out = self.model.forward(input_ids, return_hidden_states=True)
+        return BackendOutput(logits=out.logits, hidden_states=dict(out.hidden_states))
+
+
+class RefimplBackend:
+    """Backend running ``refimpl.from_pretrained`` (no options)."""
+
+    name = "refimpl"
+
+    def supports(self, case: Case, dtype: str) -> bool | str:
+        if dtype not in DTYPES:
+            return f"refimpl computes in {' or '.join(DTYPES)} only"
+        if case.architecture not in refimpl.ARCHITECTURES:
+            return f"refimpl has no architecture '{case.architecture}'"
+        return True
+
+    def load_model(self, checkpoint_dir: Path, dtype: str) -> RefimplModel:
+        """Load ``checkpoint_dir``; raises ``refimpl.RefimplError`` on a bad checkpoint."""
+        return RefimplModel(refimpl.from_pretrained(checkpoint_dir, dtype=np.dtype(dtype)))
+
+    def package_versions(self) -> dict[str, str]:
+        return {"refimpl": refimpl.__version__, "numpy": np.__version__}

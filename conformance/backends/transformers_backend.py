@@ -1,0 +1,146 @@
+"""Hugging Face transformers (``AutoModelForCausalLM``) as a backend.
+
+The model is loaded with ``from_pretrained(dir, dtype=..., attn_implementation=...)``,
+put in eval mode and run under ``torch.no_grad()`` on the CPU. Hidden states are
+captured with forward hooks on ``model.model.embed_tokens`` (tap ``"embed"``), each
+``model.model.layers[i]`` (``"layers.{i}"``; a layer may return a tensor or a
+tuple whose first entry is the hidden state) and ``model.model.norm``
+(``"norm"``). Models laid out differently return logits only.
+
+Options (``-o key=value``):
+    attn_implementation: passed to ``from_pretrained``; default ``"eager"``, the
+        plain softmax(QK^T)V, closest to the reference.
+    float32_islands: ``"lift"`` (default) or ``"keep"``; only matters at float64.
+
+Why float32 islands are lifted at float64: float64 mode checks the math to about
+1e-10. transformers as shipped computes RMSNorm, the RoPE angles and the attention
+softmax in float32 even for a float64 model, which alone puts it about 1e-7 away
+from the reference. That is a precision policy, not the math under test, so by
+default the model is built and run inside
+:func:`conformance.backends.hf_exact.exact_float64`, which computes those steps
+in float64. ``float32_islands=keep`` runs transformers as shipped (expect float64
+cases to fail by about 1e-7).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BackendError
+from ..manifest import Case
+from .base import DTYPES, BackendOutput
+
+INSTALL_HINT = "pip install torch==2.13.0 && pip install -e .[transformers]"
+ISLAND_POLICIES = ("lift", "keep")
+
+
+def _import_torch_and_transformers():
+    """``(torch, transformers)``; raises BackendError with install instructions if absent."""
+    try:
+        import torch
+        import transformers
+    except ImportError as exc:
+        raise BackendError(
+            f"the transformers backend needs torch and transformers ({exc}); install: {INSTALL_HINT}"
+        ) from None
+    return torch, transformers
+
+
+@contextlib.contextmanager
+def _quiet_loading(transformers):
+    """Hide transformers' per-checkpoint "Loading weights" bar, which would interleave with ours."""
+    logging = transformers.utils.logging
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
+
+
+def _to_numpy(tensor) -> np.ndarray:
+    """A float64 NumPy copy of a (possibly bfloat16) torch tensor."""
+    import torch
+
+    return tensor.detach().to(dtype=torch.float64, device="cpu").numpy()
+
+
+def _tap_modules(model) -> dict:
+    """``{tap name: module}`` for the decoder layout ``model.model.{embed_tokens, layers, norm}``."""
+    inner = getattr(model, "model", None)
+    if not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm")):
+        return {}
+    taps = {"embed": inner.embed_tokens}
+    taps.update({f"layers.{i}": layer for i, layer in enumerate(inner.layers)})
+    taps["norm"] = inner.norm
+    return taps
+
+
+class TransformersModel:
+    """A loaded transformers model plus the precision context to run it in."""
+
+    def __init__(self, model, precision_context):
+        self.model = model
+        self.precision_context = precision_context
+
+    def run(self, input_ids: np.ndarray) -> BackendOutput:
+        """Logits and taps (float64 NumPy) for int64 ids ``(B, T)``."""
+        import torch
+
+        captured: dict[str, np.ndarray] = {}
+
+        def hook_for(name):
+            def hook(module, args, output):
+                captured[name] = _to_numpy(output[0] if isinstance(output, tuple) else output)
+
+            return hook
+
+        handles = [m.register_forward_hook(hook_for(n)) for n, m in _tap_modules(self.model).items()]
+        try:
+            with self.precision_context(), torch.no_grad():
+                out = self.model(input_ids=torch.from_numpy(np.asarray(input_ids, dtype=np.int64)), use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return BackendOutput(logits=_to_numpy(out.logits), hidden_states=captured or None)
+
+
+class TransformersBackend:
+    """Backend running ``transformers.AutoModelForCausalLM``; see the module docstring."""
+
+    name = "transformers"
+
+    def __init__(self, attn_implementation: str = "eager", float32_islands: str = "lift"):
+        if float32_islands not in ISLAND_POLICIES:
+            choices = ", ".join(ISLAND_POLICIES)
+            raise BackendError(f"option float32_islands must be one of {choices}, got '{float32_islands}'")
+        self.torch, self.transformers = _import_torch_and_transformers()
+        self.attn_implementation = attn_implementation
+        self.float32_islands = float32_islands
+
+    def supports(self, case: Case, dtype: str) -> bool | str:
+        return True if dtype in DTYPES else f"unknown dtype {dtype}"
+
+    def _precision_context(self, dtype: str):
+        """A factory of the context that both building and running the model need."""
+        if dtype == "float64" and self.float32_islands == "lift":
+            from .hf_exact import exact_float64
+
+            return exact_float64
+        return contextlib.nullcontext
+
+    def load_model(self, checkpoint_dir: Path, dtype: str) -> TransformersModel:
+        """Load ``checkpoint_dir`` in ``dtype`` (inside the precision context, see module docstring)."""
+        context = self._precision_context(dtype)
+        with context(), _quiet_loading(self.transformers):
+            model = self.transformers.AutoModelForCausalLM.from_pretrained(
+                str(checkpoint_dir), dtype=getattr(self.torch, dtype), attn_implementation=self.attn_implementation
+            )
+        return TransformersModel(model.eval(), context)
+
+    def package_versions(self) -> dict[str, str]:
+        return {"torch": self.torch.__version__, "transformers": self.transformers.__version__}

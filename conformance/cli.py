@@ -1,0 +1,150 @@
+"""The ``llm-conformance`` command (also ``python -m conformance``).
+
+    llm-conformance run --backend NAME|module:factory [-o key=value ...] [--dtype float32]
+                        [--golden-dir DIR] [--case GLOB ...] [--report FILE.json]
+    llm-conformance list [--golden-dir DIR]
+
+Exit status of ``run``: 0 when every case passed or is not implemented, 1 when any
+failed or errored, 2 for usage and input errors. Input errors (bad corpus, hash
+mismatch, unknown backend, ...) print one line ``error: ...`` on stderr, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from refimpl.errors import RefimplError
+
+from . import __version__
+from .backends import resolve_backend
+from .backends.base import DTYPES, package_versions
+from .errors import ConformanceError
+from .manifest import Case, default_golden_dir, read_manifest
+from .report import print_report, write_json_report
+from .runner import Status, one_line, run_suite
+
+EXIT_FAILED = 1
+EXIT_INPUT_ERROR = 2
+
+
+def _input_errors_as_one_line(command):
+    """Turn ConformanceError/RefimplError into ``error: ...`` on stderr and exit status 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (ConformanceError, RefimplError) as exc:
+            click.echo(f"error: {one_line(str(exc))}", err=True)
+            sys.exit(EXIT_INPUT_ERROR)
+
+    return wrapper
+
+
+def _parse_options(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
+    """``("k=v", ...)`` to ``{"k": "v"}``; a value without ``=`` is a usage error."""
+    options = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected key=value, got '{item}'", ctx=ctx, param=param)
+        options[key] = value
+    return options
+
+
+def select_cases(cases: list[Case], globs: tuple[str, ...]) -> list[Case]:
+    """Cases whose id matches any glob (all when none is given), in manifest order.
+
+    Raises:
+        ConformanceError: a glob matches no case (the known ids are listed).
+    """
+    if not globs:
+        return list(cases)
+    for pattern in globs:
+        if not any(fnmatch.fnmatchcase(case.id, pattern) for case in cases):
+            known = ", ".join(case.id for case in cases)
+            raise ConformanceError(f"--case '{pattern}' matches no case; known: {known}")
+    return [case for case in cases if any(fnmatch.fnmatchcase(case.id, p) for p in globs)]
+
+
+def _stdout_console() -> Console:
+    """Console for tables: its terminal's width, or 160 columns in logs so rows do not fold."""
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+golden_dir_option = click.option(
+    "--golden-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Golden corpus directory (default: $LLM_CONFORMANCE_GOLDEN, ./golden, or the one beside the package).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="llm-conformance")
+def cli():
+    """Check an inference engine against the llm-refimpl golden corpus."""
+
+
+@cli.command("run")
+@click.option("--backend", required=True, help="Built-in name (refimpl, transformers) or package.module:factory.")
+@click.option("-o", "--option", "options", multiple=True, callback=_parse_options, metavar="KEY=VALUE",
+              help="Backend option, passed to its factory as a keyword argument; repeatable.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
+@golden_dir_option
+@click.option("--case", "case_globs", multiple=True, metavar="GLOB", help="Run only matching case ids; repeatable.")
+@click.option("--report", type=click.Path(path_type=Path, dir_okay=False), help="Also write a JSON report here.")
+@_input_errors_as_one_line
+def run_command(backend, options, dtype, golden_dir, case_globs, report):
+    """Run a backend over the golden cases and report per case."""
+    golden_dir = golden_dir or default_golden_dir()
+    manifest = read_manifest(golden_dir)
+    cases = select_cases(manifest.cases, case_globs)
+    chosen = resolve_backend(backend, options)
+    started = _now()
+    results = run_suite(chosen, cases, golden_dir, dtype, progress=True)
+    meta = {
+        "backend": chosen.name, "backend_spec": backend, "backend_options": options,
+        "package_versions": package_versions(chosen), "dtype": dtype,
+        "corpus_version": manifest.corpus_version, "golden_dir": str(golden_dir),
+        "conformance_version": __version__, "started_at": started, "finished_at": _now(),
+    }
+    print_report(results, meta, _stdout_console())
+    if report:
+        write_json_report(report, results, meta)
+    sys.exit(EXIT_FAILED if any(r.status in (Status.FAILED, Status.ERROR) for r in results) else 0)
+
+
+@cli.command("list")
+@golden_dir_option
+@_input_errors_as_one_line
+def list_command(golden_dir):
+    """List the golden cases."""
+    golden_dir = golden_dir or default_golden_dir()
+    manifest = read_manifest(golden_dir)
+    table = Table(title=f"golden corpus {manifest.corpus_version} ({golden_dir})")
+    for name in ("id", "architecture", "level", "tolerance class", "description"):
+        table.add_column(name, overflow="fold")
+    for case in manifest.cases:
+        cells = (case.id, case.architecture, case.level, case.tolerance_class, case.description)
+        table.add_row(*(Text(cell) for cell in cells))
+    _stdout_console().print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="llm-conformance")

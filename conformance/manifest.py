@@ -1,0 +1,257 @@
+"""The golden corpus: its manifest, file integrity and case data.
+
+A golden directory holds ``MANIFEST.json``::
+
+    {"corpus_version": "0.1.0", "generator": "tools/make_goldens.py", "generator_version": 1,
+     "cases": [{"id": "qwen3/tied-mqa", "level": "model", "architecture": "Qwen3ForCausalLM",
+                "description": "...", "seed": 3, "tolerance_class": "model_logits",
+                "config_summary": {...},
+                "checkpoint": "qwen3/tied-mqa/checkpoint",      # Hugging Face checkpoint dir
+                "data": "qwen3/tied-mqa/io.safetensors",
+                "files": {"<relative path>": "<sha256 hex>", ...}}]}
+
+Every path is relative to the golden directory and must stay inside it. The data
+file holds ``input_ids`` int64 ``(B, T)``, ``logits`` float64 ``(B, T, V)`` and
+``hidden_states.<tap>`` float64 ``(B, T, M)`` for the taps ``embed``,
+``layers.{l}`` and ``norm``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
+
+import conformance
+
+from .errors import HashMismatchError, ManifestError
+
+MANIFEST_NAME = "MANIFEST.json"
+GOLDEN_ENV = "LLM_CONFORMANCE_GOLDEN"
+HIDDEN_PREFIX = "hidden_states."
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One golden case, as listed in the manifest.
+
+    Attributes:
+        id: unique name, e.g. ``"qwen3/tied-mqa"``.
+        level: what the case exercises (``"model"`` for a whole forward).
+        architecture: the config.json ``architectures`` entry.
+        tolerance_class: first key of ``conformance.tolerances.TOLERANCES``.
+        checkpoint: checkpoint directory, relative to the golden directory.
+        data: the inputs/expected-outputs safetensors file, relative likewise.
+        files: ``{relative path: sha256 hex}`` of every file the case depends on.
+        description, seed, config_summary: provenance, shown to users only.
+    """
+
+    id: str
+    level: str
+    architecture: str
+    tolerance_class: str
+    checkpoint: str
+    data: str
+    files: dict[str, str]
+    description: str = ""
+    seed: int | None = None
+    config_summary: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parsed ``MANIFEST.json``: corpus provenance and its cases."""
+
+    corpus_version: str
+    generator: str
+    generator_version: int | None
+    cases: list[Case]
+
+
+def default_golden_dir() -> Path:
+    """The golden directory to use when none is given.
+
+    ``$LLM_CONFORMANCE_GOLDEN`` if set; else ``./golden`` if it has a manifest; else
+    the ``golden/`` directory next to the installed ``conformance`` package.
+
+    Raises:
+        ManifestError: the chosen directory has no ``MANIFEST.json`` (the places
+            searched are named).
+    """
+    if os.environ.get(GOLDEN_ENV):
+        chosen = Path(os.environ[GOLDEN_ENV])
+        if not (chosen / MANIFEST_NAME).is_file():
+            raise ManifestError(f"${GOLDEN_ENV}={chosen} has no {MANIFEST_NAME}")
+        return chosen
+    candidates = [Path("golden"), Path(conformance.__file__).resolve().parents[1] / "golden"]
+    for candidate in candidates:
+        if (candidate / MANIFEST_NAME).is_file():
+            return candidate
+    searched = ", ".join(str(c) for c in candidates)
+    raise ManifestError(f"no golden corpus found (looked in {searched}); pass --golden-dir or set ${GOLDEN_ENV}")
+
+
+def inside(golden_dir: Path, relative: str, what: str) -> Path:
+    """Resolve ``relative`` against ``golden_dir``, refusing paths that leave it.
+
+    Raises:
+        ManifestError: ``relative`` is empty, absolute, or escapes ``golden_dir``
+            (with ``..`` or through a symlink).
+    """
+    if not isinstance(relative, str) or not relative:
+        raise ManifestError(f"{what}: path must be a non-empty string, got {relative!r}")
+    if PurePosixPath(relative).is_absolute() or PureWindowsPath(relative).anchor:
+        raise ManifestError(f"{what}: path '{relative}' is absolute; paths must be relative to the golden directory")
+    root = Path(golden_dir).resolve()
+    resolved = (root / relative).resolve()
+    if ".." in PurePosixPath(relative).parts or (resolved != root and root not in resolved.parents):
+        raise ManifestError(f"{what}: path '{relative}' leads outside the golden directory {golden_dir}")
+    return resolved
+
+
+def read_manifest(golden_dir) -> Manifest:
+    """Parse and validate ``golden_dir/MANIFEST.json``.
+
+    Raises:
+        ManifestError: the file is missing, unreadable, not JSON, lacks a field, has a
+            field of the wrong type, repeats a case id, or names a path outside
+            ``golden_dir``.
+    """
+    path = Path(golden_dir) / MANIFEST_NAME
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: manifest not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: cannot read manifest ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path}: invalid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    cases_raw = _field(raw, "cases", list, str(path))
+    cases = [_parse_case(golden_dir, entry, f"{path}: cases[{i}]") for i, entry in enumerate(cases_raw)]
+    ids = [case.id for case in cases]
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        raise ManifestError(f"{path}: case id(s) listed more than once: {', '.join(repeated)}")
+    return Manifest(
+        corpus_version=_field(raw, "corpus_version", str, str(path)),
+        generator=raw.get("generator", ""),
+        generator_version=raw.get("generator_version"),
+        cases=cases,
+    )
+
+
+def load_manifest(golden_dir) -> list[Case]:
+    """The cases of ``golden_dir/MANIFEST.json``, in manifest order (see :func:`read_manifest`)."""
+    return read_manifest(golden_dir).cases
+
+
+def _field(raw: dict, key: str, kind: type, where: str):
+    """``raw[key]`` checked to be a ``kind`` (str, list or dict); raises ManifestError naming ``where``."""
+    if key not in raw:
+        raise ManifestError(f"{where}: missing field '{key}'")
+    if not isinstance(raw[key], kind):
+        raise ManifestError(f"{where}: field '{key}' must be a {kind.__name__}, got {raw[key]!r}")
+    return raw[key]
+
+
+def _parse_case(golden_dir, raw, where: str) -> Case:
+    """Build a :class:`Case` from one manifest entry, checking types and paths."""
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{where}: expected an object, got {type(raw).__name__}")
+    where = f"{where} ({raw['id']})" if isinstance(raw.get("id"), str) else where
+    files = _field(raw, "files", dict, where)
+    for name, digest in files.items():
+        inside(golden_dir, name, f"{where}: files")
+        if not isinstance(digest, str) or not _SHA256.match(digest):
+            raise ManifestError(f"{where}: files['{name}'] must be a lowercase sha256 hex digest, got {digest!r}")
+    case = Case(
+        **{key: _field(raw, key, str, where) for key in ("id", "level", "architecture", "tolerance_class")},
+        checkpoint=_field(raw, "checkpoint", str, where),
+        data=_field(raw, "data", str, where),
+        files=dict(files),
+        description=_field(raw, "description", str, where) if "description" in raw else "",
+        seed=raw.get("seed"),
+        config_summary=_field(raw, "config_summary", dict, where) if "config_summary" in raw else {},
+    )
+    inside(golden_dir, case.checkpoint, f"{where}: checkpoint")
+    inside(golden_dir, case.data, f"{where}: data")
+    # An unlisted data file would be read without its integrity being checked.
+    if case.data not in files:
+        raise ManifestError(f"{where}: data file '{case.data}' is not listed in 'files'")
+    return case
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_case_files(golden_dir, case: Case) -> None:
+    """Check the sha256 of every file ``case`` lists.
+
+    Raises:
+        ManifestError: a listed file is missing or unreadable (it is named).
+        HashMismatchError: a file's content differs from the manifest (the file
+            and both hashes are named).
+    """
+    for name, expected in case.files.items():
+        path = inside(golden_dir, name, f"case {case.id}")
+        try:
+            actual = sha256_file(path)
+        except FileNotFoundError:
+            raise ManifestError(f"case {case.id}: listed file '{name}' is missing from {golden_dir}") from None
+        except OSError as exc:
+            raise ManifestError(f"case {case.id}: cannot read '{name}' ({exc})") from None
+        if actual != expected:
+            raise HashMismatchError(
+                f"case {case.id}: '{name}' has sha256 {actual}, the manifest records {expected}"
+            )
+
+
+def load_case_data(golden_dir, case: Case) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Read a case's inputs and expected outputs.
+
+    Returns:
+        ``(input_ids, expected_logits, expected_hidden)``: int64 ``(B, T)``,
+        float64 ``(B, T, V)`` and ``{tap: float64 (B, T, M)}`` with the
+        ``hidden_states.`` prefix removed from the tap names.
+
+    Raises:
+        ManifestError: the file is unreadable, lacks ``input_ids`` or ``logits``, or
+            holds arrays of the wrong rank, dtype kind or leading shape.
+    """
+    path = inside(golden_dir, case.data, f"case {case.id}")
+    try:
+        tensors = load_file(str(path))
+    except (FileNotFoundError, SafetensorError, OSError, ValueError, TypeError) as exc:
+        raise ManifestError(f"case {case.id}: cannot read '{case.data}' ({exc})") from None
+    for key in ("input_ids", "logits"):
+        if key not in tensors:
+            raise ManifestError(f"case {case.id}: '{case.data}' lacks tensor '{key}'")
+    input_ids, logits = tensors["input_ids"], tensors["logits"]
+    if input_ids.ndim != 2 or not np.issubdtype(input_ids.dtype, np.integer):
+        raise ManifestError(
+            f"case {case.id}: input_ids must be a 2-D integer array, got {input_ids.dtype} {input_ids.shape}"
+        )
+    hidden = {k[len(HIDDEN_PREFIX):]: v for k, v in tensors.items() if k.startswith(HIDDEN_PREFIX)}
+    for name, array in {"logits": logits, **hidden}.items():
+        if array.ndim != 3 or array.shape[:2] != input_ids.shape or not np.issubdtype(array.dtype, np.floating):
+            raise ManifestError(
+                f"case {case.id}: '{name}' must be a float array (B, T, ...) with (B, T) = {input_ids.shape}, "
+                f"got {array.dtype} {array.shape}"
+            )
+    return input_ids.astype(np.int64), logits.astype(np.float64), {k: v.astype(np.float64) for k, v in hidden.items()}

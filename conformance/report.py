@@ -1,0 +1,112 @@
+"""Reports of a run: a rich table for people and a JSON file for machines.
+
+The table has one row per case, failures and errors first, with the logits'
+relative RMS and max abs error, the argmax agreement and, on failure, the first
+diverging tensor; a repro command per failing case; and a summary line. The JSON
+report keeps every number of every compared tensor plus the run's metadata
+(backend, package versions, dtype, corpus version, timestamps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shlex
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from .errors import ConformanceError
+from .runner import CaseResult, Status
+
+_ROW_ORDER = [Status.FAILED, Status.ERROR, Status.NOT_IMPLEMENTED, Status.PASSED]
+_STATUS_STYLE = {
+    Status.FAILED: "bold red", Status.ERROR: "bold red", Status.NOT_IMPLEMENTED: "yellow", Status.PASSED: "green",
+}
+_COLUMNS = ("case", "dtype", "status", "logits rel RMS", "logits max abs", "argmax agree", "first divergence / note")
+
+
+def summary_line(results: list[CaseResult]) -> str:
+    """``"N passed, M failed, K not implemented"``, plus ``", E error(s)"`` when there are any."""
+    count = {status: sum(r.status is status for r in results) for status in Status}
+    passed, failed, not_implemented = (count[s] for s in (Status.PASSED, Status.FAILED, Status.NOT_IMPLEMENTED))
+    line = f"{passed} passed, {failed} failed, {not_implemented} not implemented"
+    errors = count[Status.ERROR]
+    return line + (f", {errors} error{'s' if errors > 1 else ''}" if errors else "")
+
+
+def repro_command(meta: dict, case_id: str) -> str:
+    """The command line that reruns one case with the same backend, options, dtype and corpus."""
+    words = ["llm-conformance", "run", "--backend", meta["backend_spec"]]
+    for key, value in meta.get("backend_options", {}).items():
+        words += ["-o", f"{key}={value}"]
+    words += ["--dtype", meta["dtype"], "--golden-dir", meta["golden_dir"], "--case", case_id]
+    return shlex.join(words)
+
+
+def _row(result: CaseResult) -> list[Text]:
+    """Table cells as Text, so that brackets in messages are not read as rich markup."""
+    logits = result.comparisons.get("logits")
+    numbers = ["", ""] if logits is None else [f"{logits.rel_rms:.2e}", f"{logits.max_abs:.2e}"]
+    argmax = "" if result.argmax is None else f"{result.argmax.fraction:.1%}"
+    cells = [Text(result.case_id), Text(result.dtype), Text(result.status.value, style=_STATUS_STYLE[result.status])]
+    return cells + [Text(cell) for cell in (*numbers, argmax, result.message)]
+
+
+def print_report(results: list[CaseResult], meta: dict, console: Console) -> None:
+    """Print the table, a repro command per failing case, and the summary line."""
+    table = Table(title=f"{meta['backend']} on golden corpus {meta['corpus_version']}")
+    for name in _COLUMNS:
+        table.add_column(name, overflow="fold")
+    ordered = sorted(results, key=lambda r: _ROW_ORDER.index(r.status))
+    for result in ordered:
+        table.add_row(*_row(result))
+    console.print(table)
+    for result in ordered:
+        if result.status in (Status.FAILED, Status.ERROR):
+            console.print(f"repro: {repro_command(meta, result.case_id)}", soft_wrap=True, markup=False)
+    console.print(summary_line(results), markup=False, highlight=False)
+
+
+def _finite_or_text(value):
+    """JSON has no inf/nan: write them as the strings "inf", "-inf", "nan"."""
+    return value if not isinstance(value, float) or math.isfinite(value) else str(value)
+
+
+def _jsonable(obj):
+    """Dataclasses, enums, tuples and floats turned into strict-JSON values."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Status):
+        return obj.value
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return _finite_or_text(obj)
+
+
+def write_json_report(path, results: list[CaseResult], meta: dict) -> None:
+    """Write ``{"meta": meta, "summary": ..., "results": [...]}`` to ``path`` as JSON.
+
+    Each result carries every number of :class:`~conformance.runner.CaseResult`
+    (all comparisons, argmax agreement, tolerance) and, when it failed or errored,
+    its repro command.
+
+    Raises:
+        ConformanceError: the file cannot be written.
+    """
+    entries = []
+    for result in results:
+        entry = _jsonable(result)
+        if result.status in (Status.FAILED, Status.ERROR):
+            entry["repro"] = repro_command(meta, result.case_id)
+        entries.append(entry)
+    document = {"meta": _jsonable(meta), "summary": summary_line(results), "results": entries}
+    try:
+        Path(path).write_text(json.dumps(document, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise ConformanceError(f"cannot write report {path} ({exc})") from None

@@ -1,0 +1,168 @@
+"""Run one backend over golden cases and judge each against the tolerance table.
+
+Per case: check ``supports``, load the checkpoint, run the inputs, compare every
+tap the backend returns and the logits with the golden tensors, then check the
+argmax of the logits. File hashes of all selected cases are verified before the
+first case runs; a mismatch stops the whole run.
+
+Statuses:
+    passed           every compared tensor is within its tolerance
+    failed           some tensor is not; ``first_divergence`` names the first one in
+                     forward order (embed, layers.0, ..., norm, logits)
+    not implemented  ``supports`` returned a reason
+    error            the backend raised; its one-line message is kept
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import Progress
+
+from .backends.base import Backend
+from .compare import ArgmaxAgreement, Comparison, argmax_agreement, compare
+from .errors import BackendError
+from .manifest import Case, inside, load_case_data, verify_case_files
+from .tolerances import Tolerance, get_tolerance, violations
+
+
+class Status(str, enum.Enum):
+    PASSED = "passed"
+    FAILED = "failed"
+    NOT_IMPLEMENTED = "not implemented"
+    ERROR = "error"
+
+
+@dataclass
+class CaseResult:
+    """Outcome of one case.
+
+    Attributes:
+        case_id, dtype, status: what ran, in which dtype, and how it went.
+        message: the reason for "not implemented", the exception for "error", or
+            the broken bounds of the first diverging tensor for "failed".
+        tolerance: the bounds applied.
+        comparisons: ``{tensor name: Comparison}`` in forward order, logits last.
+        argmax: agreement of the logits' argmax (``None`` if the logits' shape is wrong).
+        first_divergence: on failure, the first tensor in forward order that fails.
+        uncompared: taps the backend returned that the golden data lacks.
+        seconds: wall time of load + run + compare.
+    """
+
+    case_id: str
+    dtype: str
+    status: Status
+    message: str = ""
+    tolerance: Tolerance | None = None
+    comparisons: dict[str, Comparison] = field(default_factory=dict)
+    argmax: ArgmaxAgreement | None = None
+    first_divergence: str | None = None
+    uncompared: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def one_line(text: str) -> str:
+    """``text`` with its lines joined, for messages that must fit one line."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def tap_order(names) -> list[str]:
+    """Tap names in forward order: embed, layers.0, layers.1, ..., norm, then others by name."""
+
+    def key(name: str):
+        match = re.fullmatch(r"layers\.(\d+)", name)
+        rank = 0 if name == "embed" else 1 if match else 2 if name == "norm" else 3
+        return (rank, int(match.group(1)) if match else 0, name)
+
+    return sorted(names, key=key)
+
+
+def judge(
+    result: CaseResult, actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], tolerance: Tolerance
+) -> CaseResult:
+    """Fill ``result`` from the tensors of one case (``actual`` and ``expected`` include ``"logits"``)."""
+    order = tap_order(set(actual) & set(expected) - {"logits"}) + ["logits"]
+    result.comparisons = {name: compare(actual[name], expected[name]) for name in order}
+    result.uncompared = tap_order(set(actual) - set(expected))
+    failures = {name: violations(c, tolerance) for name, c in result.comparisons.items()}
+    logits = result.comparisons["logits"]
+    if not logits.shape_mismatch:
+        margin = tolerance.argmax_margin * logits.max_abs_expected
+        result.argmax = argmax_agreement(actual["logits"], expected["logits"], margin)
+        if not result.argmax.confident_agree:
+            count = result.argmax.confident_disagreements
+            failures["logits"].append(f"argmax differs at {count} confident position(s)")
+    diverging = [name for name in order if failures[name]]
+    if diverging:
+        result.status, result.first_divergence = Status.FAILED, diverging[0]
+        result.message = f"{diverging[0]}: " + "; ".join(failures[diverging[0]])
+    else:
+        result.status = Status.PASSED
+    return result
+
+
+def run_case(backend: Backend, case: Case, golden_dir: Path, dtype: str) -> CaseResult:
+    """Run and judge one case whose files are already verified.
+
+    Raises:
+        BackendError: the backend cannot work at all (stops the run).
+        ConformanceError: the golden data is malformed or has no tolerance for ``dtype``.
+    """
+    result = CaseResult(case_id=case.id, dtype=dtype, status=Status.ERROR)
+    supported = backend.supports(case, dtype)
+    if supported is not True:
+        result.status = Status.NOT_IMPLEMENTED
+        unsupported = f"backend {backend.name} does not support this case"
+        result.message = supported if isinstance(supported, str) else unsupported
+        return result
+    result.tolerance = get_tolerance(case.tolerance_class, dtype)
+    input_ids, logits, hidden = load_case_data(golden_dir, case)
+    start = time.perf_counter()
+    try:
+        model = backend.load_model(inside(golden_dir, case.checkpoint, f"case {case.id}"), dtype)
+        output = model.run(input_ids)
+        actual = {**(output.hidden_states or {}), "logits": output.logits}
+    except BackendError:
+        raise
+    except Exception as exc:
+        result.message = one_line(f"{type(exc).__name__}: {exc}")
+    else:
+        judge(result, actual, {**hidden, "logits": logits}, result.tolerance)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def run_suite(backend: Backend, cases: list[Case], golden_dir, dtype: str, progress: bool = True) -> list[CaseResult]:
+    """Run ``backend`` over ``cases`` at ``dtype``; one :class:`CaseResult` per case, in order.
+
+    Args:
+        progress: show progress on stderr (a bar on a terminal, else a line per case).
+
+    Raises:
+        HashMismatchError / ManifestError: a case's files are missing or altered
+            (checked for every case before any runs).
+        BackendError: the backend cannot work at all.
+        ConformanceError: malformed golden data, or no tolerance for a case at ``dtype``.
+    """
+    golden_dir = Path(golden_dir)
+    for case in cases:
+        verify_case_files(golden_dir, case)
+    results = []
+    err = Console(stderr=True)
+    # A live bar on a terminal; one plain line per case in logs (CI, pipes).
+    live = progress and err.is_terminal
+    with Progress(console=err, transient=True, disable=not live) as bar:
+        task = bar.add_task("cases", total=len(cases))
+        for number, case in enumerate(cases, 1):
+            bar.update(task, description=f"{case.id} ({dtype})")
+            if progress and not live:
+                err.print(f"[{number}/{len(cases)}] {case.id} ({dtype})", markup=False, highlight=False)
+            results.append(run_case(backend, case, golden_dir, dtype))
+            bar.advance(task)
+    return results

@@ -1,0 +1,70 @@
+"""Deliberately wrong backends: each makes one mistake engines have shipped.
+
+Each is the reference with one component swapped for a wrong variant, so the only
+difference from a correct backend is that mistake. Used as
+``--backend broken_backends:<factory>`` (with ``tests/`` on the import path).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from unittest import mock
+
+import numpy as np
+
+from conformance.backends.refimpl_backend import RefimplBackend, RefimplModel
+from refimpl.models import qwen3
+
+
+def rope_interleaved(x, cos, sin):
+    """RoPE pairing channels (2i, 2i+1) instead of (i, i + D/2): the GPT-J layout."""
+    c, s = cos[..., None, :], sin[..., None, :]
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2] = x1 * c - x2 * s
+    out[..., 1::2] = x2 * c + x1 * s
+    return out
+
+
+def rms_norm_eps_outside_root(x, weight, eps):
+    """``w * x / (sqrt(mean(x^2)) + eps)``: eps added after the root."""
+    return weight * x / (np.sqrt(np.mean(x * x, axis=-1, keepdims=True)) + x.dtype.type(eps))
+
+
+class _PatchedModel(RefimplModel):
+    def __init__(self, model, patch):
+        super().__init__(model)
+        self._patch = patch
+
+    def run(self, input_ids):
+        with self._patch():
+            return super().run(input_ids)
+
+
+class _BrokenBackend(RefimplBackend):
+    def __init__(self, name, patch=nullcontext, edit_weights=None):
+        self.name = name
+        self._patch = patch
+        self._edit_weights = edit_weights
+
+    def load_model(self, checkpoint_dir, dtype):
+        model = super().load_model(checkpoint_dir, dtype).model
+        if self._edit_weights is not None:
+            self._edit_weights(model.weights)
+        return _PatchedModel(model, self._patch)
+
+
+def interleaved_rope() -> _BrokenBackend:
+    return _BrokenBackend("broken:interleaved-rope",
+                          lambda: mock.patch.object(qwen3, "apply_rope_rotate_half", rope_interleaved))
+
+
+def eps_outside_root() -> _BrokenBackend:
+    return _BrokenBackend("broken:eps-outside-root",
+                          lambda: mock.patch.object(qwen3, "rms_norm", rms_norm_eps_outside_root))
+
+
+def gemma_final_norm() -> _BrokenBackend:
+    """The final norm applied as ``(1 + w)``, as if it were a Gemma norm."""
+    return _BrokenBackend("broken:final-norm-1+w",
+                          edit_weights=lambda w: w.__setitem__("model.norm.weight", w["model.norm.weight"] + 1))

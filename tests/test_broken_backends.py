@@ -1,0 +1,53 @@
+"""Deliberately wrong backends fail the suite, and the report names where they diverge."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from conformance.cli import cli
+
+
+def run(golden_dir, tmp_path, backend, dtype="float32", *cases):
+    report = tmp_path / "report.json"
+    args = ["run", "--backend", backend, "--dtype", dtype, "--golden-dir", str(golden_dir), "--report", str(report)]
+    for case in cases:
+        args += ["--case", case]
+    result = CliRunner().invoke(cli, args)
+    return result, {r["case_id"]: r for r in json.loads(report.read_text())["results"]}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_interleaved_rope_fails_at_the_first_layer(golden_dir, tmp_path, dtype):
+    result, by_case = run(golden_dir, tmp_path, "broken_backends:interleaved_rope", dtype)
+    assert result.exit_code == 1
+    # With T = 1 the only position is 0, where every RoPE layout is the identity:
+    # that case cannot tell the layouts apart, every other case must.
+    for case_id, entry in by_case.items():
+        if case_id == "qwen3/single-token":
+            assert entry["status"] == "passed"
+        else:
+            assert entry["status"] == "failed", case_id
+            assert entry["first_divergence"] == "layers.0"
+    assert "layers.0: rel RMS" in result.output
+
+
+def test_one_plus_w_final_norm_diverges_at_norm(golden_dir, tmp_path):
+    result, by_case = run(golden_dir, tmp_path, "broken_backends:gemma_final_norm")
+    assert result.exit_code == 1
+    assert {e["status"] for e in by_case.values()} == {"failed"}
+    assert {e["first_divergence"] for e in by_case.values()} == {"norm"}
+
+
+def test_eps_outside_the_root_is_caught_at_float64(golden_dir, tmp_path):
+    # A 1e-6-sized effect: float64 catches it at the first layer.
+    result, by_case = run(golden_dir, tmp_path, "broken_backends:eps_outside_root", "float64")
+    assert result.exit_code == 1
+    assert {e["first_divergence"] for e in by_case.values()} == {"layers.0"}
+
+
+def test_correct_backends_pass_the_corpus(golden_dir, tmp_path):
+    for dtype in ("float32", "float64"):
+        result, by_case = run(golden_dir, tmp_path, "refimpl", dtype)
+        assert result.exit_code == 0, result.output
+        assert len(by_case) == 5 and {e["status"] for e in by_case.values()} == {"passed"}
