@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+# Importing ml_dtypes registers bfloat16 with NumPy, so that safetensors' NumPy
+# reader returns BF16 tensors (as ml_dtypes.bfloat16 arrays, widened exactly later).
+import ml_dtypes  # noqa: F401
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
@@ -66,11 +69,30 @@ def _shard_files(checkpoint_dir: Path) -> dict[str, Path]:
     return shards
 
 
+#: safetensors dtype codes the reference reads; each converts exactly to float64.
+FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def check_float_dtype(path: Path, name: str, code: str) -> None:
+    """Accept a tensor whose safetensors dtype code is in :data:`FLOAT_DTYPES`.
+
+    Raises:
+        CheckpointError: any other dtype (integers, FP8, packed quantized data),
+            naming the tensor, its dtype and what is supported.
+    """
+    if code not in FLOAT_DTYPES:
+        raise CheckpointError(
+            f"{path}: tensor '{name}' is stored as {code}; only {', '.join(FLOAT_DTYPES.values())} "
+            "tensors are supported (no quantized formats yet)"
+        )
+
+
 def _read_shard(path: Path) -> dict[str, np.ndarray]:
     tensors = {}
     try:
         with safe_open(str(path), framework="numpy") as f:
             for name in f.keys():
+                check_float_dtype(path, name, f.get_slice(name).get_dtype())
                 tensors[name] = f.get_tensor(name)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: shard file not found") from None
@@ -83,11 +105,12 @@ def read_weights(checkpoint_dir: Path) -> dict[str, np.ndarray]:
     """Load every tensor of the checkpoint, keyed by its Hugging Face name.
 
     Returns:
-        ``{name: array}`` in the stored dtypes (float32, float64, float16).
+        ``{name: array}`` in the stored dtypes (float64, float32, float16,
+        bfloat16 as ``ml_dtypes.bfloat16``); every one widens exactly to float64.
 
     Raises:
         CheckpointError: files missing or unreadable, a name stored twice, or a
-            dtype NumPy cannot represent (bfloat16 is not read by this version).
+            tensor whose dtype is not a plain float (see :func:`check_float_dtype`).
     """
     checkpoint_dir = Path(checkpoint_dir)
     weights: dict[str, np.ndarray] = {}

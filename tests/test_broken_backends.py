@@ -39,15 +39,23 @@ def test_one_plus_w_final_norm_diverges_at_norm(golden_dir, tmp_path):
     assert {e["first_divergence"] for e in by_case.values()} == {"norm"}
 
 
-def test_eps_outside_the_root_is_caught_at_float64(golden_dir, tmp_path):
-    # A 1e-6-sized effect: float64 catches it at the first layer.
+def test_eps_outside_the_root_is_caught_at_float64_everywhere(golden_dir, tmp_path):
+    # Where mean squares are O(1) this is a 1e-6-sized effect: float64 catches it at the first layer.
     result, by_case = run(golden_dir, tmp_path, "broken_backends:eps_outside_root", "float64")
     assert result.exit_code == 1
     assert {e["first_divergence"] for e in by_case.values()} == {"layers.0"}
+
+
+def test_eps_outside_the_root_is_caught_at_float32_by_the_eps_sensitive_case(golden_dir, tmp_path):
+    # Mean squares near eps make the mistake large enough for float32 tolerances.
+    result, by_case = run(golden_dir, tmp_path, "broken_backends:eps_outside_root", "float32")
+    assert result.exit_code == 1
+    assert by_case["qwen3/eps-sensitive"]["status"] == "failed"
+    assert by_case["qwen3/eps-sensitive"]["first_divergence"] == "layers.0"
 
 
 def test_correct_backends_pass_the_corpus(golden_dir, tmp_path):
     for dtype in ("float32", "float64"):
         result, by_case = run(golden_dir, tmp_path, "refimpl", dtype)
         assert result.exit_code == 0, result.output
-        assert len(by_case) == 5 and {e["status"] for e in by_case.values()} == {"passed"}
+        assert len(by_case) == 6 and {e["status"] for e in by_case.values()} == {"passed"}

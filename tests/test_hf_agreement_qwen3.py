@@ -95,3 +95,24 @@ def test_agrees_with_transformers_float64_islands_lifted(case, attn):
     for name, expected in ours.hidden_states.items():
         tap_err = rel_rms(taps[name].numpy(), expected)
         assert tap_err < 1e-10, f"{name}: relative RMS {tap_err:.2e}"
+
+
+def test_bfloat16_sharded_checkpoint_agrees(tmp_path):
+    # Published Qwen3 checkpoints are bfloat16 and sharded: the same float64 agreement must hold.
+    config = transformers.Qwen3Config(
+        vocab_size=160, hidden_size=64, intermediate_size=136, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    )
+    torch.manual_seed(21)
+    model = transformers.Qwen3ForCausalLM(config)
+    randomise(model, 21)
+    model.to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    ids = np.random.default_rng(21).integers(0, 160, size=(2, 11))
+    ours = refimpl.from_pretrained(tmp_path)(ids)
+    with exact_float64():
+        hf = load_exact_float64(tmp_path)
+        with torch.no_grad():
+            theirs = hf(torch.from_numpy(ids)).logits.numpy()
+    assert rel_rms(theirs, ours) < 1e-10

@@ -131,3 +131,30 @@ def test_corrupt_safetensors(ckpt):
 def test_bad_token_ids(ckpt, ids, match):
     with pytest.raises(InputError, match=match):
         refimpl.from_pretrained(ckpt)(ids)
+
+
+def test_bfloat16_and_float16_checkpoints_widen_exactly(ckpt):
+    import ml_dtypes
+
+    w32 = load_file(ckpt / "model.safetensors")
+    ids = np.array([[3, 1, 4, 1, 5]])
+    for dtype in (ml_dtypes.bfloat16, np.float16):
+        low = {n: a.astype(dtype) for n, a in w32.items()}
+        save_file(low, ckpt / "model.safetensors", metadata={"format": "pt"})
+        model = refimpl.from_pretrained(ckpt)
+        for name, array in low.items():
+            np.testing.assert_array_equal(model.weights[name], array.astype(np.float64))
+        assert model(ids).dtype == np.float64
+
+
+@pytest.mark.parametrize("kind", ["I32", "F8_E4M3"])
+def test_integer_and_fp8_tensors_are_refused_by_name(ckpt, kind):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file as save_torch
+
+    w = {n: torch.from_numpy(a) for n, a in load_file(ckpt / "model.safetensors").items()}
+    dtype = {"I32": torch.int32, "F8_E4M3": torch.float8_e4m3fn}[kind]
+    w["model.layers.0.mlp.up_proj.weight"] = w["model.layers.0.mlp.up_proj.weight"].to(dtype)
+    save_torch(w, ckpt / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"'model.layers.0.mlp.up_proj.weight' is stored as {kind}; only"):
+        refimpl.from_pretrained(ckpt)

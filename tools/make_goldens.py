@@ -51,7 +51,8 @@ class ModelCase:
     batch: int
     seq: int
     tolerance_class: str = "model_logits"
-    extra: dict = field(default_factory=dict)
+    #: multipliers for weights whose name contains the key, applied after drawing
+    weight_scales: dict = field(default_factory=dict)
 
 
 def _qwen3(**overrides) -> dict:
@@ -100,6 +101,15 @@ CASES = [
         batch=2, seq=1,
     ),
     ModelCase(
+        "qwen3/eps-sensitive",
+        "embeddings and q/k projections scaled by 1e-3 so that mean squares reach rms_norm_eps (1e-6): "
+        "the placement and value of eps in the input, q and k norms change the output at float32",
+        seed=6,
+        config=_qwen3(num_hidden_layers=2),
+        batch=2, seq=6,
+        weight_scales={"embed_tokens": 1e-3, "self_attn.q_proj": 1e-3, "self_attn.k_proj": 1e-3},
+    ),
+    ModelCase(
         "qwen3/long-theta1e6",
         "released-style RoPE (rope_theta 1e6), 4 layers, length 67, vocab 256",
         seed=5,
@@ -118,7 +128,8 @@ def random_weights(case: ModelCase) -> dict[str, np.ndarray]:
     """Random float32 weights for ``case`` from ``np.random.default_rng(seed)``.
 
     Linear weights ~ N(0, 1/in_features), embeddings ~ N(0, 1), norm weights
-    1 + 0.2 N(0, 1) (so that a backend using 1 + w, or ignoring w, is caught).
+    1 + 0.2 N(0, 1) (so that a backend using 1 + w, or ignoring w, is caught),
+    then ``case.weight_scales`` multipliers.
     Tensors are drawn in sorted-name order so the stream is fixed.
     """
     raw = _clean_config(case.config)
@@ -134,6 +145,9 @@ def random_weights(case: ModelCase) -> dict[str, np.ndarray]:
             w = rng.standard_normal(shape)
         else:
             w = rng.standard_normal(shape) / np.sqrt(shape[1])
+        for key, scale in case.weight_scales.items():
+            if key in name:
+                w = w * scale
         weights[name] = w.astype(np.float32)
     return weights
 
