@@ -4,8 +4,9 @@
                         [--golden-dir DIR] [--case GLOB ...] [--report FILE.json]
     llm-conformance list [--golden-dir DIR]
 
-Exit status of ``run``: 0 when every case passed or is not implemented, 1 when any
-failed or errored, 2 for usage and input errors. Input errors (bad corpus, hash
+Exit status of ``run``: 0 when every case passed or is not implemented (and at
+least one passed), 1 when any failed or errored or none could be checked, 2 for
+usage and input errors. Input errors (bad corpus, hash
 mismatch, unknown backend, ...) print one line ``error: ...`` on stderr, never a
 traceback.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -77,6 +79,13 @@ def select_cases(cases: list[Case], globs: tuple[str, ...]) -> list[Case]:
     return [case for case in cases if any(fnmatch.fnmatchcase(case.id, p) for p in globs)]
 
 
+def _check_writable(report: Path) -> None:
+    """Fail before running when the JSON report could not be written."""
+    parent = report.parent if str(report.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ConformanceError(f"cannot write report {report}: directory {parent} does not exist or is not writable")
+
+
 def _stdout_console() -> Console:
     """Console for tables: its terminal's width, or 160 columns in logs so rows do not fold."""
     console = Console()
@@ -114,6 +123,8 @@ def run_command(backend, options, dtype, golden_dir, case_globs, report):
     golden_dir = golden_dir or default_golden_dir()
     manifest = read_manifest(golden_dir)
     cases = select_cases(manifest.cases, case_globs)
+    if report is not None:
+        _check_writable(report)
     chosen = resolve_backend(backend, options)
     started = _now()
     results = run_suite(chosen, cases, golden_dir, dtype, progress=True)
@@ -126,7 +137,11 @@ def run_command(backend, options, dtype, golden_dir, case_globs, report):
     print_report(results, meta, _stdout_console())
     if report:
         write_json_report(report, results, meta)
-    sys.exit(EXIT_FAILED if any(r.status in (Status.FAILED, Status.ERROR) for r in results) else 0)
+    if any(r.status in (Status.FAILED, Status.ERROR) for r in results):
+        sys.exit(EXIT_FAILED)
+    if not any(r.status is Status.PASSED for r in results):
+        click.echo("error: no case was checked: the backend implements none of the selected cases", err=True)
+        sys.exit(EXIT_FAILED)
 
 
 @cli.command("list")

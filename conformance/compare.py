@@ -18,7 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ConformanceError
+from .errors import ConformanceError, OutputError
+
+#: NumPy dtype kinds that are not real numbers: complex, object, strings, dates.
+_NON_REAL_KINDS = {"c": "complex", "O": "Python objects", "U": "strings", "S": "bytes", "M": "dates", "m": "time deltas"}
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,33 @@ class Comparison:
     @property
     def shape_mismatch(self) -> bool:
         return self.actual_shape != self.expected_shape
+
+
+def to_float64(value, what: str) -> np.ndarray:
+    """A backend's output as a float64 NumPy array.
+
+    Accepts NumPy arrays of any real dtype (ml_dtypes bfloat16 included), nested
+    lists, and tensors with ``detach``/``cpu``/``double``/``numpy`` methods (torch),
+    which are detached and widened first (NumPy cannot hold torch's bfloat16).
+
+    Raises:
+        OutputError: the value is ragged, complex, or not numeric (``what`` names it).
+    """
+    if all(hasattr(value, m) for m in ("detach", "cpu", "double", "numpy")):
+        tensor = value.detach().cpu()
+        if getattr(tensor, "is_complex", lambda: False)():
+            raise OutputError(f"{what} is complex ({tensor.dtype})")
+        value = tensor.double().numpy()
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as exc:
+        raise OutputError(f"{what} is not a rectangular array ({exc})") from None
+    if array.dtype.kind in _NON_REAL_KINDS:
+        raise OutputError(f"{what} holds {_NON_REAL_KINDS[array.dtype.kind]} (dtype {array.dtype}), not real numbers")
+    try:
+        return array.astype(np.float64)
+    except (ValueError, TypeError) as exc:
+        raise OutputError(f"{what} cannot be read as real numbers (dtype {array.dtype}: {exc})") from None
 
 
 def compare(actual, expected) -> Comparison:

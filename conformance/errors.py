@@ -22,3 +22,7 @@ class HashMismatchError(ConformanceError):
 
 class BackendError(ConformanceError):
     """A backend cannot be resolved, imported, configured or set up."""
+
+
+class OutputError(ConformanceError):
+    """A backend returned something that is not a usable numeric array; marks that case "error"."""

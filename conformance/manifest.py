@@ -137,6 +137,8 @@ def read_manifest(golden_dir) -> Manifest:
     if not isinstance(raw, dict):
         raise ManifestError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     cases_raw = _field(raw, "cases", list, str(path))
+    if not cases_raw:
+        raise ManifestError(f"{path}: lists no cases")
     cases = [_parse_case(golden_dir, entry, f"{path}: cases[{i}]") for i, entry in enumerate(cases_raw)]
     ids = [case.id for case in cases]
     repeated = sorted({i for i in ids if ids.count(i) > 1})
@@ -200,14 +202,27 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _check_checkpoint_listed(golden_dir: Path, case: Case) -> None:
+    """Every file of the case's checkpoint directory must be listed (and so hashed)."""
+    checkpoint = inside(golden_dir, case.checkpoint, f"case {case.id}")
+    if not checkpoint.is_dir():
+        raise ManifestError(f"case {case.id}: checkpoint directory '{case.checkpoint}' is missing from {golden_dir}")
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        name = path.relative_to(golden_dir.resolve()).as_posix()
+        if name not in case.files:
+            raise ManifestError(f"case {case.id}: checkpoint file '{name}' is not listed (with its sha256) in 'files'")
+
+
 def verify_case_files(golden_dir, case: Case) -> None:
-    """Check the sha256 of every file ``case`` lists.
+    """Check the sha256 of every file ``case`` lists, and that its checkpoint has no unlisted file.
 
     Raises:
-        ManifestError: a listed file is missing or unreadable (it is named).
+        ManifestError: a listed file is missing or unreadable, or a checkpoint file
+            is not listed (it is named).
         HashMismatchError: a file's content differs from the manifest (the file
             and both hashes are named).
     """
+    _check_checkpoint_listed(Path(golden_dir), case)
     for name, expected in case.files.items():
         path = inside(golden_dir, name, f"case {case.id}")
         try:

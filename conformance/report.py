@@ -47,13 +47,23 @@ def repro_command(meta: dict, case_id: str) -> str:
     return shlex.join(words)
 
 
+#: Longest note shown in a table cell; the JSON report keeps the whole message.
+MAX_NOTE = 200
+
+
 def _row(result: CaseResult) -> list[Text]:
     """Table cells as Text, so that brackets in messages are not read as rich markup."""
     logits = result.comparisons.get("logits")
-    numbers = ["", ""] if logits is None else [f"{logits.rel_rms:.2e}", f"{logits.max_abs:.2e}"]
+    if logits is None:
+        numbers = ["", ""]
+    elif logits.nonfinite:
+        numbers = [f"{logits.nonfinite} NaN/Inf", f"{logits.max_abs:.2e} (finite)"]
+    else:
+        numbers = [f"{logits.rel_rms:.2e}", f"{logits.max_abs:.2e}"]
     argmax = "" if result.argmax is None else f"{result.argmax.fraction:.1%}"
+    note = result.message if len(result.message) <= MAX_NOTE else result.message[: MAX_NOTE - 1] + "…"
     cells = [Text(result.case_id), Text(result.dtype), Text(result.status.value, style=_STATUS_STYLE[result.status])]
-    return cells + [Text(cell) for cell in (*numbers, argmax, result.message)]
+    return cells + [Text(cell) for cell in (*numbers, argmax, note)]
 
 
 def print_report(results: list[CaseResult], meta: dict, console: Console) -> None:

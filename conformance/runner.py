@@ -26,8 +26,8 @@ from rich.console import Console
 from rich.progress import Progress
 
 from .backends.base import Backend
-from .compare import ArgmaxAgreement, Comparison, argmax_agreement, compare
-from .errors import BackendError
+from .compare import ArgmaxAgreement, Comparison, argmax_agreement, compare, to_float64
+from .errors import BackendError, ConformanceError, OutputError
 from .manifest import Case, inside, load_case_data, verify_case_files
 from .tolerances import Tolerance, get_tolerance, violations
 
@@ -104,37 +104,69 @@ def judge(
         result.message = f"{diverging[0]}: " + "; ".join(failures[diverging[0]])
     else:
         result.status = Status.PASSED
+        if result.uncompared:
+            result.message = f"not compared (no golden tensor): {', '.join(result.uncompared)}"
     return result
 
 
-def run_case(backend: Backend, case: Case, golden_dir: Path, dtype: str) -> CaseResult:
-    """Run and judge one case whose files are already verified.
+def backend_tensors(output) -> dict[str, np.ndarray]:
+    """The logits and taps of a :class:`BackendOutput` as float64 arrays, keyed by tap name.
 
     Raises:
-        BackendError: the backend cannot work at all (stops the run).
-        ConformanceError: the golden data is malformed or has no tolerance for ``dtype``.
+        OutputError: no logits, hidden states not a dict with string keys, or a value
+            that is not a real numeric array.
+    """
+    logits = getattr(output, "logits", None)
+    if logits is None:
+        raise OutputError(f"run() must return a BackendOutput with logits, got {type(output).__name__}")
+    hidden = getattr(output, "hidden_states", None) or {}
+    if not isinstance(hidden, dict):
+        raise OutputError(f"hidden_states must be a dict of tap name to array, got {type(hidden).__name__}")
+    tensors = {}
+    for name, value in hidden.items():
+        if not isinstance(name, str):
+            raise OutputError(f"hidden state names must be strings, got {name!r}")
+        tensors[name] = to_float64(value, f"hidden state '{name}'")
+    tensors["logits"] = to_float64(logits, "logits")
+    return tensors
+
+
+def _not_implemented_reason(backend: Backend, case: Case, dtype: str) -> str | None:
+    """None when ``backend.supports`` accepts the case, else the reason to show."""
+    supported = backend.supports(case, dtype)
+    if isinstance(supported, str):
+        return supported or f"backend {backend.name} does not support this case"
+    return None if supported else f"backend {backend.name} does not support this case"
+
+
+def run_case(backend: Backend, case: Case, golden_dir: Path, dtype: str) -> CaseResult:
+    """Run and judge one case whose files and tolerance are already verified.
+
+    Anything the backend raises (or exits with) marks the case "error" with a
+    one-line message, and the run goes on; only a :class:`BackendError` stops it.
+
+    Raises:
+        BackendError: the backend cannot work at all (the case is named).
+        ConformanceError: the golden data is malformed.
     """
     result = CaseResult(case_id=case.id, dtype=dtype, status=Status.ERROR)
-    supported = backend.supports(case, dtype)
-    if supported is not True:
-        result.status = Status.NOT_IMPLEMENTED
-        unsupported = f"backend {backend.name} does not support this case"
-        result.message = supported if isinstance(supported, str) else unsupported
-        return result
     result.tolerance = get_tolerance(case.tolerance_class, dtype)
     input_ids, logits, hidden = load_case_data(golden_dir, case)
     start = time.perf_counter()
     try:
+        reason = _not_implemented_reason(backend, case, dtype)
+        if reason is not None:
+            result.status, result.message = Status.NOT_IMPLEMENTED, one_line(reason)
+            return result
         model = backend.load_model(inside(golden_dir, case.checkpoint, f"case {case.id}"), dtype)
-        output = model.run(input_ids)
-        actual = {**(output.hidden_states or {}), "logits": output.logits}
-    except BackendError:
-        raise
-    except Exception as exc:
-        result.message = one_line(f"{type(exc).__name__}: {exc}")
-    else:
+        actual = backend_tensors(model.run(input_ids))
         judge(result, actual, {**hidden, "logits": logits}, result.tolerance)
-    result.seconds = time.perf_counter() - start
+    except BackendError as exc:
+        raise BackendError(f"case {case.id}: {exc}") from None
+    except (Exception, SystemExit) as exc:
+        result.status, result.message = Status.ERROR, one_line(f"{type(exc).__name__}: {exc}")
+    finally:
+        result.seconds = time.perf_counter() - start
     return result
 
 
@@ -153,6 +185,10 @@ def run_suite(backend: Backend, cases: list[Case], golden_dir, dtype: str, progr
     golden_dir = Path(golden_dir)
     for case in cases:
         verify_case_files(golden_dir, case)
+        try:
+            get_tolerance(case.tolerance_class, dtype)
+        except ConformanceError as exc:
+            raise ConformanceError(f"case {case.id}: {exc}") from None
     results = []
     err = Console(stderr=True)
     # A live bar on a terminal; one plain line per case in logs (CI, pipes).

@@ -45,6 +45,8 @@ def read_config(checkpoint_dir: Path) -> dict:
     Raises:
         CheckpointError: the directory or its config.json is missing or unreadable.
     """
+    if not isinstance(checkpoint_dir, (str, Path)):
+        raise CheckpointError(f"a checkpoint path must be a str or Path, got {type(checkpoint_dir).__name__}")
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise CheckpointError(f"{checkpoint_dir}: not a checkpoint directory")
@@ -91,9 +93,13 @@ def _read_shard(path: Path) -> dict[str, np.ndarray]:
     tensors = {}
     try:
         with safe_open(str(path), framework="numpy") as f:
-            for name in f.keys():
-                check_float_dtype(path, name, f.get_slice(name).get_dtype())
+            codes = {name: f.get_slice(name).get_dtype() for name in f.keys()}
+            for name, code in codes.items():
+                check_float_dtype(path, name, code)
+            for name in codes:
                 tensors[name] = f.get_tensor(name)
+    except CheckpointError:
+        raise
     except FileNotFoundError:
         raise CheckpointError(f"{path}: shard file not found") from None
     except (SafetensorError, OSError, ValueError, TypeError) as exc:

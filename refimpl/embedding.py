@@ -22,11 +22,14 @@ def check_token_ids(input_ids, vocab_size: int) -> np.ndarray:
         InputError: not an integer array, not 2-D, empty, or an id outside
             ``[0, vocab_size)`` (the first offending id and its position are named).
     """
-    ids = np.asarray(input_ids)
+    try:
+        ids = np.asarray(input_ids)
+    except ValueError as exc:
+        raise InputError(f"token ids must be a rectangular (batch, seq) integer array ({exc})") from None
+    if ids.size == 0 or ids.ndim != 2:
+        raise InputError(f"token ids must have shape (batch, seq) with batch, seq >= 1, got {ids.shape}")
     if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
         raise InputError(f"token ids must be integers, got dtype {ids.dtype}")
-    if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
-        raise InputError(f"token ids must have shape (batch, seq) with batch, seq >= 1, got {ids.shape}")
     bad = np.argwhere((ids < 0) | (ids >= vocab_size))
     if bad.size:
         where = tuple(int(i) for i in bad[0])

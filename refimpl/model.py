@@ -14,7 +14,7 @@ import numpy as np
 
 from .checkpoint import read_config, read_weights
 from .embedding import check_token_ids
-from .errors import MissingWeightsError, UnexpectedWeightsError, WeightShapeError
+from .errors import CheckpointError, MissingWeightsError, UnexpectedWeightsError, WeightShapeError
 from .numerics import resolve_dtype
 from .registry import Architecture, get_architecture
 
@@ -46,6 +46,7 @@ def check_weights(arch: Architecture, config, weights: dict[str, np.ndarray]) ->
         MissingWeightsError: required tensors are absent (they are named).
         UnexpectedWeightsError: tensors the architecture does not use are present.
         WeightShapeError: a tensor's shape does not match the config.
+        CheckpointError: a tensor holds NaN or Inf.
     """
     shapes = arch.weight_shapes(config)
     optional = arch.optional_weights(config)
@@ -61,6 +62,8 @@ def check_weights(arch: Architecture, config, weights: dict[str, np.ndarray]) ->
     for name, shape in shapes.items():
         if tuple(weights[name].shape) != tuple(shape):
             raise WeightShapeError(f"weight '{name}' has shape {tuple(weights[name].shape)}, config needs {tuple(shape)}")
+        if not np.isfinite(weights[name]).all():
+            raise CheckpointError(f"weight '{name}' holds NaN or Inf values")
     return {name: weights[name] for name in shapes}
 
 
@@ -118,8 +121,8 @@ def from_pretrained(path, dtype=np.float64) -> Model:
         MissingWeightsError / UnexpectedWeightsError / WeightShapeError: tensors do not
             match the architecture.
     """
-    path = Path(path)
     raw = read_config(path)
+    path = Path(path)
     arch = get_architecture(raw)
     config = arch.config_class.from_dict(raw)
     return Model(arch, config, read_weights(path), dtype=dtype)

@@ -131,8 +131,10 @@ def test_run_refimpl_passes_and_writes_report(golden, tmp_path, dtype):
 
 def test_run_unsupported_dtype_is_not_implemented(golden):
     result = invoke("run", "--backend", "refimpl", "--dtype", "bfloat16", "--golden-dir", str(golden))
-    assert result.exit_code == 0, result.output
+    # nothing could be checked: not a success
+    assert result.exit_code == 1, result.output
     assert "0 passed, 0 failed, 1 not implemented" in result.stdout
+    assert "no case was checked" in result.stderr
 
 
 class PerturbingBackend:
@@ -227,6 +229,26 @@ def test_missing_listed_file(golden_copy):
     (golden_copy / CASE_ID / "checkpoint" / "config.json").unlink()
     result = invoke("run", "--backend", "refimpl", "--golden-dir", str(golden_copy))
     assert_one_line_error(result, "checkpoint/config.json", "missing")
+
+
+def test_unlisted_checkpoint_file(golden_copy):
+    # A checkpoint file without a recorded hash could be altered unnoticed.
+    _edit_manifest(golden_copy, lambda case: case["files"].pop(f"{CASE_ID}/checkpoint/model.safetensors"))
+    result = invoke("run", "--backend", "refimpl", "--golden-dir", str(golden_copy))
+    assert_one_line_error(result, "checkpoint/model.safetensors", "is not listed")
+
+
+def test_manifest_without_cases(golden_copy):
+    manifest = json.loads((golden_copy / "MANIFEST.json").read_text())
+    manifest["cases"] = []
+    (golden_copy / "MANIFEST.json").write_text(json.dumps(manifest))
+    assert_one_line_error(invoke("run", "--backend", "refimpl", "--golden-dir", str(golden_copy)), "lists no cases")
+
+
+def test_unknown_tolerance_class_names_the_case(golden_copy):
+    _edit_manifest(golden_copy, lambda case: case.update(tolerance_class="bogus"))
+    result = invoke("run", "--backend", "refimpl", "--golden-dir", str(golden_copy))
+    assert_one_line_error(result, f"case {CASE_ID}", "no tolerance for class 'bogus'")
 
 
 def test_unknown_backend_lists_builtins(golden):

@@ -45,3 +45,24 @@ def test_check_catches_a_changed_expected_output(golden_dir, tmp_path):
     result = run_check(copy)
     assert result.returncode == 1
     assert "single-token/io.safetensors:logits: expected output differs" in result.stderr
+
+
+def test_check_catches_nan_in_an_expected_output(golden_dir, tmp_path):
+    copy = tmp_path / "golden"
+    shutil.copytree(golden_dir, copy)
+    path = copy / "qwen3/mha-batch3/io.safetensors"
+    io = load_file(path)
+    io["logits"][0, 1, 2] = np.nan
+    save_file(io, path)
+    result = run_check(copy)
+    assert result.returncode == 1
+    assert "mha-batch3/io.safetensors:logits: NaN/Inf positions differ" in result.stderr
+
+
+def test_check_reports_an_unreadable_manifest(golden_dir, tmp_path):
+    copy = tmp_path / "golden"
+    shutil.copytree(golden_dir, copy)
+    (copy / "MANIFEST.json").write_text("{not json")
+    result = run_check(copy)
+    assert result.returncode == 1
+    assert "cannot be read as JSON" in result.stderr and "Traceback" not in result.stderr

@@ -158,3 +158,59 @@ def test_integer_and_fp8_tensors_are_refused_by_name(ckpt, kind):
     save_torch(w, ckpt / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=f"'model.layers.0.mlp.up_proj.weight' is stored as {kind}; only"):
         refimpl.from_pretrained(ckpt)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}},
+        {"rope_scaling": {"type": "dynamic", "factor": 2.0}},
+    ],
+)
+def test_legacy_rope_scaling_beside_default_rope_parameters_is_refused(ckpt, changes):
+    # transformers merges rope_scaling into rope_parameters: it is in force and must not be ignored.
+    edit_config(ckpt, **changes)
+    with pytest.raises(ConfigError, match="is not supported"):
+        refimpl.from_pretrained(ckpt)
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": 0}}, "rope_theta must be a positive"),
+        ({"rms_norm_eps": float("nan")}, "rms_norm_eps must be a finite"),
+    ],
+)
+def test_out_of_range_config_values(ckpt, changes, match):
+    edit_config(ckpt, **changes)
+    with pytest.raises(ConfigError, match=match):
+        refimpl.from_pretrained(ckpt)
+
+
+def test_num_key_value_heads_defaults_like_transformers(ckpt):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg.pop("num_key_value_heads")
+    from refimpl.models.qwen3 import Qwen3Config
+
+    # absent means 32 (transformers' class default), which 4 heads cannot share
+    with pytest.raises(ConfigError, match="num_key_value_heads \\(32\\)"):
+        Qwen3Config.from_dict(cfg)
+    assert Qwen3Config.from_dict({**cfg, "num_key_value_heads": None}).num_key_value_heads == 4
+
+
+def test_non_finite_weight_is_named(ckpt):
+    edit_weights(ckpt, lambda w: w["model.layers.0.mlp.down_proj.weight"].__setitem__((0, 0), np.nan))
+    with pytest.raises(CheckpointError, match="'model.layers.0.mlp.down_proj.weight' holds NaN"):
+        refimpl.from_pretrained(ckpt)
+
+
+@pytest.mark.parametrize("bad", [None, 123])
+def test_path_of_wrong_type(bad):
+    with pytest.raises(CheckpointError, match="must be a str or Path"):
+        refimpl.from_pretrained(bad)
+
+
+@pytest.mark.parametrize("ids", [[], [[1, 2], [3]]])
+def test_empty_or_ragged_token_ids(ckpt, ids):
+    with pytest.raises(InputError, match="shape \\(batch, seq\\)|rectangular"):
+        refimpl.from_pretrained(ckpt)(ids)

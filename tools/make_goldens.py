@@ -35,7 +35,8 @@ sys.path.insert(0, str(REPO))
 import refimpl  # noqa: E402
 
 GENERATOR_VERSION = 1
-CORPUS_VERSION = "0.1.0"
+#: Bumped whenever cases are added, removed or changed.
+CORPUS_VERSION = "0.2.0"
 #: Largest relative RMS difference allowed between stored and regenerated outputs.
 CHECK_REL_RMS = 1e-12
 
@@ -218,7 +219,9 @@ def generate(scratch: Path) -> tuple[dict, dict[str, bytes]]:
 
 
 def _rel_rms(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), np.finfo(np.float64).tiny))
+    """Relative RMS difference over finite positions (NaN if either side is all non-finite there)."""
+    finite = np.isfinite(a) & np.isfinite(b)
+    return float(np.linalg.norm((a - b)[finite]) / max(np.linalg.norm(b[finite]), np.finfo(np.float64).tiny))
 
 
 def _compare_tensor_file(path: str, stored: bytes, fresh: bytes, output_keys: bool) -> list[str]:
@@ -232,7 +235,9 @@ def _compare_tensor_file(path: str, stored: bytes, fresh: bytes, output_keys: bo
         is_output = output_keys and name != "input_ids"
         if a.dtype != b.dtype or a.shape != b.shape:
             problems.append(f"{path}:{name}: stored {a.dtype}{a.shape}, regenerated {b.dtype}{b.shape}")
-        elif is_output and _rel_rms(a, b) > CHECK_REL_RMS:
+        elif is_output and not np.array_equal(np.isfinite(a), np.isfinite(b)):
+            problems.append(f"{path}:{name}: NaN/Inf positions differ from the regenerated output")
+        elif is_output and not _rel_rms(a, b) <= CHECK_REL_RMS:
             problems.append(f"{path}:{name}: expected output differs, rel RMS {_rel_rms(a, b):.3e} > {CHECK_REL_RMS}")
         elif not is_output and a.tobytes() != b.tobytes():
             problems.append(f"{path}:{name}: differs bit for bit from the regenerated tensor")
@@ -242,9 +247,14 @@ def _compare_tensor_file(path: str, stored: bytes, fresh: bytes, output_keys: bo
 def check(golden: Path, files: dict[str, bytes]) -> list[str]:
     """Compare the stored corpus with freshly generated ``files``; return the problems."""
     problems = []
-    stored_manifest = json.loads((golden / "MANIFEST.json").read_text()) if (golden / "MANIFEST.json").is_file() else None
-    if stored_manifest is None:
+    try:
+        stored_manifest = json.loads((golden / "MANIFEST.json").read_text())
+    except FileNotFoundError:
         return [f"{golden / 'MANIFEST.json'} is missing"]
+    except (OSError, ValueError) as exc:
+        return [f"{golden / 'MANIFEST.json'} cannot be read as JSON ({exc})"]
+    if not isinstance(stored_manifest, dict):
+        return [f"{golden / 'MANIFEST.json'} is not a JSON object"]
     for path, fresh in sorted(files.items()):
         target = golden / path
         if path == "MANIFEST.json":

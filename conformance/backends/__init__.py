@@ -7,6 +7,7 @@ without torch unless the transformers backend is used.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 
@@ -47,15 +48,23 @@ def resolve_backend(spec: str, options: dict[str, str]) -> Backend:
         sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise BackendError(f"backend '{spec}': cannot import {module_name} ({type(exc).__name__}: {exc})") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise BackendError(f"backend '{spec}': module {module_name} has no callable '{attr}'")
     try:
-        backend = factory(**options)
+        inspect.signature(factory).bind(**options)
     except TypeError as exc:
         raise BackendError(f"backend '{spec}' rejected options {sorted(options)}: {exc}") from None
+    except ValueError:
+        pass  # no introspectable signature (builtins): let the call decide
+    try:
+        backend = factory(**options)
+    except BackendError:
+        raise
+    except (Exception, SystemExit) as exc:
+        raise BackendError(f"backend '{spec}': {attr}() failed ({type(exc).__name__}: {exc})") from None
     missing = [a for a in ("name", "supports", "load_model") if not hasattr(backend, a)]
     if missing:
         raise BackendError(f"backend '{spec}': {attr}() returned an object without {', '.join(missing)}")

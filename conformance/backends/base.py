@@ -72,6 +72,15 @@ class Backend(Protocol):
 
 
 def package_versions(backend: Backend) -> dict[str, str]:
-    """The backend's ``package_versions()``, or ``{}`` if it does not define one."""
+    """The backend's ``package_versions()`` as strings, or ``{}`` if it does not define one.
+
+    A failing or malformed ``package_versions()`` is recorded under the key
+    ``"error"`` instead of stopping the report.
+    """
     versions = getattr(backend, "package_versions", None)
-    return dict(versions()) if callable(versions) else {}
+    if not callable(versions):
+        return {}
+    try:
+        return {str(k): str(v) for k, v in dict(versions()).items()}
+    except Exception as exc:
+        return {"error": f"package_versions() failed: {type(exc).__name__}: {exc}"}

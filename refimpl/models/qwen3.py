@@ -82,7 +82,7 @@ class Qwen3Config:
             intermediate_size=get_positive_int(raw, "intermediate_size"),
             num_hidden_layers=layers,
             num_attention_heads=heads,
-            num_key_value_heads=get_positive_int(raw, "num_key_value_heads", heads),
+            num_key_value_heads=_num_key_value_heads(raw, heads),
             head_dim=get_positive_int(raw, "head_dim", 128),
             rms_norm_eps=get_field(raw, "rms_norm_eps", float, 1e-6),
             rope_theta=_rope_theta(raw),
@@ -105,8 +105,8 @@ class Qwen3Config:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        if self.rms_norm_eps < 0:
-            raise ConfigError(f"rms_norm_eps must be >= 0, got {self.rms_norm_eps}")
+        if not np.isfinite(self.rms_norm_eps) or self.rms_norm_eps < 0:
+            raise ConfigError(f"rms_norm_eps must be a finite number >= 0, got {self.rms_norm_eps}")
         unsupported = {
             "hidden_act": self.hidden_act != "silu",
             "attention_bias": self.attention_bias,
@@ -115,6 +115,14 @@ class Qwen3Config:
         for key, bad in unsupported.items():
             if bad:
                 raise ConfigError(f"{ARCHITECTURE}: {key}={getattr(self, key)!r} is not supported by this version")
+
+
+def _num_key_value_heads(raw: dict, heads: int) -> int:
+    """``num_key_value_heads``; transformers' Qwen3Config defaults an absent key to 32
+    and only an explicit null to ``num_attention_heads``."""
+    if raw.get("num_key_value_heads", 0) is None:
+        return heads
+    return get_positive_int(raw, "num_key_value_heads", 32)
 
 
 def _rope_theta(raw: dict) -> float:
@@ -127,12 +135,19 @@ def _rope_theta(raw: dict) -> float:
     scaling = raw.get("rope_scaling") or {}
     if not isinstance(params, dict) or not isinstance(scaling, dict):
         raise ConfigError("config.json fields 'rope_parameters' / 'rope_scaling' must be objects or null")
-    rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if rope_type != "default":
-        raise ConfigError(f"{ARCHITECTURE}: RoPE type {rope_type!r} is not supported by this version (only 'default')")
-    if "rope_theta" in params:
-        return get_field(params, "rope_theta", float)
-    return get_field(raw, "rope_theta", float, 10000.0)
+    # transformers merges a legacy rope_scaling dict into rope_parameters, so a
+    # scaling type in either place is in force.
+    for source in (params, scaling):
+        rope_type = source.get("rope_type", source.get("type", "default"))
+        if rope_type != "default":
+            raise ConfigError(
+                f"{ARCHITECTURE}: RoPE type {rope_type!r} is not supported by this version (only 'default')"
+            )
+    theta = get_field(params, "rope_theta", float) if "rope_theta" in params else get_field(
+        raw, "rope_theta", float, 10000.0)
+    if not np.isfinite(theta) or theta <= 0:
+        raise ConfigError(f"rope_theta must be a positive finite number, got {theta}")
+    return theta
 
 
 def _layer_types(raw: dict, layers: int) -> tuple[str, ...]:
