@@ -13,7 +13,10 @@ from unittest import mock
 import numpy as np
 
 from conformance.backends.refimpl_backend import RefimplBackend, RefimplModel
+from refimpl.attention import grouped_query_attention
+from refimpl.masks import sliding_window_mask
 from refimpl.models import qwen3
+from refimpl.rmsnorm import rms_norm
 
 
 def rope_interleaved(x, cos, sin):
@@ -29,6 +32,25 @@ def rope_interleaved(x, cos, sin):
 def rms_norm_eps_outside_root(x, weight, eps):
     """``w * x / (sqrt(mean(x^2)) + eps)``: eps added after the root."""
     return weight * x / (np.sqrt(np.mean(x * x, axis=-1, keepdims=True)) + x.dtype.type(eps))
+
+
+def rms_norm_qk_over_all_heads(x, weight, eps):
+    """QK-norm statistics over all heads of a token at once instead of per head (the
+    OLMo 2 placement applied to a per-head model); other norms unchanged."""
+    if x.ndim != 4:
+        return rms_norm(x, weight, eps)
+    return weight * x / np.sqrt(np.mean(x * x, axis=(-2, -1), keepdims=True) + x.dtype.type(eps))
+
+
+def gqa_heads_modulo(q, k, v, mask, scale):
+    """Query head h reads key/value head h % Hkv instead of h // (H / Hkv)."""
+    reps = q.shape[2] // k.shape[2]
+    return grouped_query_attention(q, np.tile(k, (1, 1, reps, 1)), np.tile(v, (1, 1, reps, 1)), mask, scale)
+
+
+def window_one_too_wide(num_queries, num_keys, window, past_length=0):
+    """A sliding window of W + 1 keys (SWA-01: the window taken as the radius)."""
+    return sliding_window_mask(num_queries, num_keys, window + 1, past_length)
 
 
 class _PatchedModel(RefimplModel):
@@ -68,3 +90,18 @@ def gemma_final_norm() -> _BrokenBackend:
     """The final norm applied as ``(1 + w)``, as if it were a Gemma norm."""
     return _BrokenBackend("broken:final-norm-1+w",
                           edit_weights=lambda w: w.__setitem__("model.norm.weight", w["model.norm.weight"] + 1))
+
+
+def qk_norm_over_all_heads() -> _BrokenBackend:
+    return _BrokenBackend("broken:qk-norm-over-all-heads",
+                          lambda: mock.patch.object(qwen3, "rms_norm", rms_norm_qk_over_all_heads))
+
+
+def gqa_modulo() -> _BrokenBackend:
+    return _BrokenBackend("broken:gqa-h-mod-hkv",
+                          lambda: mock.patch.object(qwen3, "grouped_query_attention", gqa_heads_modulo))
+
+
+def sliding_window_plus_one() -> _BrokenBackend:
+    return _BrokenBackend("broken:window-plus-one",
+                          lambda: mock.patch.object(qwen3, "sliding_window_mask", window_one_too_wide))

@@ -4,7 +4,7 @@ from hypothesis import given, strategies as st
 
 from refimpl.attention import grouped_query_attention, masked_softmax
 from refimpl.errors import ShapeError
-from refimpl.masks import causal_mask
+from refimpl.masks import causal_mask, sliding_window_mask
 
 
 def naive_attention(q, k, v, mask, scale):
@@ -85,3 +85,28 @@ def test_rejects_bad_shapes():
         grouped_query_attention(q, np.zeros((1, 3, 3, 8)), np.zeros((1, 3, 3, 8)), causal_mask(3, 3), 1.0)
     with pytest.raises(ShapeError, match="mask"):
         grouped_query_attention(q, np.zeros((1, 3, 2, 8)), np.zeros((1, 3, 2, 8)), causal_mask(3, 4), 1.0)
+
+
+def test_sliding_window_sees_exactly_w_keys():
+    # SWA-01 probe: T = 8, W = 4, uniform attention; query 7 must average v[4..7], not v[3..7].
+    t, w = 8, 4
+    v = np.eye(t).reshape(1, t, 1, t)
+    out = grouped_query_attention(np.zeros((1, t, 1, 2)), np.zeros((1, t, 1, 2)), v,
+                                  sliding_window_mask(t, t, w), 1.0)[0, :, 0]
+    np.testing.assert_allclose(out[7], [0, 0, 0, 0, 0.25, 0.25, 0.25, 0.25], rtol=1e-15)
+    np.testing.assert_allclose(out[1], [0.5, 0.5, 0, 0, 0, 0, 0, 0], rtol=1e-15)
+
+
+@given(st.integers(1, 12), st.integers(1, 14), st.integers(0, 5))
+def test_sliding_window_mask_definition(t, w, past):
+    m = sliding_window_mask(t, past + t, w, past_length=past)
+    for i in range(t):
+        for j in range(past + t):
+            assert m[i, j] == (past + i - w < j <= past + i)
+    # window >= number of keys: the same as plain causal
+    np.testing.assert_array_equal(sliding_window_mask(t, past + t, past + t, past), causal_mask(t, past + t, past))
+
+
+def test_sliding_window_rejects_zero():
+    with pytest.raises(ValueError, match=">= 1"):
+        sliding_window_mask(3, 3, 0)

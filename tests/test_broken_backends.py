@@ -54,8 +54,34 @@ def test_eps_outside_the_root_is_caught_at_float32_by_the_eps_sensitive_case(gol
     assert by_case["qwen3/eps-sensitive"]["first_divergence"] == "layers.0"
 
 
+def test_qk_norm_over_all_heads_diverges_at_the_first_layer(golden_dir, tmp_path):
+    result, by_case = run(golden_dir, tmp_path, "broken_backends:qk_norm_over_all_heads")
+    assert result.exit_code == 1
+    # With T = 1 the one key gets all the weight whatever q and k are: only that case cannot see it.
+    assert by_case.pop("qwen3/single-token")["status"] == "passed"
+    assert {e["first_divergence"] for e in by_case.values()} == {"layers.0"}
+
+
+def test_gqa_head_mapping_h_mod_hkv_is_caught(golden_dir, tmp_path):
+    result, by_case = run(golden_dir, tmp_path, "broken_backends:gqa_modulo")
+    assert result.exit_code == 1
+    # The mapping only differs with 1 < Hkv < H (not for MQA or MHA).
+    grouped = {"qwen3/untied-gqa-odd-len", "qwen3/eps-sensitive", "qwen3/sliding-window",
+               "qwen3/attention-bias", "qwen3/long-theta1e6", "qwen3/single-token"}
+    assert {c for c, e in by_case.items() if e["status"] == "failed"} == grouped
+    assert {by_case[c]["first_divergence"] for c in grouped} == {"layers.0"}
+
+
+def test_sliding_window_one_key_too_wide_fails_at_the_first_sliding_layer(golden_dir, tmp_path):
+    result, by_case = run(golden_dir, tmp_path, "broken_backends:sliding_window_plus_one")
+    assert result.exit_code == 1
+    failed = {c: e["first_divergence"] for c, e in by_case.items() if e["status"] == "failed"}
+    # layer 0 is full attention (max_window_layers = 1); layer 1 is the first sliding layer
+    assert failed == {"qwen3/sliding-window": "layers.1"}
+
+
 def test_correct_backends_pass_the_corpus(golden_dir, tmp_path):
     for dtype in ("float32", "float64"):
         result, by_case = run(golden_dir, tmp_path, "refimpl", dtype)
         assert result.exit_code == 0, result.output
-        assert len(by_case) == 6 and {e["status"] for e in by_case.values()} == {"passed"}
+        assert len(by_case) == 8 and {e["status"] for e in by_case.values()} == {"passed"}

@@ -16,12 +16,14 @@ transformers = pytest.importorskip("transformers")
 import refimpl  # noqa: E402
 from conformance.backends.hf_exact import exact_float64, load_exact_float64  # noqa: E402
 
-#: seed, layers, heads, kv heads, head_dim, hidden, tied, theta, batch, seq
+#: seed, layers, heads, kv heads, head_dim, hidden, tied, theta, batch, seq, extra config
 SHAPES = [
-    (11, 2, 4, 2, 32, 64, False, 1e4, 2, 9),
-    (12, 3, 8, 1, 16, 64, True, 1e6, 1, 40),
-    (13, 2, 4, 4, 24, 48, False, 5e5, 3, 17),
-    (14, 1, 2, 1, 8, 32, True, 1e6, 2, 150),
+    (11, 2, 4, 2, 32, 64, False, 1e4, 2, 9, {}),
+    (12, 3, 8, 1, 16, 64, True, 1e6, 1, 40, {}),
+    (13, 2, 4, 4, 24, 48, False, 5e5, 3, 17, {}),
+    (14, 1, 2, 1, 8, 32, True, 1e6, 2, 150, {}),
+    (15, 3, 4, 2, 16, 32, False, 1e4, 2, 19,
+     {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1, "attention_bias": True}),
 ]
 IDS = [f"seed{s[0]}" for s in SHAPES]
 
@@ -36,7 +38,9 @@ def randomise(model, seed):
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
             noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
-            if p.ndim == 1:
+            if name.endswith(".bias"):
+                p.copy_(0.2 * noise)
+            elif p.ndim == 1:
                 p.copy_(1.0 + 0.2 * noise)
             elif "embed_tokens" in name:
                 p.copy_(noise)
@@ -46,11 +50,11 @@ def randomise(model, seed):
 
 @pytest.fixture(scope="module", params=SHAPES, ids=IDS)
 def case(request, tmp_path_factory):
-    seed, layers, heads, kv, head_dim, hidden, tied, theta, b, t = request.param
+    seed, layers, heads, kv, head_dim, hidden, tied, theta, b, t, extra = request.param
     config = transformers.Qwen3Config(
         vocab_size=160, hidden_size=hidden, intermediate_size=2 * hidden + 8, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim, tie_word_embeddings=tied,
-        rope_parameters={"rope_type": "default", "rope_theta": theta}, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": theta}, rms_norm_eps=1e-6, **extra,
     )
     torch.manual_seed(seed)
     model = transformers.Qwen3ForCausalLM(config)

@@ -36,7 +36,7 @@ import refimpl  # noqa: E402
 
 GENERATOR_VERSION = 1
 #: Bumped whenever cases are added, removed or changed.
-CORPUS_VERSION = "0.2.0"
+CORPUS_VERSION = "0.3.0"
 #: Largest relative RMS difference allowed between stored and regenerated outputs.
 CHECK_REL_RMS = 1e-12
 
@@ -111,6 +111,21 @@ CASES = [
         weight_scales={"embed_tokens": 1e-3, "self_attn.q_proj": 1e-3, "self_attn.k_proj": 1e-3},
     ),
     ModelCase(
+        "qwen3/sliding-window",
+        "use_sliding_window with sliding_window 4 and max_window_layers 1: layers [full, sliding, sliding], "
+        "length 11 > window, batch 2",
+        seed=7,
+        config=_qwen3(num_hidden_layers=3, use_sliding_window=True, sliding_window=4, max_window_layers=1),
+        batch=2, seq=11,
+    ),
+    ModelCase(
+        "qwen3/attention-bias",
+        "attention_bias: q/k/v/o projection biases, GQA H=4/Hkv=2, length 10",
+        seed=8,
+        config=_qwen3(attention_bias=True),
+        batch=1, seq=10,
+    ),
+    ModelCase(
         "qwen3/long-theta1e6",
         "released-style RoPE (rope_theta 1e6), 4 layers, length 67, vocab 256",
         seed=5,
@@ -128,8 +143,8 @@ def _clean_config(config: dict) -> dict:
 def random_weights(case: ModelCase) -> dict[str, np.ndarray]:
     """Random float32 weights for ``case`` from ``np.random.default_rng(seed)``.
 
-    Linear weights ~ N(0, 1/in_features), embeddings ~ N(0, 1), norm weights
-    1 + 0.2 N(0, 1) (so that a backend using 1 + w, or ignoring w, is caught),
+    Linear weights ~ N(0, 1/in_features), biases ~ N(0, 0.04), embeddings ~ N(0, 1),
+    norm weights 1 + 0.2 N(0, 1) (so that a backend using 1 + w, or ignoring w, is caught),
     then ``case.weight_scales`` multipliers.
     Tensors are drawn in sorted-name order so the stream is fixed.
     """
@@ -140,7 +155,9 @@ def random_weights(case: ModelCase) -> dict[str, np.ndarray]:
     weights = {}
     for name in sorted(shapes):
         shape = shapes[name]
-        if len(shape) == 1:
+        if name.endswith(".bias"):
+            w = 0.2 * rng.standard_normal(shape)
+        elif len(shape) == 1:
             w = 1.0 + 0.2 * rng.standard_normal(shape)
         elif "embed_tokens" in name:
             w = rng.standard_normal(shape)
@@ -189,7 +206,8 @@ def build_case(case: ModelCase, scratch: Path) -> dict[str, bytes]:
 
 def config_summary(config: dict) -> dict:
     keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "tie_word_embeddings", "rms_norm_eps")
+            "num_key_value_heads", "head_dim", "tie_word_embeddings", "rms_norm_eps", "attention_bias",
+            "use_sliding_window", "sliding_window", "max_window_layers")
     return {k: config[k] for k in keys if k in config}
 
 

@@ -4,16 +4,20 @@ Forward pass, pre-norm, per layer l (weights under ``model.layers.{l}.``)::
 
     h_0 = E[input_ids]
     x   = RMSNorm(h; input_layernorm)
-    q   = RMSNorm_per_head(x Wq^T; q_norm)    (B, T, H, D)   QK-norm over D, before RoPE
-    k   = RMSNorm_per_head(x Wk^T; k_norm)    (B, T, Hkv, D)
-    v   = x Wv^T                              (B, T, Hkv, D)
+    q   = RMSNorm_per_head(x Wq^T + bq; q_norm)   (B, T, H, D)   QK-norm over D, before RoPE
+    k   = RMSNorm_per_head(x Wk^T + bk; k_norm)   (B, T, Hkv, D)
+    v   = x Wv^T + bv                             (B, T, Hkv, D)
     q, k = RoPE_rotate_half(q, k; rope_theta, positions 0..T-1)
-    h   = h + o_proj( causal GQA(q, k, v; scale = D^-0.5) )
+    h   = h + o_proj( GQA(q, k, v; scale = D^-0.5, mask) ) (+ bo)
+    mask: causal, or causal within sliding_window W on "sliding_attention" layers
     h   = h + SwiGLU( RMSNorm(h; post_attention_layernorm) )
     logits = RMSNorm(h_L; norm) W_lm^T        (W_lm = E when tie_word_embeddings)
 
 head_dim D is its own config field (default 128) and need not equal
 hidden_size / num_attention_heads (Qwen3-32B: 64 heads x 128 = 8192 != 5120).
+The biases b exist only when ``attention_bias`` is true (no released Qwen3 uses
+them). Sliding-window layers exist only when ``use_sliding_window`` is true:
+then layer l slides iff l >= ``max_window_layers`` (or as ``layer_types`` says).
 
 Paper: Qwen3 Technical Report, arXiv:2505.09388, sec. 2 (QK-Norm, GQA, SwiGLU, RoPE, pre-RMSNorm).
 Checked against: transformers 5.24 ``models/qwen3/modeling_qwen3.py`` and
@@ -31,15 +35,16 @@ from ..config import check_known_keys, get_field, get_positive_int
 from ..embedding import embed_tokens, lm_head
 from ..errors import ConfigError
 from ..linear import linear
-from ..masks import causal_mask
+from ..masks import causal_mask, sliding_window_mask
 from ..mlp import swiglu_mlp
 from ..rmsnorm import rms_norm
 from ..rope import apply_rope_rotate_half, default_inv_freq, rope_cos_sin
 
 ARCHITECTURE = "Qwen3ForCausalLM"
 
-#: config.json keys read elsewhere or deliberately without effect here.
-IGNORED_KEYS = frozenset({"max_window_layers", "sliding_window"})
+#: config.json keys deliberately without effect here.
+IGNORED_KEYS = frozenset()
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass(frozen=True)
@@ -47,7 +52,9 @@ class Qwen3Config:
     """Qwen3 hyper-parameters; field names are the config.json keys.
 
     Defaults are those of transformers' ``Qwen3Config`` where config.json may omit
-    a key. ``layer_types`` is resolved to a tuple with one entry per layer.
+    a key. ``layer_types`` is resolved to a tuple with one entry per layer, and
+    ``sliding_window`` is None unless ``use_sliding_window`` is true (as in
+    transformers' ``Qwen3Config.__post_init__``).
     """
 
     vocab_size: int
@@ -63,6 +70,8 @@ class Qwen3Config:
     hidden_act: str = "silu"
     attention_bias: bool = False
     use_sliding_window: bool = False
+    sliding_window: int | None = None
+    max_window_layers: int = 28
     layer_types: tuple[str, ...] = ()
 
     @classmethod
@@ -76,6 +85,9 @@ class Qwen3Config:
         """
         heads = get_positive_int(raw, "num_attention_heads")
         layers = get_positive_int(raw, "num_hidden_layers")
+        use_sliding = get_field(raw, "use_sliding_window", bool, False)
+        window = get_field(raw, "sliding_window", int, 4096, nullable=True) if use_sliding else None
+        max_window_layers = get_field(raw, "max_window_layers", int, 28)
         config = cls(
             vocab_size=get_positive_int(raw, "vocab_size"),
             hidden_size=get_positive_int(raw, "hidden_size"),
@@ -89,8 +101,10 @@ class Qwen3Config:
             tie_word_embeddings=get_field(raw, "tie_word_embeddings", bool, False),
             hidden_act=get_field(raw, "hidden_act", str, "silu"),
             attention_bias=get_field(raw, "attention_bias", bool, False),
-            use_sliding_window=get_field(raw, "use_sliding_window", bool, False),
-            layer_types=_layer_types(raw, layers),
+            use_sliding_window=use_sliding,
+            sliding_window=window,
+            max_window_layers=max_window_layers,
+            layer_types=_layer_types(raw, layers, window, max_window_layers),
         )
         config._validate()
         used = {f for f in cls.__dataclass_fields__} | {"rope_parameters", "rope_scaling"}
@@ -107,14 +121,10 @@ class Qwen3Config:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if not np.isfinite(self.rms_norm_eps) or self.rms_norm_eps < 0:
             raise ConfigError(f"rms_norm_eps must be a finite number >= 0, got {self.rms_norm_eps}")
-        unsupported = {
-            "hidden_act": self.hidden_act != "silu",
-            "attention_bias": self.attention_bias,
-            "use_sliding_window": self.use_sliding_window,
-        }
-        for key, bad in unsupported.items():
-            if bad:
-                raise ConfigError(f"{ARCHITECTURE}: {key}={getattr(self, key)!r} is not supported by this version")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ConfigError(f"sliding_window must be >= 1, got {self.sliding_window}")
+        if self.hidden_act != "silu":
+            raise ConfigError(f"{ARCHITECTURE}: hidden_act={self.hidden_act!r} is not supported (Qwen3 uses 'silu')")
 
 
 def _num_key_value_heads(raw: dict, heads: int) -> int:
@@ -150,15 +160,32 @@ def _rope_theta(raw: dict) -> float:
     return theta
 
 
-def _layer_types(raw: dict, layers: int) -> tuple[str, ...]:
+def _layer_types(raw: dict, layers: int, window: int | None, max_window_layers: int) -> tuple[str, ...]:
+    """One attention type per layer, from ``layer_types`` or, as transformers derives
+    it, sliding for layers at or above ``max_window_layers`` when a window is in force.
+
+    Raises:
+        ConfigError: wrong length or unknown entries, or a sliding layer without a
+            window (``use_sliding_window`` false).
+    """
     types = raw.get("layer_types")
     if types is None:
-        return ("full_attention",) * layers
-    if not isinstance(types, list) or len(types) != layers:
-        raise ConfigError(f"config.json 'layer_types' must list {layers} entries, got {types!r}")
-    if any(t != "full_attention" for t in types):
-        raise ConfigError(f"{ARCHITECTURE}: only 'full_attention' layers are supported by this version, got {types}")
+        return tuple(
+            "sliding_attention" if window is not None and i >= max_window_layers else "full_attention"
+            for i in range(layers)
+        )
+    if not isinstance(types, list) or len(types) != layers or any(t not in LAYER_TYPES for t in types):
+        raise ConfigError(f"config.json 'layer_types' must list {layers} entries from {LAYER_TYPES}, got {types!r}")
+    if window is None and "sliding_attention" in types:
+        raise ConfigError("layer_types has 'sliding_attention' layers but use_sliding_window is false (no window)")
     return tuple(types)
+
+
+def layer_mask(config: Qwen3Config, layer: int, num_tokens: int) -> np.ndarray:
+    """The ``(T, T)`` visibility mask of one layer: causal, or sliding-window causal."""
+    if config.layer_types[layer] == "sliding_attention":
+        return sliding_window_mask(num_tokens, num_tokens, config.sliding_window)
+    return causal_mask(num_tokens, num_tokens)
 
 
 def weight_shapes(config: Qwen3Config) -> dict[str, tuple[int, ...]]:
@@ -171,7 +198,9 @@ def weight_shapes(config: Qwen3Config) -> dict[str, tuple[int, ...]]:
     shapes = {"model.embed_tokens.weight": (config.vocab_size, m), "model.norm.weight": (m,)}
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, m)
+    biases = {f"self_attn.{p}_proj.bias": (n,) for p, n in (("q", qd), ("k", kvd), ("v", kvd), ("o", m))}
     per_layer = {
+        **(biases if config.attention_bias else {}),
         "input_layernorm.weight": (m,),
         "post_attention_layernorm.weight": (m,),
         "self_attn.q_proj.weight": (qd, m),
@@ -195,30 +224,38 @@ def layer_weights(weights: dict[str, np.ndarray], layer: int) -> dict[str, np.nd
     return {name[len(prefix):]: w for name, w in weights.items() if name.startswith(prefix)}
 
 
+def _projection(x: np.ndarray, p: dict[str, np.ndarray], name: str) -> np.ndarray:
+    """``self_attn.{name}`` applied to ``x``, with its bias when the checkpoint has one."""
+    return linear(x, p[f"self_attn.{name}.weight"], p.get(f"self_attn.{name}.bias"))
+
+
 def attention_block(
-    x: np.ndarray, p: dict[str, np.ndarray], config: Qwen3Config, cos: np.ndarray, sin: np.ndarray
+    x: np.ndarray, p: dict[str, np.ndarray], config: Qwen3Config, cos: np.ndarray, sin: np.ndarray,
+    mask: np.ndarray,
 ) -> np.ndarray:
     """Qwen3 self-attention on normalised input ``x`` ``(B, T, M)``; returns ``(B, T, M)``.
 
-    ``p`` holds the layer's ``self_attn.*`` tensors; ``cos, sin`` are ``(T, D/2)``.
+    ``p`` holds the layer's ``self_attn.*`` tensors; ``cos, sin`` are ``(T, D/2)``;
+    ``mask`` is the layer's bool ``(T, T)`` visibility.
     """
     b, t, _ = x.shape
     d, eps = config.head_dim, config.rms_norm_eps
     # QK-norm is per head, over head_dim, and comes before RoPE.
-    q = rms_norm(linear(x, p["self_attn.q_proj.weight"]).reshape(b, t, -1, d), p["self_attn.q_norm.weight"], eps)
-    k = rms_norm(linear(x, p["self_attn.k_proj.weight"]).reshape(b, t, -1, d), p["self_attn.k_norm.weight"], eps)
-    v = linear(x, p["self_attn.v_proj.weight"]).reshape(b, t, -1, d)
+    q = rms_norm(_projection(x, p, "q_proj").reshape(b, t, -1, d), p["self_attn.q_norm.weight"], eps)
+    k = rms_norm(_projection(x, p, "k_proj").reshape(b, t, -1, d), p["self_attn.k_norm.weight"], eps)
+    v = _projection(x, p, "v_proj").reshape(b, t, -1, d)
     q, k = apply_rope_rotate_half(q, cos, sin), apply_rope_rotate_half(k, cos, sin)
-    out = grouped_query_attention(q, k, v, causal_mask(t, t), scale=d**-0.5)
-    return linear(out.reshape(b, t, -1), p["self_attn.o_proj.weight"])
+    out = grouped_query_attention(q, k, v, mask, scale=d**-0.5)
+    return _projection(out.reshape(b, t, -1), p, "o_proj")
 
 
 def decoder_layer(
-    h: np.ndarray, p: dict[str, np.ndarray], config: Qwen3Config, cos: np.ndarray, sin: np.ndarray
+    h: np.ndarray, p: dict[str, np.ndarray], config: Qwen3Config, cos: np.ndarray, sin: np.ndarray,
+    mask: np.ndarray,
 ) -> np.ndarray:
     """One pre-norm decoder layer: attention then SwiGLU MLP, each with a residual."""
     eps = config.rms_norm_eps
-    h = h + attention_block(rms_norm(h, p["input_layernorm.weight"], eps), p, config, cos, sin)
+    h = h + attention_block(rms_norm(h, p["input_layernorm.weight"], eps), p, config, cos, sin, mask)
     x = rms_norm(h, p["post_attention_layernorm.weight"], eps)
     return h + swiglu_mlp(x, p["mlp.gate_proj.weight"], p["mlp.up_proj.weight"], p["mlp.down_proj.weight"])
 
@@ -245,7 +282,7 @@ def forward(
     h = embed_tokens(input_ids, embedding)
     taps = {"embed": h}
     for layer in range(config.num_hidden_layers):
-        h = decoder_layer(h, layer_weights(weights, layer), config, cos, sin)
+        h = decoder_layer(h, layer_weights(weights, layer), config, cos, sin, layer_mask(config, layer, t))
         taps[f"layers.{layer}"] = h
     h = rms_norm(h, weights["model.norm.weight"], config.rms_norm_eps)
     taps["norm"] = h
