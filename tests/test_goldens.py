@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file, save_file
 
 from conftest import ROOT
@@ -17,46 +18,42 @@ def run_check(golden):
                           capture_output=True, text=True, timeout=300)
 
 
+def tampered_copy(golden_dir, tmp_path, relative, edit):
+    """A copy of the corpus whose safetensors file ``relative`` has had ``edit`` applied."""
+    copy = tmp_path / "golden"
+    shutil.copytree(golden_dir, copy)
+    tensors = load_file(copy / relative)
+    edit(tensors)
+    save_file(tensors, copy / relative, metadata={"format": "pt"})
+    return copy
+
+
+def flip_low_bit(tensors):
+    tensors["model.norm.weight"].view(np.uint32)[0] ^= 1
+
+
 def test_committed_corpus_regenerates(golden_dir):
     result = run_check(golden_dir)
     assert result.returncode == 0, result.stderr
 
 
-def test_check_catches_a_flipped_weight_bit(golden_dir, tmp_path):
-    copy = tmp_path / "golden"
-    shutil.copytree(golden_dir, copy)
-    path = copy / "qwen3/mha-batch3/checkpoint/model.safetensors"
-    w = load_file(path)
-    bits = w["model.norm.weight"].view(np.uint32)
-    bits[0] ^= 1
-    save_file(w, path, metadata={"format": "pt"})
-    result = run_check(copy)
+@pytest.mark.parametrize(
+    "relative,edit,message",
+    [
+        ("qwen3/mha-batch3/checkpoint/model.safetensors", flip_low_bit, "model.norm.weight: differs bit for bit"),
+        ("qwen3/single-token/io.safetensors", lambda t: t["logits"].__setitem__((0, 0, 0), t["logits"][0, 0, 0] + 1e-9),
+         "single-token/io.safetensors:logits: expected output differs"),
+        ("qwen3/mha-batch3/io.safetensors", lambda t: t["logits"].__setitem__((0, 1, 2), np.nan),
+         "mha-batch3/io.safetensors:logits: NaN/Inf positions differ"),
+        ("qwen3/mha-batch3/io.safetensors", lambda t: t["input_ids"].__setitem__((0, 0), t["input_ids"][0, 0] ^ 1),
+         "mha-batch3/io.safetensors:input_ids: differs bit for bit"),
+    ],
+    ids=["weight-bit", "output-1e-9", "output-nan", "input-id"],
+)
+def test_check_catches_tampering(golden_dir, tmp_path, relative, edit, message):
+    result = run_check(tampered_copy(golden_dir, tmp_path, relative, edit))
     assert result.returncode == 1
-    assert "model.norm.weight: differs bit for bit" in result.stderr
-
-
-def test_check_catches_a_changed_expected_output(golden_dir, tmp_path):
-    copy = tmp_path / "golden"
-    shutil.copytree(golden_dir, copy)
-    path = copy / "qwen3/single-token/io.safetensors"
-    io = load_file(path)
-    io["logits"][0, 0, 0] += 1e-9
-    save_file(io, path)
-    result = run_check(copy)
-    assert result.returncode == 1
-    assert "single-token/io.safetensors:logits: expected output differs" in result.stderr
-
-
-def test_check_catches_nan_in_an_expected_output(golden_dir, tmp_path):
-    copy = tmp_path / "golden"
-    shutil.copytree(golden_dir, copy)
-    path = copy / "qwen3/mha-batch3/io.safetensors"
-    io = load_file(path)
-    io["logits"][0, 1, 2] = np.nan
-    save_file(io, path)
-    result = run_check(copy)
-    assert result.returncode == 1
-    assert "mha-batch3/io.safetensors:logits: NaN/Inf positions differ" in result.stderr
+    assert message in result.stderr
 
 
 def test_check_reports_an_unreadable_manifest(golden_dir, tmp_path):

@@ -79,9 +79,9 @@ class Qwen3Config:
         """Build from a parsed config.json.
 
         Raises:
-            ConfigError: missing or mistyped fields, heads that do not divide, or a
-                feature this version does not implement (sliding window, attention
-                bias, RoPE scaling, an activation other than silu).
+            ConfigError: missing, mistyped or out-of-range fields, heads that do not
+                divide, inconsistent layer types, or a feature this version does not
+                implement (RoPE scaling, an activation other than silu).
         """
         heads = get_positive_int(raw, "num_attention_heads")
         layers = get_positive_int(raw, "num_hidden_layers")
