@@ -27,8 +27,13 @@ reference):
   sequences, while gross bugs sit orders of magnitude higher (interleaved instead
   of rotate-half RoPE: 0.6 relative on the fixture).
 * float16 / bfloat16: a few units of the dtype's epsilon (2^-11 and 2^-8) grown
-  through the depth of the model (transformers on corpus 0.1.0 measures 1e-3 and
-  1e-2; on the test fixture 3e-3 and 4e-2).
+  through the depth of the model. transformers on corpus 0.4.0 measures at most
+  1.5e-3 / 1.9e-3 (float16, rel RMS / max abs) and 1.15e-2 / 1.8e-2 (bfloat16)
+  on any tensor; its argmax differs from the reference only where the expected
+  top-2 gap is below 6e-4 (float16) and 6.3e-3 (bfloat16) of max |logit|. The
+  bounds are 2-4x those figures (FlashAttention's tests use 2x), tight enough
+  that a structural bug such as q_norm applied after RoPE (2.8e-2 .. 6.4e-2 in
+  bfloat16) fails. An earlier, looser bfloat16 bound (6e-2) let it pass.
 
 These bounds are provisional: a later issue replaces them with an error model
 (a backend's error measured against the reference's own error in that dtype).
@@ -54,8 +59,8 @@ class Tolerance:
 TOLERANCES: dict[tuple[str, str], Tolerance] = {
     ("model_logits", "float64"): Tolerance(rel_rms=1e-10, max_abs_rel=1e-9, argmax_margin=1e-8),
     ("model_logits", "float32"): Tolerance(rel_rms=2e-5, max_abs_rel=2e-4, argmax_margin=1e-3),
-    ("model_logits", "float16"): Tolerance(rel_rms=1e-2, max_abs_rel=5e-2, argmax_margin=0.1),
-    ("model_logits", "bfloat16"): Tolerance(rel_rms=6e-2, max_abs_rel=0.3, argmax_margin=0.5),
+    ("model_logits", "float16"): Tolerance(rel_rms=4e-3, max_abs_rel=6e-3, argmax_margin=5e-3),
+    ("model_logits", "bfloat16"): Tolerance(rel_rms=2.5e-2, max_abs_rel=5e-2, argmax_margin=3e-2),
 }
 
 

@@ -7,6 +7,7 @@ difference from a correct backend is that mistake. Used as
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from unittest import mock
 
@@ -105,3 +106,22 @@ def gqa_modulo() -> _BrokenBackend:
 def sliding_window_plus_one() -> _BrokenBackend:
     return _BrokenBackend("broken:window-plus-one",
                           lambda: mock.patch.object(qwen3, "sliding_window_mask", window_one_too_wide))
+
+
+def window_without_flag() -> _BrokenBackend:
+    """Sliding window applied whenever config.json has ``sliding_window``, ignoring
+    ``use_sliding_window`` (the Qwen2-family engine mistake)."""
+    import json
+
+    class WindowWithoutFlag(_BrokenBackend):
+        def load_model(self, checkpoint_dir, dtype):
+            model = super().load_model(checkpoint_dir, dtype)
+            raw = json.loads((checkpoint_dir / "config.json").read_text())
+            if raw.get("sliding_window"):
+                config = model.model.config
+                types = tuple("sliding_attention" if i >= config.max_window_layers else "full_attention"
+                              for i in range(config.num_hidden_layers))
+                model.model.config = dataclasses.replace(config, sliding_window=raw["sliding_window"], layer_types=types)
+            return model
+
+    return WindowWithoutFlag("broken:window-without-flag")

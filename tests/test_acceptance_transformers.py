@@ -22,9 +22,9 @@ def test_cli_transformers_passes_golden_corpus(tmp_path, dtype):
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stdout + result.stderr
     doc = json.loads(report.read_text())
-    assert [r["status"] for r in doc["results"]] == ["passed"] * 8
+    assert [r["status"] for r in doc["results"]] == ["passed"] * 10
     assert doc["meta"]["package_versions"]["transformers"] == "5.24.0"
-    assert "8 passed, 0 failed, 0 not implemented" in result.stdout
+    assert "10 passed, 0 failed, 0 not implemented" in result.stdout
 
 
 def test_float64_as_shipped_fails_the_float64_bound(tmp_path):

@@ -66,8 +66,9 @@ def test_gqa_head_mapping_h_mod_hkv_is_caught(golden_dir, tmp_path):
     result, by_case = run(golden_dir, tmp_path, "broken_backends:gqa_modulo")
     assert result.exit_code == 1
     # The mapping only differs with 1 < Hkv < H (not for MQA or MHA).
-    grouped = {"qwen3/untied-gqa-odd-len", "qwen3/eps-sensitive", "qwen3/sliding-window",
-               "qwen3/attention-bias", "qwen3/long-theta1e6", "qwen3/single-token"}
+    summaries = {c["id"]: c["config_summary"] for c in json.loads((golden_dir / "MANIFEST.json").read_text())["cases"]}
+    grouped = {c for c, s in summaries.items() if 1 < s["num_key_value_heads"] < s["num_attention_heads"]}
+    assert len(grouped) >= 3
     assert {c for c, e in by_case.items() if e["status"] == "failed"} == grouped
     assert {by_case[c]["first_divergence"] for c in grouped} == {"layers.0"}
 
@@ -80,8 +81,15 @@ def test_sliding_window_one_key_too_wide_fails_at_the_first_sliding_layer(golden
     assert failed == {"qwen3/sliding-window": "layers.1"}
 
 
+def test_window_applied_without_use_sliding_window_is_caught(golden_dir, tmp_path):
+    result, by_case = run(golden_dir, tmp_path, "broken_backends:window_without_flag")
+    assert result.exit_code == 1
+    assert {c for c, e in by_case.items() if e["status"] == "failed"} == {"qwen3/window-flag-off"}
+    assert by_case["qwen3/window-flag-off"]["first_divergence"] == "layers.0"
+
+
 def test_correct_backends_pass_the_corpus(golden_dir, tmp_path):
     for dtype in ("float32", "float64"):
         result, by_case = run(golden_dir, tmp_path, "refimpl", dtype)
         assert result.exit_code == 0, result.output
-        assert len(by_case) == 8 and {e["status"] for e in by_case.values()} == {"passed"}
+        assert len(by_case) == 10 and {e["status"] for e in by_case.values()} == {"passed"}

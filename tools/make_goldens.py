@@ -36,7 +36,7 @@ import refimpl  # noqa: E402
 
 GENERATOR_VERSION = 1
 #: Bumped whenever cases are added, removed or changed.
-CORPUS_VERSION = "0.3.0"
+CORPUS_VERSION = "0.4.0"
 #: Largest relative RMS difference allowed between stored and regenerated outputs.
 CHECK_REL_RMS = 1e-12
 
@@ -117,6 +117,21 @@ CASES = [
         seed=7,
         config=_qwen3(num_hidden_layers=3, use_sliding_window=True, sliding_window=4, max_window_layers=1),
         batch=2, seq=11,
+    ),
+    ModelCase(
+        "qwen3/window-flag-off",
+        "sliding_window 3 present but use_sliding_window false (and max_window_layers 0): every layer is full "
+        "attention; an engine that applies the window whenever the field is set fails",
+        seed=9,
+        config=_qwen3(use_sliding_window=False, sliding_window=3, max_window_layers=0),
+        batch=1, seq=9,
+    ),
+    ModelCase(
+        "qwen3/long-sequence",
+        "one layer, 320 tokens: positions past 256, where bfloat16 positions or float32 angles first go wrong",
+        seed=10,
+        config=_qwen3(num_hidden_layers=1, rope_parameters={"rope_theta": 1000000.0, "rope_type": "default"}),
+        batch=1, seq=320,
     ),
     ModelCase(
         "qwen3/attention-bias",
