@@ -26,13 +26,16 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-from safetensors.numpy import load, save
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import refimpl  # noqa: E402
+try:
+    import numpy as np
+    from safetensors.numpy import load, save
+
+    import refimpl
+except ImportError as exc:
+    sys.exit(f"make_goldens: {exc}; install the project first: pip install -e . (see README.md)")
 
 GENERATOR_VERSION = 1
 #: Bumped whenever cases are added, removed or changed.
