@@ -3,6 +3,8 @@
     h_0 = E[input_ids]            E: (V, M) ``model.embed_tokens.weight``
     logits = h_L W_lm^T           W_lm: (V, M) ``lm_head.weight``, or E when tied
 
+Gemma multiplies the rows by ``sqrt(hidden_size)`` (:func:`scaled_embed_tokens`).
+
 Checked against: transformers ``torch.nn.Embedding`` and ``Qwen3ForCausalLM.lm_head``
 (``tie_word_embeddings``).
 """
@@ -50,6 +52,27 @@ def embed_tokens(input_ids: np.ndarray, embedding: np.ndarray) -> np.ndarray:
         ``(B, T, M)`` in the dtype of ``embedding``.
     """
     return embedding[input_ids]
+
+
+def scaled_embed_tokens(input_ids: np.ndarray, embedding: np.ndarray, embed_scale: float) -> np.ndarray:
+    """Embedding rows times a scale rounded to the table's dtype (Gemma: ``sqrt(hidden_size)``).
+
+    The scale is rounded to the dtype of ``embedding`` *before* multiplying, as
+    the reference does: sqrt(3072) = 55.4256 becomes 55.5 in bfloat16, 55.4375 in
+    float16 and 55.425625 in float32 (bug class NRM-06).
+
+    Args:
+        input_ids: ``(B, T)`` int64, already checked.
+        embedding: ``(V, M)``.
+        embed_scale: the multiplier, e.g. ``hidden_size ** 0.5``.
+
+    Returns:
+        ``(B, T, M)`` in the dtype of ``embedding``.
+
+    Checked against: transformers 5.24 ``Gemma3TextScaledWordEmbedding``
+    (``embed_scale`` buffer cast to the weight dtype).
+    """
+    return embedding[input_ids] * np.asarray(embed_scale).astype(embedding.dtype)
 
 
 def lm_head(hidden: np.ndarray, weight: np.ndarray) -> np.ndarray:

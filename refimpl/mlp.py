@@ -1,18 +1,23 @@
-"""Gated feed-forward block, SwiGLU.
+"""Gated feed-forward blocks: SwiGLU and GeGLU (tanh-approximated GELU).
 
-    MLP(x) = W_down ( silu(W_gate x) * (W_up x) ),   silu(z) = z * sigmoid(z)
+    MLP(x) = W_down ( act(W_gate x) * (W_up x) )
+    act = silu(z)              = z * sigmoid(z)                                   hidden_act "silu"
+    act = gelu_pytorch_tanh(z) = 0.5 z (1 + tanh( sqrt(2/pi) (z + 0.044715 z^3) ))  "gelu_pytorch_tanh"
 
 Notation: M hidden_size, F intermediate_size.
 
-Paper: Shazeer, "GLU Variants Improve Transformer", arXiv:2002.05202, eq. 6 (FFN_SwiGLU).
-Checked against: transformers ``models/qwen3/modeling_qwen3.py`` ``Qwen3MLP``
-(``hidden_act = "silu"``).
+Paper: Shazeer, "GLU Variants Improve Transformer", arXiv:2002.05202, eq. 6
+(FFN_SwiGLU, FFN_GEGLU); tanh GELU: Hendrycks & Gimpel, arXiv:1606.08415, sec. 2.
+Checked against: transformers 5.24 ``Qwen3MLP`` (silu) and ``Gemma3MLP``
+(``hidden_activation = "gelu_pytorch_tanh"``, ``activations.PytorchGELUTanh``).
+Plain ``"gelu"`` (the erf form) is a different function and is refused.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from .errors import ConfigError
 from .linear import linear
 
 
@@ -26,21 +31,52 @@ def silu(z: np.ndarray) -> np.ndarray:
         return z / (1 + np.exp(-z))
 
 
-def swiglu_mlp(
-    x: np.ndarray, gate_proj: np.ndarray, up_proj: np.ndarray, down_proj: np.ndarray
+def gelu_tanh(z: np.ndarray) -> np.ndarray:
+    """Tanh-approximated GELU ``0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3)))``, in the dtype of ``z``."""
+    c = z.dtype.type(np.sqrt(2.0 / np.pi))
+    return z.dtype.type(0.5) * z * (1 + np.tanh(c * (z + z.dtype.type(0.044715) * z * z * z)))
+
+
+#: ``hidden_act`` / ``hidden_activation`` names to functions.
+ACTIVATIONS = {"silu": silu, "gelu_pytorch_tanh": gelu_tanh}
+
+
+def activation(name: str):
+    """The activation function called ``name`` in config.json.
+
+    Raises:
+        ConfigError: the name is not one of :data:`ACTIVATIONS`.
+    """
+    if name not in ACTIVATIONS:
+        raise ConfigError(f"activation {name!r} is not supported; known: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def gated_mlp(
+    x: np.ndarray, gate_proj: np.ndarray, up_proj: np.ndarray, down_proj: np.ndarray, hidden_act: str = "silu"
 ) -> np.ndarray:
-    """SwiGLU feed-forward.
+    """Gated feed-forward ``down( act(gate x) * up x )``.
 
     Args:
         x: ``(..., M)``.
         gate_proj: ``(F, M)`` (``mlp.gate_proj.weight``).
         up_proj: ``(F, M)`` (``mlp.up_proj.weight``).
         down_proj: ``(M, F)`` (``mlp.down_proj.weight``).
+        hidden_act: ``"silu"`` (SwiGLU) or ``"gelu_pytorch_tanh"`` (GeGLU).
 
     Returns:
         ``(..., M)`` in the dtype of ``x``.
 
     Raises:
         ShapeError: the weights do not fit ``x`` (from :func:`linear`).
+        ConfigError: unknown ``hidden_act``.
     """
-    return linear(silu(linear(x, gate_proj)) * linear(x, up_proj), down_proj)
+    act = activation(hidden_act)
+    return linear(act(linear(x, gate_proj)) * linear(x, up_proj), down_proj)
+
+
+def swiglu_mlp(
+    x: np.ndarray, gate_proj: np.ndarray, up_proj: np.ndarray, down_proj: np.ndarray
+) -> np.ndarray:
+    """SwiGLU feed-forward: :func:`gated_mlp` with ``hidden_act="silu"``."""
+    return gated_mlp(x, gate_proj, up_proj, down_proj, "silu")

@@ -16,7 +16,8 @@ from .checkpoint import read_config, read_weights
 from .embedding import check_token_ids
 from .errors import CheckpointError, MissingWeightsError, UnexpectedWeightsError, WeightShapeError
 from .numerics import resolve_dtype
-from .registry import Architecture, get_architecture
+from .architecture import Architecture
+from .registry import get_architecture
 
 
 @dataclass(frozen=True)

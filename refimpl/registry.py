@@ -1,57 +1,31 @@
 """Architecture registry: the ``architectures`` entry of config.json to its code.
 
-One literal dict. Adding an architecture is one visible entry here.
+Every module named in ``_MODEL_MODULES`` (under ``refimpl/models/``) defines
+``ARCHITECTURE``, an :class:`Architecture`. Adding an architecture is one visible
+name here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+import importlib
 
+from .architecture import Architecture
 from .errors import UnknownArchitectureError
-from .models import qwen3
+
+_MODEL_MODULES = ("qwen3",)
 
 
-@dataclass(frozen=True)
-class Architecture:
-    """Everything the loader and the model object need to know about one architecture.
-
-    Attributes:
-        name: the config.json ``architectures`` entry, e.g. ``"Qwen3ForCausalLM"``.
-        config_class: frozen dataclass with ``from_dict(raw) -> config``.
-        forward: ``(weights, config, input_ids) -> (logits, taps)``.
-        weight_shapes: ``config -> {tensor name: shape}`` of the required tensors.
-        optional_weights: names that may be present and are then ignored if they
-            equal the tensor named as value (tied heads saved twice).
-        presets: real flagship configs (config.json dicts), keyed by model name.
-        citations: where the math and the presets come from.
-    """
-
-    name: str
-    config_class: Any
-    forward: Callable
-    weight_shapes: Callable
-    optional_weights: Callable
-    presets: dict[str, dict]
-    citations: tuple[str, ...]
+def _collect() -> dict[str, Architecture]:
+    found = {}
+    for module_name in _MODEL_MODULES:
+        arch = importlib.import_module(f"refimpl.models.{module_name}").ARCHITECTURE
+        if arch.name in found:
+            raise RuntimeError(f"architecture {arch.name} is registered twice")
+        found[arch.name] = arch
+    return found
 
 
-ARCHITECTURES: dict[str, Architecture] = {
-    "Qwen3ForCausalLM": Architecture(
-        name="Qwen3ForCausalLM",
-        config_class=qwen3.Qwen3Config,
-        forward=qwen3.forward,
-        weight_shapes=qwen3.weight_shapes,
-        optional_weights=lambda config: (
-            {"lm_head.weight": "model.embed_tokens.weight"} if config.tie_word_embeddings else {}
-        ),
-        presets=qwen3.PRESETS,
-        citations=(
-            "Qwen3 Technical Report, arXiv:2505.09388",
-            "transformers 5.24 models/qwen3/modeling_qwen3.py",
-        ),
-    ),
-}
+ARCHITECTURES: dict[str, Architecture] = _collect()
 
 
 def get_architecture(raw_config: dict) -> Architecture:

@@ -1,47 +1,106 @@
-"""Root-mean-square layer normalisation (RMSNorm).
+"""Root-mean-square layer normalisation (RMSNorm) and its weight and cast variants.
 
-    RMSNorm(x) = w * x / sqrt(mean(x^2) + eps)
+    RMSNorm(x) = g(w) * x / sqrt(mean(x^2) + eps),   g(w) = w      (Llama, Qwen, OLMo 2, Mistral, SmolLM3)
+                                                      g(w) = 1 + w  (Gemma 3: w is stored as an offset, init 0)
 
 Notation:
     x    input, (..., M)         normalised over its last axis
-    w    weight, (M,)             plain multiplier (Llama/Qwen convention)
-    eps  epsilon, scalar          added inside the square root
+    w    weight, (M,)             ``weight_offset`` 0 (plain) or 1 (Gemma's 1 + w)
+    eps  epsilon, scalar          added inside the square root (``rms_norm_eps``)
+
+In a low-precision storage dtype (bfloat16, float16) every implementation
+normalises in float32; two cast orders then exist and give different bits
+(:func:`rms_norm_low_precision`):
+
+* ``"cast_then_multiply"`` (Llama family, Qwen3, Mistral, SmolLM3):
+  ``w * cast(n(x))``, the product taken in the storage dtype;
+* ``"multiply_then_cast"`` (OLMo 2, Gemma 3): ``cast(g(w) * n(x))``, the product in float32.
+
+Placement (pre-norm, post-norm inside the residual, sandwich) belongs to the model
+modules; QK-norm is this function applied per head (``x`` ``(B, T, H, D)``, ``w``
+``(D,)``) or over the whole projection (``x`` ``(B, T, H*D)``, ``w`` ``(H*D,)``).
 
 Paper: Zhang & Sennrich, "Root Mean Square Layer Normalization", arXiv:1910.07467, eq. 4.
-Checked against: transformers ``models/qwen3/modeling_qwen3.py`` ``Qwen3RMSNorm``
-(which normalises in float32 and then casts back before multiplying by w; at float32
-that is the same computation as below, at float64 see docs on float32 islands).
+Checked against: transformers 5.24 ``Qwen3RMSNorm`` / ``LlamaRMSNorm`` (cast then
+multiply), ``Olmo2RMSNorm`` (multiply then cast) and ``Gemma3RMSNorm`` (1 + w,
+multiply then cast).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .errors import ShapeError
+from .errors import RefimplError, ShapeError
 from .numerics import check_same_dtype
 
+#: Named cast orders of :func:`rms_norm_low_precision`.
+CAST_ORDERS = ("cast_then_multiply", "multiply_then_cast")
+#: Allowed values of ``weight_offset``: plain w, or Gemma's 1 + w.
+WEIGHT_OFFSETS = (0.0, 1.0)
 
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """RMSNorm with a plain weight: ``w * x / sqrt(mean(x**2, -1) + eps)``.
+
+def _check(x: np.ndarray, weight: np.ndarray, weight_offset: float) -> None:
+    if weight.shape != (x.shape[-1],):
+        raise ShapeError(f"rms_norm: weight shape {weight.shape} does not match last axis {x.shape[-1]}")
+    if weight_offset not in WEIGHT_OFFSETS:
+        raise RefimplError(f"rms_norm: weight_offset must be 0 (w) or 1 (1 + w), got {weight_offset!r}")
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, *, weight_offset: float = 0.0) -> np.ndarray:
+    """RMSNorm in the compute dtype: ``(weight_offset + w) * x / sqrt(mean(x**2, -1) + eps)``.
 
     Args:
-        x: ``(..., M)`` activations.
-        weight: ``(M,)`` per-channel multiplier.
+        x: ``(..., M)`` activations, float64 or float32.
+        weight: ``(M,)`` per-channel weight, same dtype as ``x``.
         eps: added to the mean square inside the root (``rms_norm_eps``).
+        weight_offset: 0 for a plain weight, 1 for Gemma's ``1 + w``.
 
     Returns:
         ``(..., M)``, same dtype as ``x``.
 
-    Dtype: computed entirely in the dtype of ``x`` (float64 or float32); the mean
-    of squares accumulates in that dtype.
+    Dtype: computed entirely in the dtype of ``x``; the mean of squares accumulates
+    in that dtype. In float64 and float32 the two cast orders coincide.
 
     Raises:
         ShapeError: ``weight`` does not have shape ``(M,)``.
-        RefimplError: ``x`` and ``weight`` differ in dtype.
+        RefimplError: ``x`` and ``weight`` differ in dtype, or ``weight_offset`` is not 0 or 1.
     """
-    if weight.shape != (x.shape[-1],):
-        raise ShapeError(f"rms_norm: weight shape {weight.shape} does not match last axis {x.shape[-1]}")
+    _check(x, weight, weight_offset)
     dtype = check_same_dtype(x=x, weight=weight)
     mean_square = np.mean(x * x, axis=-1, keepdims=True)
     normalised = x / np.sqrt(mean_square + dtype.type(eps))
-    return weight * normalised
+    scale = weight + dtype.type(weight_offset) if weight_offset else weight
+    return scale * normalised
+
+
+def rms_norm_low_precision(
+    x: np.ndarray, weight: np.ndarray, eps: float, *, weight_offset: float = 0.0,
+    cast_order: str = "cast_then_multiply",
+) -> np.ndarray:
+    """RMSNorm of a low-precision tensor, normalised in float32, with a named cast order.
+
+    Args:
+        x: ``(..., M)`` in a storage dtype (``ml_dtypes.bfloat16``, float16, or float32).
+        weight: ``(M,)`` in the same dtype.
+        eps: ``rms_norm_eps``.
+        weight_offset: 0 (``w``) or 1 (``1 + w``, added in float32).
+        cast_order: ``"cast_then_multiply"``: ``w * cast(n(x_f32))`` in the storage
+            dtype (Llama); ``"multiply_then_cast"``: ``cast((offset + w_f32) * n(x_f32))`` (OLMo 2, Gemma).
+
+    Returns:
+        ``(..., M)`` in the dtype of ``x``.
+
+    Raises:
+        ShapeError / RefimplError: as :func:`rms_norm`; unknown ``cast_order``.
+    """
+    _check(x, weight, weight_offset)
+    if cast_order not in CAST_ORDERS:
+        raise RefimplError(f"rms_norm: cast_order must be one of {CAST_ORDERS}, got {cast_order!r}")
+    storage = check_same_dtype(x=x, weight=weight)
+    x32 = x.astype(np.float32)
+    normalised = x32 / np.sqrt(np.mean(x32 * x32, axis=-1, keepdims=True) + np.float32(eps))
+    if cast_order == "cast_then_multiply":
+        scale = weight if not weight_offset else (weight.astype(np.float32) + np.float32(1)).astype(storage)
+        return (scale * normalised.astype(storage)).astype(storage)
+    scale = weight.astype(np.float32) + np.float32(weight_offset)
+    return (scale * normalised).astype(storage)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import ShapeError
+from .errors import ConfigError, ShapeError
 
 
 def default_inv_freq(head_dim: int, rope_theta: float) -> np.ndarray:
@@ -49,20 +49,54 @@ def default_inv_freq(head_dim: int, rope_theta: float) -> np.ndarray:
     return 1.0 / (float(rope_theta) ** exponent)
 
 
-def rope_cos_sin(positions: np.ndarray, inv_freq: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
+def rope_frequencies(rope_parameters: dict, head_dim: int) -> tuple[np.ndarray, float]:
+    """Inverse frequencies and the cos/sin magnitude for one ``rope_parameters`` dict.
+
+    Args:
+        rope_parameters: transformers v5 form, e.g. ``{"rope_type": "linear",
+            "rope_theta": 1e6, "factor": 8.0}``.
+        head_dim: rotary width D.
+
+    Returns:
+        ``(inv_freq (D/2,) float64, attention_scaling)``; ``attention_scaling``
+        multiplies cos and sin (1.0 except for YaRN).
+
+    Raises:
+        ConfigError: unknown ``rope_type`` or a missing / non-positive parameter.
+    """
+    rope_type = rope_parameters.get("rope_type", "default")
+    theta = rope_parameters.get("rope_theta")
+    if not isinstance(theta, (int, float)) or not theta > 0:
+        raise ConfigError(f"rope_parameters needs a positive rope_theta, got {theta!r}")
+    inv_freq = default_inv_freq(head_dim, theta)
+    if rope_type == "default":
+        return inv_freq, 1.0
+    if rope_type == "linear":
+        factor = rope_parameters.get("factor")
+        if not isinstance(factor, (int, float)) or not factor > 0:
+            raise ConfigError(f"linear RoPE scaling needs a positive 'factor', got {factor!r}")
+        return inv_freq / float(factor), 1.0
+    raise ConfigError(f"RoPE type {rope_type!r} is not supported (known: default, linear)")
+
+
+def rope_cos_sin(
+    positions: np.ndarray, inv_freq: np.ndarray, dtype, attention_scaling: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Cosine and sine tables for the given positions.
 
     Args:
         positions: ``(..., T)`` integer absolute positions.
         inv_freq: ``(D/2,)`` float64 inverse frequencies.
         dtype: compute dtype of the result.
+        attention_scaling: multiplier of both tables (YaRN's magnitude factor; 1 otherwise).
 
     Returns:
         ``(cos, sin)``, each ``(..., T, D/2)`` in ``dtype``. Angles are formed and
         the trigonometric functions evaluated in float64, then rounded once.
     """
     angles = np.asarray(positions, dtype=np.float64)[..., None] * inv_freq
-    return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
+    scale = float(attention_scaling)
+    return (np.cos(angles) * scale).astype(dtype), (np.sin(angles) * scale).astype(dtype)
 
 
 def apply_rope_rotate_half(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..architecture import Architecture
 from ..attention import grouped_query_attention
 from ..config import check_known_keys, get_field, get_positive_int
 from ..embedding import embed_tokens, lm_head
@@ -40,7 +41,7 @@ from ..mlp import swiglu_mlp
 from ..rmsnorm import rms_norm
 from ..rope import apply_rope_rotate_half, default_inv_freq, rope_cos_sin
 
-ARCHITECTURE = "Qwen3ForCausalLM"
+NAME = "Qwen3ForCausalLM"
 
 #: config.json keys deliberately without effect here.
 IGNORED_KEYS = frozenset()
@@ -108,7 +109,7 @@ class Qwen3Config:
         )
         config._validate()
         used = {f for f in cls.__dataclass_fields__} | {"rope_parameters", "rope_scaling"}
-        check_known_keys(raw, used, IGNORED_KEYS, ARCHITECTURE)
+        check_known_keys(raw, used, IGNORED_KEYS, NAME)
         return config
 
     def _validate(self) -> None:
@@ -124,7 +125,7 @@ class Qwen3Config:
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ConfigError(f"sliding_window must be >= 1, got {self.sliding_window}")
         if self.hidden_act != "silu":
-            raise ConfigError(f"{ARCHITECTURE}: hidden_act={self.hidden_act!r} is not supported (Qwen3 uses 'silu')")
+            raise ConfigError(f"{NAME}: hidden_act={self.hidden_act!r} is not supported (Qwen3 uses 'silu')")
 
 
 def _num_key_value_heads(raw: dict, heads: int) -> int:
@@ -151,7 +152,7 @@ def _rope_theta(raw: dict) -> float:
         rope_type = source.get("rope_type", source.get("type", "default"))
         if rope_type != "default":
             raise ConfigError(
-                f"{ARCHITECTURE}: RoPE type {rope_type!r} is not supported by this version (only 'default')"
+                f"{NAME}: RoPE type {rope_type!r} is not supported by this version (only 'default')"
             )
     theta = get_field(params, "rope_theta", float) if "rope_theta" in params else get_field(
         raw, "rope_theta", float, 10000.0)
@@ -295,21 +296,37 @@ def forward(
 #: on the Hugging Face Hub, as summarised in shared/spec/dense-architectures.md sec. 5.1.
 PRESETS = {
     "Qwen3-0.6B": {
-        "architectures": [ARCHITECTURE], "vocab_size": 151936, "hidden_size": 1024,
+        "architectures": [NAME], "vocab_size": 151936, "hidden_size": 1024,
         "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
         "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
         "tie_word_embeddings": True, "hidden_act": "silu",
     },
     "Qwen3-8B": {
-        "architectures": [ARCHITECTURE], "vocab_size": 151936, "hidden_size": 4096,
+        "architectures": [NAME], "vocab_size": 151936, "hidden_size": 4096,
         "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
         "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
         "tie_word_embeddings": False, "hidden_act": "silu",
     },
     "Qwen3-32B": {
-        "architectures": [ARCHITECTURE], "vocab_size": 151936, "hidden_size": 5120,
+        "architectures": [NAME], "vocab_size": 151936, "hidden_size": 5120,
         "intermediate_size": 25600, "num_hidden_layers": 64, "num_attention_heads": 64,
         "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
         "tie_word_embeddings": False, "hidden_act": "silu",
     },
 }
+
+
+ARCHITECTURE = Architecture(
+    name=NAME,
+    config_class=Qwen3Config,
+    forward=forward,
+    weight_shapes=weight_shapes,
+    optional_weights=lambda config: (
+        {"lm_head.weight": "model.embed_tokens.weight"} if config.tie_word_embeddings else {}
+    ),
+    presets=PRESETS,
+    citations=(
+        "Qwen3 Technical Report, arXiv:2505.09388",
+        "transformers 5.24 models/qwen3/modeling_qwen3.py",
+    ),
+)

@@ -1,0 +1,31 @@
+"""What the loader and the model object need to know about one architecture."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One entry of the registry; each ``refimpl.models.<name>`` module defines ``ARCHITECTURE``.
+
+    Attributes:
+        name: the config.json ``architectures`` entry, e.g. ``"Qwen3ForCausalLM"``.
+        config_class: frozen dataclass with ``from_dict(raw) -> config``.
+        forward: ``(weights, config, input_ids) -> (logits, taps)``; taps map
+            ``"embed"``, ``"layers.{l}"`` and ``"norm"`` to ``(B, T, M)`` arrays.
+        weight_shapes: ``config -> {tensor name: shape}`` of the required tensors.
+        optional_weights: ``config -> {name: source}``: names that may be present and
+            are then ignored if they equal the tensor ``source`` (tied heads saved twice).
+        presets: real flagship configs (config.json dicts), keyed by model name.
+        citations: where the math and the presets come from.
+    """
+
+    name: str
+    config_class: Any
+    forward: Callable
+    weight_shapes: Callable
+    optional_weights: Callable
+    presets: dict[str, dict]
+    citations: tuple[str, ...]
