@@ -12,7 +12,7 @@ import importlib
 from .architecture import Architecture
 from .errors import UnknownArchitectureError
 
-_MODEL_MODULES = ("qwen3",)
+_MODEL_MODULES = ("qwen3", "olmo2", "mistral", "smollm3", "gemma3")
 
 
 def _collect() -> dict[str, Architecture]:
