@@ -24,6 +24,10 @@ SHAPES = [
     (14, 1, 2, 1, 8, 32, True, 1e6, 2, 150, {}),
     (15, 3, 4, 2, 16, 32, False, 1e4, 2, 19,
      {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1, "attention_bias": True}),
+    # YaRN (Qwen3's long-context recipe) with a tiny original context so that T = 48 runs past it
+    (16, 2, 4, 2, 16, 32, False, 1e6, 1, 48,
+     {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
+                          "original_max_position_embeddings": 16}}),
 ]
 IDS = [f"seed{s[0]}" for s in SHAPES]
 
@@ -54,7 +58,8 @@ def case(request, tmp_path_factory):
     config = transformers.Qwen3Config(
         vocab_size=160, hidden_size=hidden, intermediate_size=2 * hidden + 8, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim, tie_word_embeddings=tied,
-        rope_parameters={"rope_type": "default", "rope_theta": theta}, rms_norm_eps=1e-6, **extra,
+        rope_parameters=extra.get("rope_parameters", {"rope_type": "default", "rope_theta": theta}),
+        rms_norm_eps=1e-6, **{k: v for k, v in extra.items() if k != "rope_parameters"},
     )
     torch.manual_seed(seed)
     model = transformers.Qwen3ForCausalLM(config)

@@ -92,7 +92,8 @@ def test_wrong_shape_is_named(ckpt):
     [
         ({"hidden_size": None}, "'hidden_size' must be an integer"),
         ({"num_key_value_heads": 3}, "multiple of num_key_value_heads"),
-        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "'yarn' is not supported"),
+        ({"rope_parameters": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4}}, "'dynamic' is not supported"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "'factor'"),
         ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
         ({"layer_types": ["full_attention", "sliding_attention"]}, "use_sliding_window is false"),
         ({"layer_types": ["full_attention", "chunked_attention"]}, "layer_types"),
@@ -163,17 +164,16 @@ def test_integer_and_fp8_tensors_are_refused_by_name(ckpt, kind):
         refimpl.from_pretrained(ckpt)
 
 
-@pytest.mark.parametrize(
-    "changes",
-    [
-        {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}},
-        {"rope_scaling": {"type": "dynamic", "factor": 2.0}},
-    ],
-)
-def test_legacy_rope_scaling_beside_default_rope_parameters_is_refused(ckpt, changes):
-    # transformers merges rope_scaling into rope_parameters: it is in force and must not be ignored.
-    edit_config(ckpt, **changes)
-    with pytest.raises(ConfigError, match="is not supported"):
+def test_legacy_rope_scaling_beside_default_rope_parameters_is_in_force(ckpt):
+    # transformers lets a legacy rope_scaling replace rope_parameters: it must not be ignored.
+    ids = np.arange(12).reshape(1, 12) % 100
+    plain = refimpl.from_pretrained(ckpt)(ids)
+    edit_config(ckpt, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4,
+                                    "rope_theta": 10000.0})
+    scaled = refimpl.from_pretrained(ckpt)(ids)
+    assert np.linalg.norm(scaled - plain) > 1e-3 * np.linalg.norm(plain)
+    edit_config(ckpt, rope_scaling={"type": "dynamic", "factor": 2.0})
+    with pytest.raises(ConfigError, match="'dynamic' is not supported"):
         refimpl.from_pretrained(ckpt)
 
 

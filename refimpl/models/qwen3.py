@@ -7,7 +7,7 @@ Forward pass, pre-norm, per layer l (weights under ``model.layers.{l}.``)::
     q   = RMSNorm_per_head(x Wq^T + bq; q_norm)   (B, T, H, D)   QK-norm over D, before RoPE
     k   = RMSNorm_per_head(x Wk^T + bk; k_norm)   (B, T, Hkv, D)
     v   = x Wv^T + bv                             (B, T, Hkv, D)
-    q, k = RoPE_rotate_half(q, k; rope_theta, positions 0..T-1)
+    q, k = RoPE_rotate_half(q, k; rope_parameters, positions 0..T-1)   default, linear, llama3 or YaRN
     h   = h + o_proj( GQA(q, k, v; scale = D^-0.5, mask) ) (+ bo)
     mask: causal, or causal within sliding_window W on "sliding_attention" layers
     h   = h + SwiGLU( RMSNorm(h; post_attention_layernorm) )
@@ -26,7 +26,7 @@ Checked against: transformers 5.24 ``models/qwen3/modeling_qwen3.py`` and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -39,7 +39,8 @@ from ..linear import linear
 from ..masks import causal_mask, sliding_window_mask
 from ..mlp import swiglu_mlp
 from ..rmsnorm import rms_norm
-from ..rope import apply_rope_rotate_half, default_inv_freq, rope_cos_sin
+from ..rope import apply_rope_rotate_half, rope_cos_sin, rope_frequencies
+from ._llama_like import ROPE_KEYS, resolve_rope_parameters
 
 NAME = "Qwen3ForCausalLM"
 
@@ -66,7 +67,9 @@ class Qwen3Config:
     num_key_value_heads: int
     head_dim: int = 128
     rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
+    rope_parameters: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0},
+                                  hash=False)
+    max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
     attention_bias: bool = False
@@ -98,7 +101,8 @@ class Qwen3Config:
             num_key_value_heads=_num_key_value_heads(raw, heads),
             head_dim=get_positive_int(raw, "head_dim", 128),
             rms_norm_eps=get_field(raw, "rms_norm_eps", float, 1e-6),
-            rope_theta=_rope_theta(raw),
+            rope_parameters=resolve_rope_parameters(raw, 10000.0, NAME),
+            max_position_embeddings=get_positive_int(raw, "max_position_embeddings", 32768),
             tie_word_embeddings=get_field(raw, "tie_word_embeddings", bool, False),
             hidden_act=get_field(raw, "hidden_act", str, "silu"),
             attention_bias=get_field(raw, "attention_bias", bool, False),
@@ -108,7 +112,7 @@ class Qwen3Config:
             layer_types=_layer_types(raw, layers, window, max_window_layers),
         )
         config._validate()
-        used = {f for f in cls.__dataclass_fields__} | {"rope_parameters", "rope_scaling"}
+        used = {f for f in cls.__dataclass_fields__} | ROPE_KEYS
         check_known_keys(raw, used, IGNORED_KEYS, NAME)
         return config
 
@@ -124,6 +128,8 @@ class Qwen3Config:
             raise ConfigError(f"rms_norm_eps must be a finite number >= 0, got {self.rms_norm_eps}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ConfigError(f"sliding_window must be >= 1, got {self.sliding_window}")
+        # Refuses an unsupported or malformed RoPE scaling at load time, naming the key.
+        rope_frequencies(self.rope_parameters, self.head_dim, max_position_embeddings=self.max_position_embeddings)
         if self.hidden_act != "silu":
             raise ConfigError(f"{NAME}: hidden_act={self.hidden_act!r} is not supported (Qwen3 uses 'silu')")
 
@@ -134,31 +140,6 @@ def _num_key_value_heads(raw: dict, heads: int) -> int:
     if raw.get("num_key_value_heads", 0) is None:
         return heads
     return get_positive_int(raw, "num_key_value_heads", 32)
-
-
-def _rope_theta(raw: dict) -> float:
-    """rope_theta from ``rope_parameters`` (transformers 5) or top level (older files).
-
-    Raises:
-        ConfigError: a RoPE scaling type other than the default is requested.
-    """
-    params = raw.get("rope_parameters") or {}
-    scaling = raw.get("rope_scaling") or {}
-    if not isinstance(params, dict) or not isinstance(scaling, dict):
-        raise ConfigError("config.json fields 'rope_parameters' / 'rope_scaling' must be objects or null")
-    # transformers merges a legacy rope_scaling dict into rope_parameters, so a
-    # scaling type in either place is in force.
-    for source in (params, scaling):
-        rope_type = source.get("rope_type", source.get("type", "default"))
-        if rope_type != "default":
-            raise ConfigError(
-                f"{NAME}: RoPE type {rope_type!r} is not supported by this version (only 'default')"
-            )
-    theta = get_field(params, "rope_theta", float) if "rope_theta" in params else get_field(
-        raw, "rope_theta", float, 10000.0)
-    if not np.isfinite(theta) or theta <= 0:
-        raise ConfigError(f"rope_theta must be a positive finite number, got {theta}")
-    return theta
 
 
 def _layer_types(raw: dict, layers: int, window: int | None, max_window_layers: int) -> tuple[str, ...]:
@@ -279,7 +260,9 @@ def forward(
     embedding = weights["model.embed_tokens.weight"]
     dtype = embedding.dtype
     t = input_ids.shape[1]
-    cos, sin = rope_cos_sin(np.arange(t), default_inv_freq(config.head_dim, config.rope_theta), dtype)
+    inv_freq, scaling = rope_frequencies(
+        config.rope_parameters, config.head_dim, max_position_embeddings=config.max_position_embeddings)
+    cos, sin = rope_cos_sin(np.arange(t), inv_freq, dtype, scaling)
     h = embed_tokens(input_ids, embedding)
     taps = {"embed": h}
     for layer in range(config.num_hidden_layers):
