@@ -1,6 +1,7 @@
 """The ``llm-conformance`` command (also ``python -m conformance``).
 
     llm-conformance run --backend NAME|module:factory [-o key=value ...] [--dtype float32]
+                        [--level all|model|op] [--op NAME ...]
                         [--golden-dir DIR] [--case GLOB ...] [--report FILE.json]
     llm-conformance list [--golden-dir DIR]
 
@@ -79,6 +80,24 @@ def select_cases(cases: list[Case], globs: tuple[str, ...]) -> list[Case]:
     return [case for case in cases if any(fnmatch.fnmatchcase(case.id, p) for p in globs)]
 
 
+def select_level(cases: list[Case], level: str, ops: tuple[str, ...]) -> list[Case]:
+    """Cases of ``level`` (``"all"``, ``"model"`` or ``"op"``); ``ops`` keeps only op cases of those ops.
+
+    Raises:
+        ConformanceError: an op name has no case (the ops with cases are listed),
+            or ``--op`` is combined with ``--level model``.
+    """
+    if ops and level == "model":
+        raise ConformanceError("--op selects op cases; it cannot be combined with --level model")
+    if ops:
+        known = sorted({c.op for c in cases if c.level == "op"})
+        for name in ops:
+            if name not in known:
+                raise ConformanceError(f"--op '{name}' has no case; ops with cases: {', '.join(known)}")
+        return [c for c in cases if c.level == "op" and c.op in ops]
+    return [c for c in cases if level == "all" or c.level == level]
+
+
 def _check_writable(report: Path) -> None:
     """Fail before running when the JSON report could not be written."""
     parent = report.parent if str(report.parent) else Path(".")
@@ -114,15 +133,20 @@ def cli():
 @click.option("-o", "--option", "options", multiple=True, callback=_parse_options, metavar="KEY=VALUE",
               help="Backend option, passed to its factory as a keyword argument; repeatable.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
+@click.option("--level", type=click.Choice(("all", "model", "op")), default="all", show_default=True,
+              help="Whole-model cases, single-op cases, or both.")
+@click.option("--op", "op_names", multiple=True, metavar="NAME", help="Run only op cases of this op; repeatable.")
 @golden_dir_option
 @click.option("--case", "case_globs", multiple=True, metavar="GLOB", help="Run only matching case ids; repeatable.")
 @click.option("--report", type=click.Path(path_type=Path, dir_okay=False), help="Also write a JSON report here.")
 @_input_errors_as_one_line
-def run_command(backend, options, dtype, golden_dir, case_globs, report):
+def run_command(backend, options, dtype, level, op_names, golden_dir, case_globs, report):
     """Run a backend over the golden cases and report per case."""
     golden_dir = golden_dir or default_golden_dir()
     manifest = read_manifest(golden_dir)
-    cases = select_cases(manifest.cases, case_globs)
+    cases = select_level(select_cases(manifest.cases, case_globs), level, op_names)
+    if not cases:
+        raise ConformanceError(f"no case is selected (--level {level}, --case {list(case_globs)})")
     if report is not None:
         _check_writable(report)
     chosen = resolve_backend(backend, options)
@@ -152,12 +176,67 @@ def list_command(golden_dir):
     golden_dir = golden_dir or default_golden_dir()
     manifest = read_manifest(golden_dir)
     table = Table(title=f"golden corpus {manifest.corpus_version} ({golden_dir})")
-    for name in ("id", "architecture", "level", "tolerance class", "description"):
+    for name in ("id", "level", "architecture / op", "tolerance class", "description"):
         table.add_column(name, overflow="fold")
     for case in manifest.cases:
-        cells = (case.id, case.architecture, case.level, case.tolerance_class, case.description)
+        cells = (case.id, case.level, case.architecture or case.op, case.tolerance_class, case.description)
         table.add_row(*(Text(cell) for cell in cells))
     _stdout_console().print(table)
+
+
+@cli.command("properties")
+@click.option("--backend", required=True, help="Built-in name (refimpl, transformers, torch) or package.module:factory.")
+@click.option("-o", "--option", "options", multiple=True, callback=_parse_options, metavar="KEY=VALUE",
+              help="Backend option, passed to its factory as a keyword argument; repeatable.")
+@click.option("--dtype", default="float64", show_default=True, help="Dtype of the op inputs: float64 or float32.")
+@click.option("--profile", default="ci", show_default=True,
+              help="quick, ci or thorough: 10, 25 or 200 hypothesis examples per property.")
+@click.option("--property", "property_names", multiple=True, metavar="NAME",
+              help="Check only this property; repeatable (default: all).")
+@_input_errors_as_one_line
+def properties_command(backend, options, dtype, profile, property_names):
+    """Check laws of the math (causality, GQA, RoPE, RMSNorm, soft-cap) on a backend's ops.
+
+    Exit status: 0 when no property failed or errored and at least one passed, 1
+    otherwise, 2 for input errors. See ``conformance.properties``.
+    """
+    # Imported here: hypothesis is needed by this command only.
+    try:
+        from .properties import run_properties, run_settings, select_properties
+    except ImportError as exc:
+        raise ConformanceError(f"the properties command needs hypothesis ({exc}); pip install hypothesis") from None
+    import shlex
+
+    from .report import _STATUS_STYLE, summary_line
+    from .runner import backend_ops
+
+    # Bad names, dtype or profile are reported before a slow backend is set up.
+    run_settings(dtype, profile)
+    select_properties(property_names)
+    chosen = resolve_backend(backend, options)
+    results = run_properties(backend_ops(chosen), dtype=dtype, profile=profile, names=property_names)
+    table = Table(title=f"properties of {chosen.name} ({dtype}, profile {profile})")
+    for name in ("property", "op", "status", "message"):
+        table.add_column(name, overflow="fold")
+    for result in results:
+        message = result.message if result.example is None else f"{result.message}\nexample: {result.example}"
+        table.add_row(Text(result.name), Text(result.op), Text(result.status.value, style=_STATUS_STYLE[result.status]),
+                      Text(message))
+    console = _stdout_console()
+    console.print(table)
+    base = ["llm-conformance", "properties", "--backend", backend]
+    for key, value in options.items():
+        base += ["-o", f"{key}={value}"]
+    for result in results:
+        if result.status in (Status.FAILED, Status.ERROR):
+            words = base + ["--dtype", dtype, "--profile", profile, "--property", result.name]
+            console.print(f"repro: {shlex.join(words)}", soft_wrap=True, markup=False)
+    console.print(summary_line(results), markup=False, highlight=False)
+    if any(r.status in (Status.FAILED, Status.ERROR) for r in results):
+        sys.exit(EXIT_FAILED)
+    if not any(r.status is Status.PASSED for r in results):
+        click.echo("error: no property was checked: the backend implements none of their ops", err=True)
+        sys.exit(EXIT_FAILED)
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file
 
 import conformance
@@ -36,6 +36,10 @@ from .errors import HashMismatchError, ManifestError
 MANIFEST_NAME = "MANIFEST.json"
 GOLDEN_ENV = "LLM_CONFORMANCE_GOLDEN"
 HIDDEN_PREFIX = "hidden_states."
+INPUT_PREFIX = "inputs."
+OUTPUT_PREFIX = "outputs."
+#: Case levels: a whole model from a checkpoint, or one named op.
+LEVELS = ("model", "op")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -44,23 +48,25 @@ class Case:
     """One golden case, as listed in the manifest.
 
     Attributes:
-        id: unique name, e.g. ``"qwen3/tied-mqa"``.
-        level: what the case exercises (``"model"`` for a whole forward).
-        architecture: the config.json ``architectures`` entry.
+        id: unique name, e.g. ``"qwen3/tied-mqa"`` or ``"op/attention/sinks"``.
+        level: ``"model"`` (a whole forward from a checkpoint) or ``"op"`` (one component).
+        architecture: the config.json ``architectures`` entry (model cases; None for ops).
         tolerance_class: first key of ``conformance.tolerances.TOLERANCES``.
-        checkpoint: checkpoint directory, relative to the golden directory.
+        checkpoint: checkpoint directory, relative to the golden directory (model cases).
         data: the inputs/expected-outputs safetensors file, relative likewise.
+        op: the op name of ``refimpl.ops.OPS`` (op cases; None for models).
         files: ``{relative path: sha256 hex}`` of every file the case depends on.
         description, seed, config_summary: provenance, shown to users only.
     """
 
     id: str
     level: str
-    architecture: str
+    architecture: str | None
     tolerance_class: str
-    checkpoint: str
+    checkpoint: str | None
     data: str
     files: dict[str, str]
+    op: str | None = None
     description: str = ""
     seed: int | None = None
     config_summary: dict = field(default_factory=dict)
@@ -176,16 +182,24 @@ def _parse_case(golden_dir, raw, where: str) -> Case:
         inside(golden_dir, name, f"{where}: files")
         if not isinstance(digest, str) or not _SHA256.match(digest):
             raise ManifestError(f"{where}: files['{name}'] must be a lowercase sha256 hex digest, got {digest!r}")
+    level = _field(raw, "level", str, where)
+    if level not in LEVELS:
+        raise ManifestError(f"{where}: level must be one of {', '.join(LEVELS)}, got {level!r}")
+    model = level == "model"
     case = Case(
-        **{key: _field(raw, key, str, where) for key in ("id", "level", "architecture", "tolerance_class")},
-        checkpoint=_field(raw, "checkpoint", str, where),
+        **{key: _field(raw, key, str, where) for key in ("id", "tolerance_class")},
+        level=level,
+        architecture=_field(raw, "architecture", str, where) if model else None,
+        checkpoint=_field(raw, "checkpoint", str, where) if model else None,
+        op=None if model else _field(raw, "op", str, where),
         data=_field(raw, "data", str, where),
         files=dict(files),
         description=_field(raw, "description", str, where) if "description" in raw else "",
         seed=raw.get("seed"),
         config_summary=_field(raw, "config_summary", dict, where) if "config_summary" in raw else {},
     )
-    inside(golden_dir, case.checkpoint, f"{where}: checkpoint")
+    if model:
+        inside(golden_dir, case.checkpoint, f"{where}: checkpoint")
     inside(golden_dir, case.data, f"{where}: data")
     # An unlisted data file would be read without its integrity being checked.
     if case.data not in files:
@@ -204,6 +218,8 @@ def sha256_file(path: Path) -> str:
 
 def _check_checkpoint_listed(golden_dir: Path, case: Case) -> None:
     """Every file of the case's checkpoint directory must be listed (and so hashed)."""
+    if case.checkpoint is None:
+        return
     checkpoint = inside(golden_dir, case.checkpoint, f"case {case.id}")
     if not checkpoint.is_dir():
         raise ManifestError(f"case {case.id}: checkpoint directory '{case.checkpoint}' is missing from {golden_dir}")
@@ -270,3 +286,46 @@ def load_case_data(golden_dir, case: Case) -> tuple[np.ndarray, np.ndarray, dict
                 f"got {array.dtype} {array.shape}"
             )
     return input_ids.astype(np.int64), logits.astype(np.float64), {k: v.astype(np.float64) for k, v in hidden.items()}
+
+
+@dataclass(frozen=True)
+class OpCaseData:
+    """What an op case's data file holds.
+
+    Attributes:
+        inputs: ``{argument name: array}`` (float64, or int64 for integer arguments).
+        params: ``{keyword parameter: JSON value}``.
+        expected: ``{output name: float64 array}``.
+    """
+
+    inputs: dict[str, np.ndarray]
+    params: dict
+    expected: dict[str, np.ndarray]
+
+
+def load_op_data(golden_dir, case: Case) -> OpCaseData:
+    """Read an op case: ``inputs.<arg>`` and ``outputs.<name>`` tensors, and the
+    ``params`` JSON object stored in the file's ``case`` metadata entry.
+
+    Raises:
+        ManifestError: the file is unreadable, has no outputs, or its metadata lacks
+            a JSON ``params`` object.
+    """
+    path = inside(golden_dir, case.data, f"case {case.id}")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (FileNotFoundError, SafetensorError, OSError, ValueError, TypeError) as exc:
+        raise ManifestError(f"case {case.id}: cannot read '{case.data}' ({exc})") from None
+    try:
+        params = json.loads(metadata["case"])["params"]
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise ManifestError(f"case {case.id}: '{case.data}' lacks a JSON 'params' object in metadata 'case'") from None
+    if not isinstance(params, dict):
+        raise ManifestError(f"case {case.id}: params must be a JSON object, got {params!r}")
+    inputs = {k[len(INPUT_PREFIX):]: v for k, v in tensors.items() if k.startswith(INPUT_PREFIX)}
+    expected = {k[len(OUTPUT_PREFIX):]: v.astype(np.float64) for k, v in tensors.items() if k.startswith(OUTPUT_PREFIX)}
+    if not expected:
+        raise ManifestError(f"case {case.id}: '{case.data}' holds no 'outputs.*' tensor")
+    return OpCaseData(inputs=inputs, params=params, expected=expected)

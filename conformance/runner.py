@@ -1,15 +1,20 @@
 """Run one backend over golden cases and judge each against the tolerance table.
 
-Per case: check ``supports``, load the checkpoint, run the inputs, compare every
+Model cases: check ``supports``, load the checkpoint, run the inputs, compare every
 tap the backend returns and the logits with the golden tensors, then check the
-argmax of the logits. File hashes of all selected cases are verified before the
-first case runs; a mismatch stops the whole run.
+argmax of the logits. Op cases: look the op up in the backend's ``ops`` mapping
+(absent: "not implemented"), check ``supports``, call it with the case's inputs
+cast to the run dtype and its keyword parameters, and compare every output. File
+hashes of all selected cases are verified before the first case runs; a mismatch
+stops the whole run.
 
 Statuses:
     passed           every compared tensor is within its tolerance
     failed           some tensor is not; ``first_divergence`` names the first one in
                      forward order (embed, layers.0, ..., norm, logits)
-    not implemented  ``supports`` returned a reason
+    not implemented  ``supports`` returned a reason, the backend has no such op, or
+                     the op raised ``NotImplementedError`` (a parameter combination
+                     it does not offer)
     error            the backend raised; its one-line message is kept
 """
 
@@ -28,7 +33,7 @@ from rich.progress import Progress
 from .backends.base import Backend
 from .compare import ArgmaxAgreement, Comparison, argmax_agreement, compare, to_float64
 from .errors import BackendError, ConformanceError, OutputError
-from .manifest import Case, inside, load_case_data, verify_case_files
+from .manifest import Case, inside, load_case_data, load_op_data, verify_case_files
 from .tolerances import Tolerance, get_tolerance, violations
 
 
@@ -131,6 +136,99 @@ def backend_tensors(output) -> dict[str, np.ndarray]:
     return tensors
 
 
+def backend_ops(backend: Backend) -> dict:
+    """The backend's ``ops`` mapping (op name to callable), or ``{}`` if it has none.
+
+    Raises:
+        BackendError: ``ops`` exists but is not a mapping of names to callables.
+    """
+    ops = getattr(backend, "ops", None)
+    if ops is None:
+        return {}
+    try:
+        ops = dict(ops)
+    except (TypeError, ValueError):
+        raise BackendError(f"backend {backend.name}: 'ops' must be a mapping of op name to callable") from None
+    for name, fn in ops.items():
+        if not callable(fn):
+            raise BackendError(f"backend {backend.name}: ops['{name}'] is not callable")
+    return ops
+
+
+def cast_input(array: np.ndarray, dtype: str) -> np.ndarray:
+    """A floating golden input in the run dtype (bfloat16 as ``ml_dtypes.bfloat16``); integers unchanged."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return array
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return array.astype(ml_dtypes.bfloat16)
+    return array.astype(dtype)
+
+
+def op_outputs(value, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """An op's return value as ``{output name: float64 array}``.
+
+    A single array is the output when the case has one; a dict must name the
+    case's outputs.
+
+    Raises:
+        OutputError: a dict where one array is expected or vice versa, or a value
+            that is not a real numeric array.
+    """
+    if isinstance(value, dict):
+        return {str(k): to_float64(v, f"output '{k}'") for k, v in value.items()}
+    if len(names) != 1:
+        raise OutputError(f"op must return a dict with outputs {', '.join(names)}, got {type(value).__name__}")
+    return {names[0]: to_float64(value, "output")}
+
+
+def judge_op(
+    result: CaseResult, actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], tolerance: Tolerance
+) -> CaseResult:
+    """Fill ``result`` from an op's outputs; a missing output fails the case."""
+    missing = sorted(set(expected) - set(actual))
+    result.comparisons = {name: compare(actual[name], expected[name]) for name in expected if name in actual}
+    result.uncompared = sorted(set(actual) - set(expected))
+    failures = {name: violations(c, tolerance) for name, c in result.comparisons.items()}
+    failures.update({name: ["output missing"] for name in missing})
+    diverging = [name for name in expected if failures.get(name)]
+    if diverging:
+        result.status, result.first_divergence = Status.FAILED, diverging[0]
+        result.message = f"{diverging[0]}: " + "; ".join(failures[diverging[0]])
+    else:
+        result.status = Status.PASSED
+    return result
+
+
+def run_op_case(backend: Backend, case: Case, golden_dir: Path, dtype: str) -> CaseResult:
+    """Run and judge one op case (see :func:`run_case`)."""
+    result = CaseResult(case_id=case.id, dtype=dtype, status=Status.ERROR)
+    result.tolerance = get_tolerance(case.tolerance_class, dtype)
+    data = load_op_data(golden_dir, case)
+    start = time.perf_counter()
+    try:
+        fn = backend_ops(backend).get(case.op)
+        reason = (f"backend {backend.name} does not implement op '{case.op}'" if fn is None
+                  else _not_implemented_reason(backend, case, dtype))
+        if reason is not None:
+            result.status, result.message = Status.NOT_IMPLEMENTED, one_line(reason)
+            return result
+        inputs = {name: cast_input(array, dtype) for name, array in data.inputs.items()}
+        actual = op_outputs(fn(**inputs, **data.params), tuple(data.expected))
+        judge_op(result, actual, data.expected, result.tolerance)
+    except NotImplementedError as exc:
+        result.status = Status.NOT_IMPLEMENTED
+        result.message = one_line(str(exc) or f"backend {backend.name} does not implement these parameters")
+    except BackendError as exc:
+        raise BackendError(f"case {case.id}: {exc}") from None
+    except (Exception, SystemExit) as exc:
+        result.status, result.message = Status.ERROR, one_line(f"{type(exc).__name__}: {exc}")
+    finally:
+        result.seconds = time.perf_counter() - start
+    return result
+
+
 def _not_implemented_reason(backend: Backend, case: Case, dtype: str) -> str | None:
     """None when ``backend.supports`` accepts the case, else the reason to show."""
     supported = backend.supports(case, dtype)
@@ -140,7 +238,7 @@ def _not_implemented_reason(backend: Backend, case: Case, dtype: str) -> str | N
 
 
 def run_case(backend: Backend, case: Case, golden_dir: Path, dtype: str) -> CaseResult:
-    """Run and judge one case whose files and tolerance are already verified.
+    """Run and judge one case (model or op) whose files and tolerance are already verified.
 
     Anything the backend raises (or exits with) marks the case "error" with a
     one-line message, and the run goes on; only a :class:`BackendError` stops it.
@@ -149,12 +247,15 @@ def run_case(backend: Backend, case: Case, golden_dir: Path, dtype: str) -> Case
         BackendError: the backend cannot work at all (the case is named).
         ConformanceError: the golden data is malformed.
     """
+    if case.level == "op":
+        return run_op_case(backend, case, golden_dir, dtype)
     result = CaseResult(case_id=case.id, dtype=dtype, status=Status.ERROR)
     result.tolerance = get_tolerance(case.tolerance_class, dtype)
     input_ids, logits, hidden = load_case_data(golden_dir, case)
     start = time.perf_counter()
     try:
-        reason = _not_implemented_reason(backend, case, dtype)
+        reason = (f"backend {backend.name} runs single ops only" if not hasattr(backend, "load_model")
+                  else _not_implemented_reason(backend, case, dtype))
         if reason is not None:
             result.status, result.message = Status.NOT_IMPLEMENTED, one_line(reason)
             return result

@@ -37,6 +37,17 @@ reference):
   that a structural bug such as q_norm applied after RoPE (2.8e-2 .. 6.4e-2 in
   bfloat16) fails. An earlier, looser bfloat16 bound (6e-2) let it pass.
 
+Op classes (one component on its own, inputs cast to the run dtype; argmax unused):
+
+* ``op_exact``: norms, MLPs, embeddings, soft-caps, RoPE frequencies. float64
+  leaves room only for reordered sums (1e-12); lower dtypes allow a few units of
+  the dtype's epsilon after the inputs themselves are rounded.
+* ``op_attention``: softmax attention; the same, with room for the longer sums.
+* ``op_rope``: rotations at positions below 1024. A float32 engine forms the angle
+  ``p * inv_freq`` in float32, an error of up to ``p * 2^-24`` radians.
+* ``op_rope_long``: positions up to 131072, where that float32 angle error reaches
+  8e-3 radians (bound 2e-2 relative); in float64 the angle error is ``p * 2^-53``.
+
 These bounds are provisional: a later issue replaces them with an error model
 (a backend's error measured against the reference's own error in that dtype).
 """
@@ -64,6 +75,20 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
     ("model_logits", "float16"): Tolerance(rel_rms=4e-3, max_abs_rel=6e-3, argmax_margin=5e-3),
     ("model_logits", "bfloat16"): Tolerance(rel_rms=2.5e-2, max_abs_rel=5e-2, argmax_margin=3e-2),
 }
+_OP_BOUNDS = {
+    "op_exact": {"float64": (1e-12, 1e-11), "float32": (1e-6, 1e-5), "float16": (2e-3, 4e-3),
+                 "bfloat16": (1.6e-2, 3e-2)},
+    "op_attention": {"float64": (1e-12, 1e-11), "float32": (2e-6, 2e-5), "float16": (3e-3, 6e-3),
+                     "bfloat16": (2.5e-2, 5e-2)},
+    "op_rope": {"float64": (1e-12, 1e-11), "float32": (2e-5, 1e-4), "float16": (3e-3, 6e-3),
+                "bfloat16": (2.5e-2, 5e-2)},
+    "op_rope_long": {"float64": (1e-10, 1e-9), "float32": (2e-2, 3e-2), "float16": (3e-2, 6e-2),
+                     "bfloat16": (5e-2, 1e-1)},
+}
+TOLERANCES.update({
+    (cls, dtype): Tolerance(rel_rms=rel, max_abs_rel=mx, argmax_margin=0.0)
+    for cls, bounds in _OP_BOUNDS.items() for dtype, (rel, mx) in bounds.items()
+})
 
 
 def get_tolerance(tolerance_class: str, dtype: str) -> Tolerance:

@@ -16,7 +16,7 @@ import numpy as np
 from conformance.backends.refimpl_backend import RefimplBackend, RefimplModel
 from refimpl.attention import grouped_query_attention
 from refimpl.masks import sliding_window_mask
-from refimpl.models import qwen3
+from refimpl.models import gemma3, olmo2, qwen3
 from refimpl.rmsnorm import rms_norm
 
 
@@ -125,3 +125,64 @@ def window_without_flag() -> _BrokenBackend:
             return model
 
     return WindowWithoutFlag("broken:window-without-flag")
+
+
+class _ConfigEdit(_BrokenBackend):
+    """The reference with its parsed config rewritten: a mistake in reading config.json."""
+
+    def __init__(self, name, edit, patch=nullcontext):
+        super().__init__(name, patch)
+        self._edit = edit
+
+    def load_model(self, checkpoint_dir, dtype):
+        model = super().load_model(checkpoint_dir, dtype)
+        model.model.config = self._edit(model.model.config)
+        return model
+
+
+def gemma3_all_layers_sliding() -> _BrokenBackend:
+    """PAT-01/02: the per-layer schedule lost; every layer windowed (global layers fall back to the window)."""
+    return _ConfigEdit("broken:PAT-all-sliding", lambda c: dataclasses.replace(
+        c, layer_types=("sliding_attention",) * c.num_hidden_layers) if hasattr(c, "query_pre_attn_scalar") else c)
+
+
+def gemma3_scale_from_head_dim() -> _BrokenBackend:
+    """SCL-01: attention scaled by head_dim^-0.5, ignoring query_pre_attn_scalar."""
+    return _ConfigEdit("broken:SCL-head-dim", lambda c: dataclasses.replace(
+        c, query_pre_attn_scalar=float(c.head_dim)) if hasattr(c, "query_pre_attn_scalar") else c)
+
+
+def gemma3_final_softcap_dropped() -> _BrokenBackend:
+    """CAP-05/06: final_logit_softcapping read but never applied."""
+    return _ConfigEdit("broken:CAP-final-dropped", lambda c: dataclasses.replace(
+        c, final_logit_softcapping=None) if hasattr(c, "final_logit_softcapping") else c)
+
+
+def gemma3_norm_without_offset() -> _BrokenBackend:
+    """NRM-02: Gemma's RMSNorm computed as w * x instead of (1 + w) * x."""
+    return _BrokenBackend("broken:NRM-gemma-w", lambda: mock.patch.object(
+        gemma3, "rms_norm", lambda x, weight, eps, weight_offset=0.0: rms_norm(x, weight, eps)))
+
+
+def smollm3_rope_everywhere() -> _BrokenBackend:
+    """NOPE-01: ``no_rope_layers`` / ``no_rope_layer_interval`` never read; every layer applies RoPE."""
+    return _ConfigEdit("broken:NOPE-rope-everywhere", lambda c: dataclasses.replace(
+        c, no_rope_layers=(1,) * c.num_hidden_layers) if hasattr(c, "no_rope_layers") else c)
+
+
+def olmo2_qk_norm_per_head() -> _BrokenBackend:
+    """QKN-02: OLMo 2's QK-norm (over the whole H*D projection) computed per head over D."""
+    original = olmo2.attention_block
+
+    def per_head_block(h, p, config, *args, **kwargs):
+        d = config.head_dim
+
+        def per_head(x, weight, eps):
+            heads = x.reshape(*x.shape[:-1], -1, d)
+            normed = heads / np.sqrt(np.mean(heads * heads, axis=-1, keepdims=True) + x.dtype.type(eps))
+            return weight * normed.reshape(x.shape)
+
+        with mock.patch.object(olmo2, "rms_norm", per_head):
+            return original(h, p, config, *args, **kwargs)
+
+    return _BrokenBackend("broken:QKN-olmo2-per-head", lambda: mock.patch.object(olmo2, "attention_block", per_head_block))

@@ -9,9 +9,10 @@ from conformance.cli import cli
 
 
 def run(golden_dir, tmp_path, backend, dtype="float32", *cases):
+    """Run ``backend`` on ``cases`` (default: the Qwen3 model cases these backends break)."""
     report = tmp_path / "report.json"
     args = ["run", "--backend", backend, "--dtype", dtype, "--golden-dir", str(golden_dir), "--report", str(report)]
-    for case in cases:
+    for case in cases or ("qwen3/*",):
         args += ["--case", case]
     result = CliRunner().invoke(cli, args)
     return result, {r["case_id"]: r for r in json.loads(report.read_text())["results"]}
@@ -66,7 +67,8 @@ def test_gqa_head_mapping_h_mod_hkv_is_caught(golden_dir, tmp_path):
     result, by_case = run(golden_dir, tmp_path, "broken_backends:gqa_modulo")
     assert result.exit_code == 1
     # The mapping only differs with 1 < Hkv < H (not for MQA or MHA).
-    summaries = {c["id"]: c["config_summary"] for c in json.loads((golden_dir / "MANIFEST.json").read_text())["cases"]}
+    summaries = {c["id"]: c["config_summary"] for c in json.loads((golden_dir / "MANIFEST.json").read_text())["cases"]
+                 if c["id"].startswith("qwen3/")}
     grouped = {c for c, s in summaries.items() if 1 < s["num_key_value_heads"] < s["num_attention_heads"]}
     assert len(grouped) >= 3
     assert {c for c, e in by_case.items() if e["status"] == "failed"} == grouped
@@ -90,6 +92,46 @@ def test_window_applied_without_use_sliding_window_is_caught(golden_dir, tmp_pat
 
 def test_correct_backends_pass_the_corpus(golden_dir, tmp_path):
     for dtype in ("float32", "float64"):
-        result, by_case = run(golden_dir, tmp_path, "refimpl", dtype)
+        result, by_case = run(golden_dir, tmp_path, "refimpl", dtype, "*")
         assert result.exit_code == 0, result.output
-        assert len(by_case) == 10 and {e["status"] for e in by_case.values()} == {"passed"}
+        cases = json.loads((golden_dir / "MANIFEST.json").read_text())["cases"]
+        assert len(by_case) == len(cases) and {e["status"] for e in by_case.values()} == {"passed"}
+
+
+GEMMA3_MISTAKES = {
+    # factory: (bug class, cases that must fail, layer where they first diverge or None to skip)
+    "gemma3_all_layers_sliding": ("PAT", {"gemma3/default-pattern-6-layers"}, "layers.5"),
+    "gemma3_scale_from_head_dim": ("SCL", {"gemma3/qpas-head-dim-final-softcap"}, "layers.0"),
+    "gemma3_final_softcap_dropped": ("CAP", {"gemma3/qpas-head-dim-final-softcap"}, "logits"),
+    "gemma3_norm_without_offset": ("NRM", {"gemma3/near-zero-norm-offsets", "gemma3/default-pattern-6-layers"}, None),
+}
+
+
+@pytest.mark.parametrize("factory", sorted(GEMMA3_MISTAKES))
+def test_gemma3_config_and_norm_mistakes_are_caught(golden_dir, tmp_path, factory):
+    bug_class, must_fail, first = GEMMA3_MISTAKES[factory]
+    result, by_case = run(golden_dir, tmp_path, f"broken_backends:{factory}", "float32", "gemma3/*")
+    assert result.exit_code == 1, f"{bug_class}: {factory} passed the Gemma 3 cases"
+    failed = {c for c, e in by_case.items() if e["status"] == "failed"}
+    assert must_fail <= failed, sorted(must_fail - failed)
+    if first is not None:
+        assert {by_case[c]["first_divergence"] for c in must_fail} == {first}
+
+
+def test_smollm3_rope_on_nope_layers_is_caught(golden_dir, tmp_path):
+    result, by_case = run(golden_dir, tmp_path, "broken_backends:smollm3_rope_everywhere", "float32", "smollm3/*")
+    assert result.exit_code == 1
+    failed = {c: e["first_divergence"] for c, e in by_case.items() if e["status"] == "failed"}
+    # interval 2: layer 1 is the first NoPE layer; T = 1 (position 0) cannot tell.
+    assert failed["smollm3/interval2-derived"] == "layers.1"
+    assert by_case["smollm3/single-token"]["status"] == "passed"
+    assert len(failed) >= 3
+
+
+def test_olmo2_per_head_qk_norm_is_caught(golden_dir, tmp_path):
+    result, by_case = run(golden_dir, tmp_path, "broken_backends:olmo2_qk_norm_per_head", "float32", "olmo2/*")
+    assert result.exit_code == 1
+    failed = {c: e["first_divergence"] for c, e in by_case.items() if e["status"] == "failed"}
+    assert set(failed.values()) == {"layers.0"}
+    # one query over one key is blind to how q and k are normalised
+    assert set(by_case) - set(failed) == {"olmo2/single-token-mqa"}

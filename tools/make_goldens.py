@@ -28,130 +28,25 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
 
 try:
     import numpy as np
     from safetensors.numpy import load, save
 
     import refimpl
+    from golden_cases import ModelCase, OpCase, all_cases
 except ImportError as exc:
     sys.exit(f"make_goldens: {exc}; install the project first: pip install -e . (see README.md)")
 
 GENERATOR_VERSION = 1
 #: Bumped whenever cases are added, removed or changed.
-CORPUS_VERSION = "0.4.0"
+CORPUS_VERSION = "0.5.0"
 #: Largest relative RMS difference allowed between stored and regenerated outputs.
 CHECK_REL_RMS = 1e-12
 
 
-@dataclass(frozen=True)
-class ModelCase:
-    """One model-level golden case: a config, a seed and an input shape."""
-
-    case_id: str
-    description: str
-    seed: int
-    config: dict
-    batch: int
-    seq: int
-    tolerance_class: str = "model_logits"
-    #: multipliers for weights whose name contains the key, applied after drawing
-    weight_scales: dict = field(default_factory=dict)
-
-
-def _qwen3(**overrides) -> dict:
-    base = {
-        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 128,
-        "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
-        "hidden_act": "silu", "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
-        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
-        "max_position_embeddings": 4096, "attention_bias": False, "use_sliding_window": False,
-        "dtype": "float32",
-    }
-    base.update(overrides)
-    return base
-
-
-CASES = [
-    ModelCase(
-        "qwen3/untied-gqa-odd-len",
-        "untied head, GQA H=4/Hkv=2, head_dim 32 != hidden/heads 16, batch 2, odd length 9",
-        seed=1, config=_qwen3(), batch=2, seq=9,
-    ),
-    ModelCase(
-        "qwen3/tied-mqa-prime-len",
-        "tied embeddings, MQA (Hkv=1), head_dim 24, 3 layers, prime length 13, rope_theta at top level",
-        seed=2,
-        config=_qwen3(
-            tie_word_embeddings=True, num_key_value_heads=1, head_dim=24, num_hidden_layers=3,
-            rope_parameters=None, rope_theta=1000000.0,
-        ),
-        batch=1, seq=13,
-    ),
-    ModelCase(
-        "qwen3/mha-batch3",
-        "MHA (Hkv=H=4), head_dim = hidden/heads = 16, batch 3, length 8, eps 1e-5",
-        seed=3,
-        config=_qwen3(num_key_value_heads=4, head_dim=16, rms_norm_eps=1e-5),
-        batch=3, seq=8,
-    ),
-    ModelCase(
-        "qwen3/single-token",
-        "one token per row (T=1), batch 2, GQA H=6/Hkv=3, hidden 48, tied",
-        seed=4,
-        config=_qwen3(hidden_size=48, num_attention_heads=6, num_key_value_heads=3, head_dim=16,
-                      tie_word_embeddings=True),
-        batch=2, seq=1,
-    ),
-    ModelCase(
-        "qwen3/eps-sensitive",
-        "embeddings and q/k projections scaled by 1e-3 so that mean squares reach rms_norm_eps (1e-6): "
-        "the placement and value of eps in the input, q and k norms change the output at float32",
-        seed=6,
-        config=_qwen3(num_hidden_layers=2),
-        batch=2, seq=6,
-        weight_scales={"embed_tokens": 1e-3, "self_attn.q_proj": 1e-3, "self_attn.k_proj": 1e-3},
-    ),
-    ModelCase(
-        "qwen3/sliding-window",
-        "use_sliding_window with sliding_window 4 and max_window_layers 1: layers [full, sliding, sliding], "
-        "length 11 > window, batch 2",
-        seed=7,
-        config=_qwen3(num_hidden_layers=3, use_sliding_window=True, sliding_window=4, max_window_layers=1),
-        batch=2, seq=11,
-    ),
-    ModelCase(
-        "qwen3/window-flag-off",
-        "sliding_window 3 present but use_sliding_window false (and max_window_layers 0): every layer is full "
-        "attention; an engine that applies the window whenever the field is set fails",
-        seed=9,
-        config=_qwen3(use_sliding_window=False, sliding_window=3, max_window_layers=0),
-        batch=1, seq=9,
-    ),
-    ModelCase(
-        "qwen3/long-sequence",
-        "one layer, 320 tokens: positions past 256, where bfloat16 positions or float32 angles first go wrong",
-        seed=10,
-        config=_qwen3(num_hidden_layers=1, rope_parameters={"rope_theta": 1000000.0, "rope_type": "default"}),
-        batch=1, seq=320,
-    ),
-    ModelCase(
-        "qwen3/attention-bias",
-        "attention_bias: q/k/v/o projection biases, GQA H=4/Hkv=2, length 10",
-        seed=8,
-        config=_qwen3(attention_bias=True),
-        batch=1, seq=10,
-    ),
-    ModelCase(
-        "qwen3/long-theta1e6",
-        "released-style RoPE (rope_theta 1e6), 4 layers, length 67, vocab 256",
-        seed=5,
-        config=_qwen3(vocab_size=256, num_hidden_layers=4,
-                      rope_parameters={"rope_theta": 1000000.0, "rope_type": "default"}),
-        batch=1, seq=67,
-    ),
-]
+CASES = all_cases()
 
 
 def _clean_config(config: dict) -> dict:
@@ -207,6 +102,8 @@ def build_case(case: ModelCase, scratch: Path) -> dict[str, bytes]:
     out = refimpl.from_pretrained(ckpt, dtype=np.float64).forward(input_ids, return_hidden_states=True)
     tensors = {"input_ids": input_ids, "logits": out.logits}
     tensors.update({f"hidden_states.{k}": v for k, v in out.hidden_states.items()})
+    # safetensors.numpy.save writes a non-contiguous array's buffer in memory order, silently.
+    tensors = {k: np.array(v, order="C") for k, v in tensors.items()}
     provenance = json.dumps(
         {"case_id": case.case_id, "seed": case.seed, "generator_version": GENERATOR_VERSION,
          "numpy_version": np.__version__, "refimpl_version": refimpl.__version__},
@@ -222,10 +119,52 @@ def build_case(case: ModelCase, scratch: Path) -> dict[str, bytes]:
     }
 
 
+def _float64_outputs(value, names) -> dict[str, np.ndarray]:
+    if isinstance(value, dict):
+        return {k: np.asarray(v, dtype=np.float64) for k, v in value.items()}
+    return {names[0]: np.asarray(value, dtype=np.float64)}
+
+
+def build_op_case(case: OpCase) -> dict[str, bytes]:
+    """The data file of one op case: inputs, float64 expected outputs, params in metadata."""
+    from refimpl.ops import OPS
+
+    op = OPS[case.op]
+    inputs = case.make_inputs(np.random.default_rng(case.seed))
+    for name, array in inputs.items():
+        want = np.int64 if name in op.integer_inputs else np.float64
+        if array.dtype != want:
+            raise TypeError(f"{case.case_id}: input '{name}' is {array.dtype}, the generator stores {np.dtype(want)}")
+    outputs = _float64_outputs(op.function(**inputs, **case.params), op.outputs)
+    tensors = {f"inputs.{k}": v for k, v in inputs.items()}
+    tensors.update({f"outputs.{k}": v for k, v in outputs.items()})
+    # safetensors.numpy.save writes a non-contiguous array's buffer in memory order, silently.
+    tensors = {k: np.array(v, order="C") for k, v in tensors.items()}
+    meta = json.dumps(
+        {"op": case.op, "params": case.params,
+         "provenance": {"case_id": case.case_id, "seed": case.seed, "generator_version": GENERATOR_VERSION,
+                        "numpy_version": np.__version__, "refimpl_version": refimpl.__version__}},
+        sort_keys=True,
+    )
+    return {f"{case.case_id}/io.safetensors": save(tensors, metadata={"case": meta})}
+
+
+def op_manifest_entry(case: OpCase, files: dict[str, bytes]) -> dict:
+    tensors = load(files[f"{case.case_id}/io.safetensors"])
+    return {
+        "id": case.case_id, "level": "op", "op": case.op, "description": case.description, "seed": case.seed,
+        "tolerance_class": case.tolerance_class, "data": f"{case.case_id}/io.safetensors",
+        "inputs": {k[len("inputs."):]: list(v.shape) for k, v in sorted(tensors.items()) if k.startswith("inputs.")},
+        "files": {path: sha256_bytes(data) for path, data in sorted(files.items())},
+    }
+
+
 def config_summary(config: dict) -> dict:
     keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "head_dim", "tie_word_embeddings", "rms_norm_eps", "attention_bias",
-            "use_sliding_window", "sliding_window", "max_window_layers")
+            "use_sliding_window", "sliding_window", "max_window_layers", "layer_types", "sliding_window_pattern",
+            "query_pre_attn_scalar", "final_logit_softcapping", "attn_logit_softcapping", "no_rope_layers",
+            "no_rope_layer_interval", "rope_parameters", "rope_scaling", "rope_theta", "rope_local_base_freq")
     return {k: config[k] for k in keys if k in config}
 
 
@@ -245,8 +184,12 @@ def generate(scratch: Path) -> tuple[dict, dict[str, bytes]]:
     all_files: dict[str, bytes] = {}
     entries = []
     for case in CASES:
-        files = build_case(case, scratch)
-        entries.append(manifest_entry(case, files))
+        if isinstance(case, OpCase):
+            files = build_op_case(case)
+            entries.append(op_manifest_entry(case, files))
+        else:
+            files = build_case(case, scratch)
+            entries.append(manifest_entry(case, files))
         all_files.update(files)
     manifest = {"corpus_version": CORPUS_VERSION, "generator": "tools/make_goldens.py",
                 "generator_version": GENERATOR_VERSION, "cases": entries}
@@ -260,15 +203,31 @@ def _rel_rms(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm((a - b)[finite]) / max(np.linalg.norm(b[finite]), np.finfo(np.float64).tiny))
 
 
+def _case_metadata(data: bytes) -> dict:
+    """The ``case`` metadata of an op data file without its provenance (versions vary by machine)."""
+    header_len = int.from_bytes(data[:8], "little")
+    meta = json.loads(data[8:8 + header_len]).get("__metadata__", {})
+    case = json.loads(meta["case"]) if "case" in meta else {}
+    case.pop("provenance", None)
+    return case
+
+
+def _is_output(name: str, output_keys: bool) -> bool:
+    """Expected outputs are compared by tolerance; inputs and weights bit for bit."""
+    return output_keys and (name.startswith("outputs.") or not (name == "input_ids" or name.startswith("inputs.")))
+
+
 def _compare_tensor_file(path: str, stored: bytes, fresh: bytes, output_keys: bool) -> list[str]:
     """Differences between two safetensors files: bitwise, except outputs by tolerance."""
     old, new = load(stored), load(fresh)
     problems = []
+    if _case_metadata(stored) != _case_metadata(fresh):
+        problems.append(f"{path}: op or params differ: stored {_case_metadata(stored)}, regenerated {_case_metadata(fresh)}")
     if set(old) != set(new):
         problems.append(f"{path}: tensor names differ: {sorted(set(old) ^ set(new))}")
     for name in sorted(set(old) & set(new)):
         a, b = old[name], new[name]
-        is_output = output_keys and name != "input_ids"
+        is_output = _is_output(name, output_keys)
         if a.dtype != b.dtype or a.shape != b.shape:
             problems.append(f"{path}:{name}: stored {a.dtype}{a.shape}, regenerated {b.dtype}{b.shape}")
         elif is_output and not np.array_equal(np.isfinite(a), np.isfinite(b)):

@@ -18,6 +18,7 @@ from .base import Backend, BackendOutput, LoadedModel
 BUILTINS = {
     "refimpl": "conformance.backends.refimpl_backend:RefimplBackend",
     "transformers": "conformance.backends.transformers_backend:TransformersBackend",
+    "torch": "conformance.backends.torch_backend:TorchBackend",
 }
 
 __all__ = ["BUILTINS", "Backend", "BackendOutput", "LoadedModel", "resolve_backend"]
@@ -34,7 +35,7 @@ def resolve_backend(spec: str, options: dict[str, str]) -> Backend:
     Raises:
         BackendError: unknown name (the built-ins are listed), the module fails to
             import, the factory is missing, rejects the options, or returns an
-            object lacking ``name``, ``supports`` or ``load_model``.
+            object lacking ``name``, ``supports``, or both ``load_model`` and ``ops``.
     """
     if ":" not in spec and spec not in BUILTINS:
         raise BackendError(
@@ -65,7 +66,9 @@ def resolve_backend(spec: str, options: dict[str, str]) -> Backend:
         raise
     except (Exception, SystemExit) as exc:
         raise BackendError(f"backend '{spec}': {attr}() failed ({type(exc).__name__}: {exc})") from None
-    missing = [a for a in ("name", "supports", "load_model") if not hasattr(backend, a)]
+    missing = [a for a in ("name", "supports") if not hasattr(backend, a)]
+    if not hasattr(backend, "load_model") and getattr(backend, "ops", None) is None:
+        missing.append("load_model or ops")
     if missing:
         raise BackendError(f"backend '{spec}': {attr}() returned an object without {', '.join(missing)}")
     return backend

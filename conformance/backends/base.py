@@ -6,7 +6,15 @@ The suite knows no engine. A backend is an object with
 * ``supports(case, dtype)``: ``True``, or a string saying why this case or dtype is
   not implemented (reported as status "not implemented", not as a failure);
 * ``load_model(checkpoint_dir, dtype)``: a :class:`LoadedModel` for a Hugging Face
-  checkpoint directory (``config.json`` + safetensors, float32 weights);
+  checkpoint directory (``config.json`` + safetensors, float32 weights); a backend
+  without it reports every model case as not implemented;
+* ``ops`` (op level, optional): a mapping from op name (``refimpl.ops.OPS``) to a
+  callable with the reference signature: array inputs by keyword (floating ones in
+  the run dtype, bfloat16 as ``ml_dtypes.bfloat16``; integer ones int64), then the
+  case's keyword parameters. It returns one array or a dict of named arrays (any
+  array type convertible to NumPy). An op missing from the mapping is reported as
+  "not implemented"; ``supports`` may also refuse single cases (e.g. attention
+  with sinks);
 * optionally ``package_versions() -> dict[str, str]``: versions recorded in the
   JSON report (see :func:`package_versions`).
 

@@ -31,14 +31,21 @@ class RefimplModel:
 
 
 class RefimplBackend:
-    """Backend running ``refimpl.from_pretrained`` (no options)."""
+    """Backend running ``refimpl.from_pretrained`` and the ops of ``refimpl.ops`` (no options)."""
 
     name = "refimpl"
+
+    @property
+    def ops(self) -> dict:
+        """Every op of the suite, with the reference functions themselves."""
+        from refimpl.ops import OPS
+
+        return {name: op.function for name, op in OPS.items()}
 
     def supports(self, case: Case, dtype: str) -> bool | str:
         if dtype not in DTYPES:
             return f"refimpl computes in {' or '.join(DTYPES)} only"
-        if case.architecture not in refimpl.ARCHITECTURES:
+        if case.level == "model" and case.architecture not in refimpl.ARCHITECTURES:
             return f"refimpl has no architecture '{case.architecture}'"
         return True
 

@@ -142,5 +142,12 @@ class TransformersBackend:
             )
         return TransformersModel(model.eval(), context)
 
+    @property
+    def ops(self) -> dict:
+        """The op level, mapped onto transformers' functions and modules (see ``transformers_ops``)."""
+        from .transformers_ops import TransformersOps
+
+        return TransformersOps(self.torch, self.transformers, self._precision_context).mapping()
+
     def package_versions(self) -> dict[str, str]:
         return {"torch": self.torch.__version__, "transformers": self.transformers.__version__}

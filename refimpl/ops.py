@@ -1,0 +1,135 @@
+"""The named ops of the op-level conformance suite, with their reference signatures.
+
+A kernel author tests one component at a time: the suite calls a backend's op
+with exactly the arguments the reference function below takes (array inputs by
+name, then keyword parameters) and compares the result with the golden output.
+Each op is a thin adapter over the component modules; the math lives there.
+
+=================  ===========================================================  ==============
+op                 arguments                                                    returns
+=================  ===========================================================  ==============
+attention          q (B,T,H,D), k (B,S,Hkv,D), v (B,S,Hkv,Dv); scaling,         (B,T,H,Dv)
+                   sliding_window, attention_chunk_size, sinks (H,),
+                   attn_logit_softcapping
+rope               x (B,T,H,D), positions (B,T) int64; rope_parameters,         (B,T,H,D)
+                   partial_rotary_factor, max_position_embeddings, layout
+rope_frequencies   rope_parameters, head_dim, partial_rotary_factor,            {"inv_freq" (Dr/2,),
+                   max_position_embeddings                                       "attention_scaling" ()}
+rms_norm           x (..., M), weight (M,); eps, weight_offset                  (..., M)
+gated_mlp          x (..., M), gate_proj (F,M), up_proj (F,M), down_proj (M,F);  (..., M)
+                   hidden_act
+embedding          input_ids (B,T) int64, weight (V,M); embed_scale             (B,T,M)
+soft_cap           x (any); cap                                                 same shape
+=================  ===========================================================  ==============
+
+Array inputs arrive in the run's dtype (float64, float32, or float16 / bfloat16 as
+NumPy or ``ml_dtypes`` arrays); integer inputs stay int64. An op returns one array,
+or a dict of arrays named as in the table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .attention import attention
+from .embedding import scaled_embed_tokens
+from .errors import ShapeError
+from .mlp import gated_mlp
+from .rmsnorm import rms_norm
+from .rope import RopeLayout, apply_rope, rope_cos_sin, rope_frequencies
+from .softcap import soft_cap
+
+
+def rope(
+    x: np.ndarray, positions: np.ndarray, *, rope_parameters: dict, partial_rotary_factor: float = 1.0,
+    max_position_embeddings: int | None = None, layout: str = "rotate_half",
+) -> np.ndarray:
+    """Rotate queries or keys ``x`` ``(B, T, H, D)`` at integer ``positions`` ``(B, T)``.
+
+    Frequencies from :func:`refimpl.rope.rope_frequencies` (any supported ``rope_type``),
+    angles in float64, cos/sin rounded once to the dtype of ``x`` and multiplied by the
+    YaRN magnitude; ``layout`` is ``"rotate_half"`` or ``"interleaved"``; channels
+    beyond the rotary width pass through.
+
+    Raises:
+        ShapeError: ``positions`` is not ``(B, T)`` of ``x``.
+        ConfigError: bad ``rope_parameters``.
+    """
+    positions = np.asarray(positions)
+    if positions.shape != x.shape[:2]:
+        raise ShapeError(f"rope: positions {positions.shape} must be (B, T) of x {x.shape}")
+    inv_freq, scaling = rope_frequencies(
+        rope_parameters, x.shape[-1], partial_rotary_factor=partial_rotary_factor,
+        max_position_embeddings=max_position_embeddings,
+    )
+    cos, sin = rope_cos_sin(positions, inv_freq, x.dtype, scaling)
+    return apply_rope(x, cos, sin, RopeLayout(layout))
+
+
+def frequencies(
+    *, rope_parameters: dict, head_dim: int, partial_rotary_factor: float = 1.0,
+    max_position_embeddings: int | None = None,
+) -> dict[str, np.ndarray]:
+    """``{"inv_freq": (Dr/2,) float64, "attention_scaling": () float64}`` for a RoPE configuration."""
+    inv_freq, scaling = rope_frequencies(
+        rope_parameters, head_dim, partial_rotary_factor=partial_rotary_factor,
+        max_position_embeddings=max_position_embeddings,
+    )
+    return {"inv_freq": inv_freq, "attention_scaling": np.asarray(scaling, dtype=np.float64)}
+
+
+def norm(x: np.ndarray, weight: np.ndarray, *, eps: float, weight_offset: float = 0.0) -> np.ndarray:
+    """:func:`refimpl.rmsnorm.rms_norm` (``weight_offset`` 1 is Gemma's 1 + w)."""
+    return rms_norm(x, weight, eps, weight_offset=weight_offset)
+
+
+def mlp(x, gate_proj, up_proj, down_proj, *, hidden_act: str) -> np.ndarray:
+    """:func:`refimpl.mlp.gated_mlp`: SwiGLU (``"silu"``) or GeGLU (``"gelu_pytorch_tanh"``)."""
+    return gated_mlp(x, gate_proj, up_proj, down_proj, hidden_act)
+
+
+def embedding(input_ids: np.ndarray, weight: np.ndarray, *, embed_scale: float = 1.0) -> np.ndarray:
+    """Rows of ``weight`` times ``embed_scale`` rounded to the weight's dtype (Gemma: sqrt(M))."""
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= weight.shape[0]:
+        raise ShapeError(f"embedding: input_ids must be (B, T) integers in [0, {weight.shape[0]})")
+    return scaled_embed_tokens(ids, weight, embed_scale)
+
+
+def softcap(x: np.ndarray, *, cap: float) -> np.ndarray:
+    """:func:`refimpl.softcap.soft_cap`: ``cap * tanh(x / cap)``."""
+    return soft_cap(x, cap)
+
+
+@dataclass(frozen=True)
+class Op:
+    """One named op.
+
+    Attributes:
+        name: the op's name in cases and backends.
+        function: the reference implementation (the signature backends implement).
+        integer_inputs: array inputs that are integer (not cast to the run dtype).
+        outputs: names of the outputs; ``("output",)`` for a single array.
+    """
+
+    name: str
+    function: Callable
+    integer_inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ("output",)
+
+
+OPS: dict[str, Op] = {
+    op.name: op
+    for op in (
+        Op("attention", attention),
+        Op("rope", rope, integer_inputs=("positions",)),
+        Op("rope_frequencies", frequencies, outputs=("inv_freq", "attention_scaling")),
+        Op("rms_norm", norm),
+        Op("gated_mlp", mlp),
+        Op("embedding", embedding, integer_inputs=("input_ids",)),
+        Op("soft_cap", softcap),
+    )
+}

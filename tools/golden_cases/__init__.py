@@ -1,0 +1,28 @@
+"""Every golden case the generator writes, one module per family.
+
+Each module named in ``_MODULES`` defines ``CASES``, a list of case descriptions
+(:class:`ModelCase` for whole models, :class:`OpCase` for single components).
+The corpus order is the order of ``_MODULES``, then the order inside each list.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .common import ModelCase, OpCase
+
+_MODULES = ("qwen3", "olmo2", "mistral", "smollm3", "gemma3", "ops")
+
+
+def all_cases() -> list:
+    cases = []
+    for name in _MODULES:
+        cases += importlib.import_module(f"golden_cases.{name}").CASES
+    ids = [c.case_id for c in cases]
+    duplicated = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicated:
+        raise RuntimeError(f"golden case ids repeated: {duplicated}")
+    return cases
+
+
+__all__ = ["ModelCase", "OpCase", "all_cases"]

@@ -1,0 +1,39 @@
+"""Case descriptions shared by the golden case modules (see ``tools/golden_cases/__init__.py``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    """One model-level golden case: a config, a seed and an input shape."""
+
+    case_id: str
+    description: str
+    seed: int
+    config: dict
+    batch: int
+    seq: int
+    tolerance_class: str = "model_logits"
+    #: multipliers for weights whose name contains the key, applied after drawing
+    weight_scales: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OpCase:
+    """One op-level golden case: an op of ``refimpl.ops.OPS``, its inputs and parameters.
+
+    ``make_inputs(rng)`` returns ``{argument: array}`` (float64, or int64 for integer
+    arguments) drawn from ``np.random.default_rng(seed)``; ``params`` are the
+    keyword parameters, JSON values only.
+    """
+
+    case_id: str
+    description: str
+    seed: int
+    op: str
+    params: dict
+    make_inputs: Callable
+    tolerance_class: str = "op_exact"
