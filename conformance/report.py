@@ -1,7 +1,7 @@
 """Reports of a run: a rich table for people and a JSON file for machines.
 
-The table has one row per case, failures and errors first, with the logits'
-relative RMS and max abs error, the argmax agreement and, on failure, the first
+The table has one row per case, failures and errors first, with the relative
+RMS and max abs error of the logits (model cases) or of the first output (op cases), the argmax agreement and, on failure, the first
 diverging tensor; a repro command per failing case; and a summary line. The JSON
 report keeps every number of every compared tensor plus the run's metadata
 (backend, package versions, dtype, corpus version, timestamps).
@@ -26,7 +26,7 @@ _ROW_ORDER = [Status.FAILED, Status.ERROR, Status.NOT_IMPLEMENTED, Status.PASSED
 _STATUS_STYLE = {
     Status.FAILED: "bold red", Status.ERROR: "bold red", Status.NOT_IMPLEMENTED: "yellow", Status.PASSED: "green",
 }
-_COLUMNS = ("case", "dtype", "status", "logits rel RMS", "logits max abs", "argmax agree", "first divergence / note")
+_COLUMNS = ("case", "dtype", "status", "rel RMS", "max abs", "argmax agree", "first divergence / note")
 
 
 def summary_line(results: list[CaseResult]) -> str:
@@ -53,7 +53,8 @@ MAX_NOTE = 200
 
 def _row(result: CaseResult) -> list[Text]:
     """Table cells as Text, so that brackets in messages are not read as rich markup."""
-    logits = result.comparisons.get("logits")
+    # The headline tensor: the logits of a model case, the first output of an op case.
+    logits = result.comparisons.get("logits") or next(iter(result.comparisons.values()), None)
     if logits is None:
         numbers = ["", ""]
     elif logits.nonfinite:

@@ -34,7 +34,7 @@ from .backends.base import Backend
 from .compare import ArgmaxAgreement, Comparison, argmax_agreement, compare, to_float64
 from .errors import BackendError, ConformanceError, OutputError
 from .manifest import Case, inside, load_case_data, load_op_data, verify_case_files
-from .tolerances import Tolerance, get_tolerance, violations
+from .tolerances import MAX_ROUNDING_MISMATCH, Tolerance, get_tolerance, violations
 
 
 class Status(str, enum.Enum):
@@ -57,6 +57,8 @@ class CaseResult:
         argmax: agreement of the logits' argmax (``None`` if the logits' shape is wrong).
         first_divergence: on failure, the first tensor in forward order that fails.
         uncompared: taps the backend returned that the golden data lacks.
+        rounding: op cases with a recorded low-precision result: ``{output: fraction of
+            elements that differ from the reference's rounding in the run dtype}``.
         seconds: wall time of load + run + compare.
     """
 
@@ -69,6 +71,7 @@ class CaseResult:
     argmax: ArgmaxAgreement | None = None
     first_divergence: str | None = None
     uncompared: list[str] = field(default_factory=list)
+    rounding: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -183,15 +186,33 @@ def op_outputs(value, names: tuple[str, ...]) -> dict[str, np.ndarray]:
     return {names[0]: to_float64(value, "output")}
 
 
+def rounding_mismatch(actual: np.ndarray, rounded: np.ndarray) -> float:
+    """Fraction of elements of ``actual`` not equal to the reference's low-precision result."""
+    if actual.shape != rounded.shape:
+        return 1.0
+    return float(np.mean(actual != rounded))
+
+
 def judge_op(
-    result: CaseResult, actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], tolerance: Tolerance
+    result: CaseResult, actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], tolerance: Tolerance,
+    rounded: dict[str, np.ndarray] | None = None,
 ) -> CaseResult:
-    """Fill ``result`` from an op's outputs; a missing output fails the case."""
+    """Fill ``result`` from an op's outputs; a missing output fails the case.
+
+    ``rounded`` holds the reference's result in the run dtype for outputs that have
+    one; more than :data:`MAX_ROUNDING_MISMATCH` of differing elements fails.
+    """
     missing = sorted(set(expected) - set(actual))
     result.comparisons = {name: compare(actual[name], expected[name]) for name in expected if name in actual}
     result.uncompared = sorted(set(actual) - set(expected))
     failures = {name: violations(c, tolerance) for name, c in result.comparisons.items()}
     failures.update({name: ["output missing"] for name in missing})
+    for name, exact in (rounded or {}).items():
+        if name in actual:
+            result.rounding[name] = rounding_mismatch(actual[name], exact)
+            if result.rounding[name] > MAX_ROUNDING_MISMATCH:
+                failures[name].append(f"{result.rounding[name]:.1%} of elements differ from the reference's "
+                                      f"{result.dtype} rounding (> {MAX_ROUNDING_MISMATCH:.0%})")
     diverging = [name for name in expected if failures.get(name)]
     if diverging:
         result.status, result.first_divergence = Status.FAILED, diverging[0]
@@ -215,8 +236,10 @@ def run_op_case(backend: Backend, case: Case, golden_dir: Path, dtype: str) -> C
             result.status, result.message = Status.NOT_IMPLEMENTED, one_line(reason)
             return result
         inputs = {name: cast_input(array, dtype) for name, array in data.inputs.items()}
-        actual = op_outputs(fn(**inputs, **data.params), tuple(data.expected))
-        judge_op(result, actual, data.expected, result.tolerance)
+        expected = {k: v for k, v in data.expected.items() if "@" not in k}
+        rounded = {k.split("@")[0]: v for k, v in data.expected.items() if k.endswith(f"@{dtype}")}
+        actual = op_outputs(fn(**inputs, **data.params), tuple(expected))
+        judge_op(result, actual, expected, result.tolerance, rounded)
     except NotImplementedError as exc:
         result.status = Status.NOT_IMPLEMENTED
         result.message = one_line(str(exc) or f"backend {backend.name} does not implement these parameters")

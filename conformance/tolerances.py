@@ -48,6 +48,12 @@ Op classes (one component on its own, inputs cast to the run dtype; argmax unuse
 * ``op_rope_long``: positions up to 131072, where that float32 angle error reaches
   8e-3 radians (bound 2e-2 relative); in float64 the angle error is ``p * 2^-53``.
 
+Rounding (op cases that record the reference's low-precision result, e.g. RMSNorm
+cast orders): at most :data:`MAX_ROUNDING_MISMATCH` of the elements may differ
+from it at all. transformers' RMSNorms differ on 0 (bfloat16) and 0.02 % (float16)
+of 1024 elements, from rsqrt against 1 / sqrt in float32; the other cast order
+differs on 26 % (Llama / OLMo 2) and 41 % (Gemma).
+
 These bounds are provisional: a later issue replaces them with an error model
 (a backend's error measured against the reference's own error in that dtype).
 """
@@ -89,6 +95,10 @@ TOLERANCES.update({
     (cls, dtype): Tolerance(rel_rms=rel, max_abs_rel=mx, argmax_margin=0.0)
     for cls, bounds in _OP_BOUNDS.items() for dtype, (rel, mx) in bounds.items()
 })
+
+
+#: Largest fraction of elements allowed to differ from the reference's own rounding.
+MAX_ROUNDING_MISMATCH = 0.01
 
 
 def get_tolerance(tolerance_class: str, dtype: str) -> Tolerance:

@@ -15,7 +15,7 @@ rope               x (B,T,H,D), positions (B,T) int64; rope_parameters,         
                    partial_rotary_factor, max_position_embeddings, layout
 rope_frequencies   rope_parameters, head_dim, partial_rotary_factor,            {"inv_freq" (Dr/2,),
                    max_position_embeddings                                       "attention_scaling" ()}
-rms_norm           x (..., M), weight (M,); eps, weight_offset                  (..., M)
+rms_norm           x (..., M), weight (M,); eps, weight_offset, cast_order      (..., M)
 gated_mlp          x (..., M), gate_proj (F,M), up_proj (F,M), down_proj (M,F);  (..., M)
                    hidden_act
 embedding          input_ids (B,T) int64, weight (V,M); embed_scale             (B,T,M)
@@ -25,6 +25,12 @@ soft_cap           x (any); cap                                                 
 Array inputs arrive in the run's dtype (float64, float32, or float16 / bfloat16 as
 NumPy or ``ml_dtypes`` arrays); integer inputs stay int64. An op returns one array,
 or a dict of arrays named as in the table.
+
+A case may also carry the reference's result in a low-precision dtype, rounded as
+its named variant rounds (``outputs.<name>@bfloat16``; RMSNorm cast orders): a run
+in that dtype must then match it element for element, not only within the
+dtype's tolerance, because the two cast orders differ by one unit in the last
+place on about a quarter of the elements.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from .attention import attention
 from .embedding import scaled_embed_tokens
 from .errors import ShapeError
 from .mlp import gated_mlp
-from .rmsnorm import rms_norm
+from .rmsnorm import rms_norm, rms_norm_low_precision
 from .rope import RopeLayout, apply_rope, rope_cos_sin, rope_frequencies
 from .softcap import soft_cap
 
@@ -81,9 +87,21 @@ def frequencies(
     return {"inv_freq": inv_freq, "attention_scaling": np.asarray(scaling, dtype=np.float64)}
 
 
-def norm(x: np.ndarray, weight: np.ndarray, *, eps: float, weight_offset: float = 0.0) -> np.ndarray:
-    """:func:`refimpl.rmsnorm.rms_norm` (``weight_offset`` 1 is Gemma's 1 + w)."""
-    return rms_norm(x, weight, eps, weight_offset=weight_offset)
+def norm(
+    x: np.ndarray, weight: np.ndarray, *, eps: float, weight_offset: float = 0.0,
+    cast_order: str = "cast_then_multiply",
+) -> np.ndarray:
+    """RMSNorm (``weight_offset`` 1 is Gemma's 1 + w).
+
+    float64 / float32 inputs: :func:`refimpl.rmsnorm.rms_norm` in that dtype (the
+    cast order is then immaterial). bfloat16 / float16 inputs:
+    :func:`refimpl.rmsnorm.rms_norm_low_precision`, normalised in float32 with the
+    named ``cast_order`` (``"cast_then_multiply"``: Llama, Qwen3, Mistral, SmolLM3;
+    ``"multiply_then_cast"``: OLMo 2, Gemma 3).
+    """
+    if x.dtype in (np.float64, np.float32):
+        return rms_norm(x, weight, eps, weight_offset=weight_offset)
+    return rms_norm_low_precision(x, weight, eps, weight_offset=weight_offset, cast_order=cast_order)
 
 
 def mlp(x, gate_proj, up_proj, down_proj, *, hidden_act: str) -> np.ndarray:

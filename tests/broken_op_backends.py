@@ -30,7 +30,10 @@ class _BrokenOps(RefimplBackend):
         return {**super().ops, **self._replaced}
 
     def supports(self, case, dtype):
-        return "op-level broken backend" if case.level == "model" else super().supports(case, dtype)
+        if case.level == "model":
+            return "op-level broken backend"
+        # RMSNorm has a low-precision reference (rms_norm_low_precision); other ops do not.
+        return True if case.op == "rms_norm" else super().supports(case, dtype)
 
 
 def _attention_with(**overrides):
@@ -142,14 +145,25 @@ def rsc_yarn_magnitude_ignored():
 def nrm_offset_ignored():
     """NRM-02: Gemma norm computed as w * x instead of (1 + w) * x."""
     return _BrokenOps("broken:NRM-offset-ignored",
-                      rms_norm=lambda x, weight, *, eps, weight_offset=0.0: ref.norm(x, weight, eps=eps))
+                      rms_norm=lambda x, weight, *, eps, weight_offset=0.0, **kw: ref.norm(x, weight, eps=eps, **kw))
 
 
 def nrm_offset_twice():
     """NRM-03: 1 added at load time and again at run time: (2 + w) * x."""
     return _BrokenOps("broken:NRM-offset-twice",
-                      rms_norm=lambda x, weight, *, eps, weight_offset=0.0: ref.norm(
-                          x, weight + weight_offset, eps=eps, weight_offset=weight_offset))
+                      rms_norm=lambda x, weight, *, eps, weight_offset=0.0, **kw: ref.norm(
+                          x, weight + weight_offset, eps=eps, weight_offset=weight_offset, **kw))
+
+
+def nrm_cast_order_swapped():
+    """NRM-07/08: the other cast order in low precision (Llama's where OLMo 2 / Gemma multiply
+    in float32 first, and vice versa); identical at float32 and float64."""
+    swap = {"cast_then_multiply": "multiply_then_cast", "multiply_then_cast": "cast_then_multiply"}
+
+    def wrong(x, weight, *, eps, weight_offset=0.0, cast_order="cast_then_multiply"):
+        return ref.norm(x, weight, eps=eps, weight_offset=weight_offset, cast_order=swap[cast_order])
+
+    return _BrokenOps("broken:NRM-cast-order", rms_norm=wrong)
 
 
 def nrm_gelu_erf():
@@ -176,12 +190,12 @@ def nrm_embed_scale_ignored():
 def qkn_norm_over_all_heads():
     """QKN-01/03: a per-head QK-norm's statistics taken over every head of the token."""
 
-    def wrong(x, weight, *, eps, weight_offset=0.0):
+    def wrong(x, weight, *, eps, weight_offset=0.0, **kw):
         if x.ndim == 4 and weight.shape[0] == x.shape[-1]:
             flat = x.reshape(*x.shape[:2], -1)
             scale = np.sqrt(np.mean(flat * flat, axis=-1, keepdims=True) + eps)[..., None]
             return (weight + weight_offset) * x / scale
-        return ref.norm(x, weight, eps=eps, weight_offset=weight_offset)
+        return ref.norm(x, weight, eps=eps, weight_offset=weight_offset, **kw)
 
     return _BrokenOps("broken:QKN-over-all-heads", rms_norm=wrong)
 

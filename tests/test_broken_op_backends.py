@@ -62,3 +62,22 @@ def test_reference_ops_pass_every_op_case(golden_dir, tmp_path):
         result, by_case = run_ops(golden_dir, tmp_path, "refimpl", dtype)
         assert result.exit_code == 0, result.output
         assert by_case and {e["status"] for e in by_case.values()} == {"passed"}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_swapped_rms_norm_cast_order_fails_in_low_precision(golden_dir, tmp_path, dtype):
+    # At float32/float64 the two cast orders are the same computation; in bfloat16 and
+    # float16 they differ by one unit in the last place on a quarter of the elements.
+    report = tmp_path / "r.json"
+    result = CliRunner().invoke(cli, ["run", "--backend", "broken_op_backends:nrm_cast_order_swapped", "--dtype",
+                                      dtype, "--op", "rms_norm", "--golden-dir", str(golden_dir), "--report", str(report)])
+    assert result.exit_code == 1, result.output
+    by_case = {r["case_id"]: r for r in json.loads(report.read_text())["results"]}
+    for case in ("op/rms_norm/cast-then-multiply", "op/rms_norm/multiply-then-cast"):
+        assert by_case[case]["status"] == "failed"
+        assert by_case[case]["rounding"]["output"] > 0.2
+    assert "rounding" in result.output
+    for dt in ("float32", "float64"):
+        ok = CliRunner().invoke(cli, ["run", "--backend", "broken_op_backends:nrm_cast_order_swapped", "--dtype", dt,
+                                      "--op", "rms_norm", "--golden-dir", str(golden_dir)])
+        assert ok.exit_code == 0, ok.output

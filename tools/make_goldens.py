@@ -119,10 +119,16 @@ def build_case(case: ModelCase, scratch: Path) -> dict[str, bytes]:
     }
 
 
+def _round_to(array: np.ndarray, dtype: str) -> np.ndarray:
+    import ml_dtypes
+
+    return array.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype))
+
+
 def _float64_outputs(value, names) -> dict[str, np.ndarray]:
     if isinstance(value, dict):
-        return {k: np.asarray(v, dtype=np.float64) for k, v in value.items()}
-    return {names[0]: np.asarray(value, dtype=np.float64)}
+        return {k: np.asarray(v).astype(np.float64) for k, v in value.items()}
+    return {names[0]: np.asarray(value).astype(np.float64)}
 
 
 def build_op_case(case: OpCase) -> dict[str, bytes]:
@@ -136,6 +142,10 @@ def build_op_case(case: OpCase) -> dict[str, bytes]:
         if array.dtype != want:
             raise TypeError(f"{case.case_id}: input '{name}' is {array.dtype}, the generator stores {np.dtype(want)}")
     outputs = _float64_outputs(op.function(**inputs, **case.params), op.outputs)
+    for dtype in case.rounded_dtypes:
+        low = {k: (v if k in op.integer_inputs else _round_to(v, dtype)) for k, v in inputs.items()}
+        rounded = _float64_outputs(op.function(**low, **case.params), op.outputs)
+        outputs.update({f"{k}@{dtype}": v for k, v in rounded.items()})
     tensors = {f"inputs.{k}": v for k, v in inputs.items()}
     tensors.update({f"outputs.{k}": v for k, v in outputs.items()})
     # safetensors.numpy.save writes a non-contiguous array's buffer in memory order, silently.

@@ -15,7 +15,8 @@ rope               ``Qwen3NextRotaryEmbedding`` + ``qwen3_next.apply_rotary_pos_
                    ``glm.apply_rotary_pos_emb`` (interleaved, partial-aware); the
                    frequencies come from ``modeling_rope_utils.ROPE_INIT_FUNCTIONS``
 rope_frequencies   the ``inv_freq`` buffer and ``attention_scaling`` of that rotary module
-rms_norm           ``LlamaRMSNorm`` (weight w), ``Gemma3RMSNorm`` (1 + w)
+rms_norm           ``LlamaRMSNorm`` (w, cast then multiply), ``Olmo2RMSNorm`` (w, multiply
+                   then cast), ``Gemma3RMSNorm`` (1 + w, multiply then cast)
 gated_mlp          ``LlamaMLP`` with ``hidden_act`` through ``ACT2FN``
 embedding          ``Gemma3TextScaledWordEmbedding``
 soft_cap           the three tensor operations of ``Gemma3ForCausalLM.forward``
@@ -148,14 +149,16 @@ class TransformersOps:
             return {"inv_freq": module.inv_freq, "attention_scaling": np.asarray(module.attention_scaling)}
 
     # -- norms, MLP, embedding, soft-cap
-    def rms_norm(self, x, weight, *, eps, weight_offset=0.0):
+    def rms_norm(self, x, weight, *, eps, weight_offset=0.0, cast_order="cast_then_multiply"):
         with self._running(self._dtype_name(x)):
-            if weight_offset == 0.0:
+            if (weight_offset, cast_order) == (0.0, "cast_then_multiply"):
                 from transformers.models.llama.modeling_llama import LlamaRMSNorm as Norm
-            elif weight_offset == 1.0:
+            elif (weight_offset, cast_order) == (0.0, "multiply_then_cast"):
+                from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm as Norm
+            elif (weight_offset, cast_order) == (1.0, "multiply_then_cast"):
                 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm as Norm
             else:
-                raise NotImplementedError(f"no transformers RMSNorm adds {weight_offset} to its weight")
+                raise NotImplementedError(f"no transformers RMSNorm with weight offset {weight_offset} and {cast_order}")
             norm = Norm(weight.shape[0], eps=eps)
             tx = self._tensor(x)
             norm.weight.data = self._tensor(weight)

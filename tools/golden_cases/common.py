@@ -27,7 +27,9 @@ class OpCase:
 
     ``make_inputs(rng)`` returns ``{argument: array}`` (float64, or int64 for integer
     arguments) drawn from ``np.random.default_rng(seed)``; ``params`` are the
-    keyword parameters, JSON values only.
+    keyword parameters, JSON values only. For each of ``rounded_dtypes`` the generator
+    also stores the op's result on the inputs rounded to that dtype, computed as
+    the named variant rounds.
     """
 
     case_id: str
@@ -37,3 +39,5 @@ class OpCase:
     params: dict
     make_inputs: Callable
     tolerance_class: str = "op_exact"
+    #: low-precision dtypes whose exact rounding the case also records (``outputs.<name>@<dtype>``)
+    rounded_dtypes: tuple[str, ...] = ()

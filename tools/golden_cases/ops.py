@@ -202,16 +202,25 @@ def _norm_inputs(*shape, x_scale=1.0, w_mean=1.0, w_scale=0.2, w_shape=None):
 
 NORMS = [
     OpCase("op/rms_norm/plain", "RMSNorm with weight w (Llama/Qwen/OLMo/Mistral), (2, 7, 64), eps 1e-6", 551,
-           "rms_norm", {"eps": 1e-6, "weight_offset": 0.0}, _norm_inputs(2, 7, 64)),
+           "rms_norm", {"eps": 1e-6, "weight_offset": 0.0, "cast_order": "cast_then_multiply"}, _norm_inputs(2, 7, 64)),
     OpCase("op/rms_norm/one-plus-w", "NRM-02/03: Gemma RMSNorm, weight used as 1 + w (w stored near 0)", 552,
-           "rms_norm", {"eps": 1e-6, "weight_offset": 1.0}, _norm_inputs(2, 7, 64, w_mean=0.0)),
+           "rms_norm", {"eps": 1e-6, "weight_offset": 1.0, "cast_order": "multiply_then_cast"}, _norm_inputs(2, 7, 64, w_mean=0.0)),
     OpCase("op/rms_norm/zero-offset-weight", "NRM-04: Gemma norm with w = 0 is the bare normalisation", 553,
-           "rms_norm", {"eps": 1e-6, "weight_offset": 1.0},
+           "rms_norm", {"eps": 1e-6, "weight_offset": 1.0, "cast_order": "multiply_then_cast"},
            lambda rng: {"x": _normal(rng, 3, 48), "weight": np.zeros(48)}),
     OpCase("op/rms_norm/per-head", "QK-norm per head: x (2, 5, 4, 16), weight (16,), statistics over D", 554,
-           "rms_norm", {"eps": 1e-6, "weight_offset": 0.0}, _norm_inputs(2, 5, 4, 16)),
+           "rms_norm", {"eps": 1e-6, "weight_offset": 0.0, "cast_order": "cast_then_multiply"}, _norm_inputs(2, 5, 4, 16)),
+    OpCase("op/rms_norm/cast-then-multiply", "NRM-07/08: Llama-family cast order in low precision: normalise in "
+           "float32, cast, multiply by w in the storage dtype; bfloat16/float16 runs must match the reference's "
+           "rounding element for element", 556,
+           "rms_norm", {"eps": 1e-6, "weight_offset": 0.0, "cast_order": "cast_then_multiply"},
+           _norm_inputs(4, 256, x_scale=3.0, w_mean=1.3, w_scale=0.3), rounded_dtypes=("bfloat16", "float16")),
+    OpCase("op/rms_norm/multiply-then-cast", "NRM-06/08: OLMo 2 / Gemma cast order: (1 + w) times the float32 "
+           "normalised value, cast once at the end (Gemma 1 + w)", 557,
+           "rms_norm", {"eps": 1e-6, "weight_offset": 1.0, "cast_order": "multiply_then_cast"},
+           _norm_inputs(4, 256, x_scale=3.0, w_mean=0.3, w_scale=0.3), rounded_dtypes=("bfloat16", "float16")),
     OpCase("op/rms_norm/eps-dominant", "mean squares near eps (x ~ 1e-3, eps 1e-6): eps inside the root", 555,
-           "rms_norm", {"eps": 1e-6, "weight_offset": 0.0}, _norm_inputs(2, 3, 32, x_scale=1e-3)),
+           "rms_norm", {"eps": 1e-6, "weight_offset": 0.0, "cast_order": "cast_then_multiply"}, _norm_inputs(2, 3, 32, x_scale=1e-3)),
 ]
 
 
