@@ -45,8 +45,19 @@ Op classes (one component on its own, inputs cast to the run dtype; argmax unuse
 * ``op_attention``: softmax attention; the same, with room for the longer sums.
 * ``op_rope``: rotations at positions below 1024. A float32 engine forms the angle
   ``p * inv_freq`` in float32, an error of up to ``p * 2^-24`` radians.
-* ``op_rope_long``: positions up to 131072, where that float32 angle error reaches
-  8e-3 radians (bound 2e-2 relative); in float64 the angle error is ``p * 2^-53``.
+* ``op_rope_long``: positions up to 131071, where that float32 angle error reaches
+  7.8e-3 radians; in float64 the angle error is ``p * 2^-53`` (1.5e-11).
+
+transformers 5.24 on corpus 0.5.0, worst tensor (rel RMS / max abs), against the bounds:
+
+============  =====================  =====================  =====================
+dtype         op_exact               op_attention           op_rope(_long)
+============  =====================  =====================  =====================
+float64       4.7e-16 / 5.7e-16      2.6e-16 / 4.1e-16      5.7e-13 / 3.3e-12
+float32       2.1e-07 / 2.8e-07      1.3e-07 / 1.7e-07      1.2e-6 ; 4.9e-4 / 2.3e-3
+float16       7.3e-04 / 1.0e-03      5.6e-04 / 8.1e-04      6.3e-04 / 2.4e-03
+bfloat16      5.6e-03 / 6.3e-03      5.7e-03 / 9.9e-03      3.4e-03 / 6.7e-03
+============  =====================  =====================  =====================
 
 Rounding (op cases that record the reference's low-precision result, e.g. RMSNorm
 cast orders): at most :data:`MAX_ROUNDING_MISMATCH` of the elements may differ
@@ -88,8 +99,8 @@ _OP_BOUNDS = {
                      "bfloat16": (2.5e-2, 5e-2)},
     "op_rope": {"float64": (1e-12, 1e-11), "float32": (2e-5, 1e-4), "float16": (3e-3, 6e-3),
                 "bfloat16": (2.5e-2, 5e-2)},
-    "op_rope_long": {"float64": (1e-10, 1e-9), "float32": (2e-2, 3e-2), "float16": (3e-2, 6e-2),
-                     "bfloat16": (5e-2, 1e-1)},
+    "op_rope_long": {"float64": (1e-10, 1e-9), "float32": (2e-3, 1e-2), "float16": (3e-3, 6e-3),
+                     "bfloat16": (2.5e-2, 5e-2)},
 }
 TOLERANCES.update({
     (cls, dtype): Tolerance(rel_rms=rel, max_abs_rel=mx, argmax_margin=0.0)
