@@ -4,6 +4,8 @@
                         [--level all|model|op] [--op NAME ...]
                         [--golden-dir DIR] [--case GLOB ...] [--report FILE.json]
     llm-conformance list [--golden-dir DIR]
+    llm-conformance properties --backend NAME|module:factory [-o key=value ...] [--dtype float64]
+                               [--profile quick|ci|thorough] [--property NAME ...]
 
 Exit status of ``run``: 0 when every case passed or is not implemented (and at
 least one passed), 1 when any failed or errored or none could be checked, 2 for
@@ -185,7 +187,8 @@ def list_command(golden_dir):
 
 
 @cli.command("properties")
-@click.option("--backend", required=True, help="Built-in name (refimpl, transformers, torch) or package.module:factory.")
+@click.option("--backend", required=True,
+              help="Built-in name (refimpl, transformers, torch) or package.module:factory.")
 @click.option("-o", "--option", "options", multiple=True, callback=_parse_options, metavar="KEY=VALUE",
               help="Backend option, passed to its factory as a keyword argument; repeatable.")
 @click.option("--dtype", default="float64", show_default=True, help="Dtype of the op inputs: float64 or float32.")
@@ -203,7 +206,9 @@ def properties_command(backend, options, dtype, profile, property_names):
     # Imported here: hypothesis is needed by this command only.
     try:
         from .properties import run_properties, run_settings, select_properties
-    except ImportError as exc:
+    except ModuleNotFoundError as exc:
+        if exc.name != "hypothesis":
+            raise
         raise ConformanceError(f"the properties command needs hypothesis ({exc}); pip install hypothesis") from None
     import shlex
 
@@ -220,8 +225,8 @@ def properties_command(backend, options, dtype, profile, property_names):
         table.add_column(name, overflow="fold")
     for result in results:
         message = result.message if result.example is None else f"{result.message}\nexample: {result.example}"
-        table.add_row(Text(result.name), Text(result.op), Text(result.status.value, style=_STATUS_STYLE[result.status]),
-                      Text(message))
+        status = Text(result.status.value, style=_STATUS_STYLE[result.status])
+        table.add_row(Text(result.name), Text(result.op), status, Text(message))
     console = _stdout_console()
     console.print(table)
     base = ["llm-conformance", "properties", "--backend", backend]

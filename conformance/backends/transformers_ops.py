@@ -150,6 +150,9 @@ class TransformersOps:
 
     # -- norms, MLP, embedding, soft-cap
     def rms_norm(self, x, weight, *, eps, weight_offset=0.0, cast_order="cast_then_multiply"):
+        if x.dtype in (np.float32, np.float64):
+            # One rounding step at most: the cast order cannot matter, take the class of the offset.
+            cast_order = "multiply_then_cast" if weight_offset == 1.0 else "cast_then_multiply"
         with self._running(self._dtype_name(x)):
             if (weight_offset, cast_order) == (0.0, "cast_then_multiply"):
                 from transformers.models.llama.modeling_llama import LlamaRMSNorm as Norm

@@ -1,0 +1,803 @@
+"""Property-based checks of a backend's ops: laws that the math implies, checked without golden data.
+
+A golden case checks one input against one stored answer. A property checks a law
+on many small random inputs by calling only the backend: changing future keys
+leaves past outputs alone, a window wider than the sequence is no window, RoPE
+rotates (pair norms kept, only position differences matter), RMSNorm forgets the
+scale of its input, soft-capping is odd and bounded. Hypothesis draws the sizes,
+the options and one integer seed; a NumPy generator seeded with it makes the
+arrays, so examples are cheap, reproducible, and shrink to small sizes and seed 0.
+Properties complement the golden cases rather than replace them: a wrong
+``rope_theta``, an ignored ``rope_scaling`` or a missing Gemma ``1 + w`` keeps every
+law below.
+
+=================================  ==========  ===================================================
+property                           op          law
+=================================  ==========  ===================================================
+attention_causal                   attention   changing keys/values after position p and queries
+                                               after p leaves query rows at positions <= p alone
+attention_gqa_repeat               attention   Hkv < H equals the call with k, v repeated to H
+                                               heads (``np.repeat(k, G, axis=2)``: head h // G)
+attention_window_ge_keys           attention   sliding_window W >= S equals no window
+attention_chunk_ge_keys            attention   attention_chunk_size C >= S equals no chunking
+attention_sink_negative            attention   sink logits -1e30 (and -inf, if accepted) equal no
+                                               sinks
+attention_window_locality          attention   with W < S, changing keys/values before position c
+                                               leaves the rows at positions >= c - 1 + W alone
+attention_scaling                  attention   q times c with scaling / c equals q with scaling
+                                               (the given scaling is the one applied)
+attention_sink_takes_mass          attention   values all 1: sinks -1e30 give exactly 1; a sink
+                                               above every score on head h leaves head h at most
+                                               S / (S + 1) and the other heads at 1
+attention_softcap_bounds_ratios    attention   with cap c (5 or 20) and one-hot values (Dv = S), the
+                                               probabilities of visible keys are within a factor
+                                               exp(2c) of each other and keys after the query get 0
+attention_batch_rows_independent   attention   each batch row run alone equals its row of the
+                                               batched call
+rope_pair_norm                     rope        every rotated pair keeps its Euclidean norm
+                                               (pairs of the layout: (i, i + Dr/2) or (2i, 2i + 1))
+rope_relative_position             rope        q.k after RoPE at positions (m, n) equals q.k at
+                                               (m + o, n + o)
+rope_partial_passthrough           rope        channels >= Dr = D * partial_rotary_factor are
+                                               returned unchanged
+rope_partial_is_narrow             rope        the first Dr channels equal RoPE of a head of
+                                               width Dr (frequencies over Dr, not D)
+rms_norm_scale_invariant           rms_norm    norm(c x) = norm(x) for c > 0, up to the exact
+                                               effect of eps (eps 0, 1e-12 or 1e-6)
+rms_norm_eps_in_root               rms_norm    norm(c x; eps c^2) = norm(x; eps): eps sits inside
+                                               the root, added to mean(x^2)
+soft_cap_odd                       soft_cap    softcap(-x) = -softcap(x)
+soft_cap_bounded                   soft_cap    |softcap(x)| <= cap, finite, for |x| up to 1e3 cap
+soft_cap_identity_near_zero        soft_cap    |softcap(x) - x| <= |x| (x / cap)^2 / 3 for
+                                               |x| <= cap / 100
+=================================  ==========  ===================================================
+
+Sizes are bounded so that one example costs a few milliseconds even through a
+framework: B <= 2, T <= 12, S <= T + 4, H <= 4, D and Dv in {4, 6, 8} (Dv = S for
+the soft-cap probe), positions below 100 plus an offset below 100. Attention draws
+a soft-cap one time in four, since engines often refuse it together with sinks.
+
+Tolerances: a comparison is between two outputs of the backend, or an output and a
+value the law fixes (the input's pair norms or channels, x, 1), in the run dtype:
+``|a - e| <= RTOL[dtype] * max(1, max |e|) + allowance`` elementwise, where the
+allowance is what the law itself permits (RMSNorm's eps, soft-cap's cubic term;
+zero otherwise). RTOL is 1e-10 in float64 and 1e-4 in float32: inputs are O(1),
+so the bound is relative for outputs above 1 and absolute below. Every output
+must be finite. RoPE positions stay below 200 because engines form angles in
+float32 (about 1e-5 rad of error there, within the float32 tolerance).
+
+Statuses: "passed" (every example held), "failed" (a law broke; the message has the
+error and the shrunk falsifying example), "not implemented" (the op is missing, or
+it raised ``NotImplementedError`` for every example; an example whose parameters
+raise it is skipped), "error" (the op raised anything else).
+
+Reproducibility: ``derandomize=True`` (examples depend only on this file's code),
+no example database, no deadline. Profiles: quick 10, ci 25, thorough 200 examples.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from types import SimpleNamespace
+from typing import Callable
+
+import numpy as np
+from hypothesis import HealthCheck, Phase, Verbosity, given, reject, settings, strategies as st
+from hypothesis.errors import Unsatisfiable
+
+from .compare import to_float64
+from .errors import ConformanceError
+from .runner import Status, one_line
+
+#: Relative tolerance of every comparison, by run dtype (see the module docstring).
+RTOL = {"float64": 1e-10, "float32": 1e-4}
+#: dtypes the properties run in.
+DTYPES = tuple(RTOL)
+#: Hypothesis profile name -> examples per property.
+PROFILES = {"quick": 10, "ci": 25, "thorough": 200}
+#: The finite sink logit that stands for "no sink".
+NO_SINK = -1e30
+
+HEAD_DIMS = (4, 6, 8)
+#: Attention soft-cap draws: None three times in four, since engines often refuse caps with sinks.
+_SOFTCAPS = (None,) * 9 + (5.0, 20.0, 50.0)
+#: partial_rotary_factor values whose rotary width D * f is an exact even integer.
+PARTIAL_FACTORS = {4: (0.5,), 8: (0.25, 0.5, 0.75)}
+MAX_POSITION = 100
+
+
+class PropertyFailure(AssertionError):
+    """A law does not hold on an example: status "failed"."""
+
+
+class OpRaised(Exception):
+    """The op raised something other than NotImplementedError, or returned a non-array: status "error"."""
+
+
+class _NotImplementedHere(Exception):
+    """The op raised NotImplementedError for this example's parameters: the example is skipped."""
+
+
+class Example(SimpleNamespace):
+    """One drawn example: sizes, options and the seed of its arrays; ``repr`` is its one-line summary."""
+
+    def __repr__(self) -> str:
+        return " ".join(f"{key}={value:.6g}" if isinstance(value, float) else f"{key}={value}"
+                        for key, value in vars(self).items())
+
+
+@dataclass(frozen=True)
+class Property:
+    """One named law.
+
+    Attributes:
+        name: unique name (``--property NAME``).
+        op: the op it exercises (``refimpl.ops.OPS`` name).
+        description: the law, one line.
+        check: ``check(ops, run_settings) -> Outcome``; runs the law over the profile's examples.
+    """
+
+    name: str
+    op: str
+    description: str
+    check: Callable[[dict, "RunSettings"], "Outcome"]
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The dtype inputs are cast to, its tolerance, and the hypothesis settings of the profile."""
+
+    dtype: str
+    rtol: float
+    hypothesis: settings
+
+
+@dataclass
+class Outcome:
+    """What a check found; :class:`PropertyResult` adds the name, op and time."""
+
+    status: Status
+    message: str = ""
+    example: str | None = None
+    examples: int = 0
+    rejected: int = 0
+
+
+@dataclass
+class PropertyResult:
+    """Result of one property on one backend.
+
+    Attributes:
+        name, op: the property and the op it exercises.
+        status: passed, failed, not implemented or error (:class:`conformance.runner.Status`).
+        message: counts on success; the broken bound or the exception otherwise.
+        example: the shrunk falsifying (or erroring) example, ``None`` otherwise.
+        examples: examples that ran to the end (on failure: including hypothesis' shrink steps).
+        rejected: examples skipped because the op raised ``NotImplementedError``.
+        seconds: wall time.
+    """
+
+    name: str
+    op: str
+    status: Status
+    message: str = ""
+    example: str | None = None
+    examples: int = 0
+    rejected: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _Tally:
+    """Counts kept across hypothesis' calls of one property."""
+
+    examples: int = 0
+    rejected: int = 0
+    reason: str = ""
+    last_example: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+class Context:
+    """What a law's body uses: call an op, cast inputs, compare outputs."""
+
+    def __init__(self, ops: dict, run: RunSettings, tally: _Tally):
+        self.ops, self.dtype, self.rtol, self.tally = ops, run.dtype, run.rtol, tally
+
+    def cast(self, array: np.ndarray) -> np.ndarray:
+        """A float64 draw in the run dtype."""
+        return np.ascontiguousarray(array, dtype=self.dtype)
+
+    def call(self, op: str, **kwargs) -> np.ndarray:
+        """``ops[op](**kwargs)`` (None-valued keywords left out) as float64.
+
+        Raises:
+            _NotImplementedHere: the op raised NotImplementedError.
+            OpRaised: the op raised anything else or returned no real array.
+        """
+        kwargs = {key: value for key, value in kwargs.items() if value is not None}
+        try:
+            return to_float64(self.ops[op](**kwargs), f"{op} output")
+        except NotImplementedError as exc:
+            raise _NotImplementedHere(one_line(str(exc)) or f"{op}: NotImplementedError") from None
+        except Exception as exc:
+            raise OpRaised(one_line(f"{op} raised {type(exc).__name__}: {exc}")) from None
+
+    def note(self, text: str) -> None:
+        """Add ``text`` (once) to the message of a passing property."""
+        if text not in self.tally.notes:
+            self.tally.notes.append(text)
+
+    def assert_close(self, actual: np.ndarray, expected: np.ndarray, what: str, allowance=0.0) -> None:
+        """``|actual - expected| <= rtol * max(1, max|expected|) + allowance`` everywhere, all finite.
+
+        Raises:
+            PropertyFailure: shapes differ, a value is NaN/Inf, or the bound is broken
+                (the message names the worst index).
+        """
+        if actual.shape != expected.shape:
+            raise PropertyFailure(f"{what}: shape {actual.shape} != {expected.shape}")
+        nonfinite = int(np.sum(~np.isfinite(actual)) + np.sum(~np.isfinite(expected)))
+        if nonfinite:
+            raise PropertyFailure(f"{what}: {nonfinite} NaN/Inf value(s)")
+        bound = self.rtol * max(1.0, float(np.max(np.abs(expected), initial=0.0))) + np.asarray(allowance)
+        excess = np.abs(actual - expected) - bound
+        if np.any(excess > 0):
+            where = np.unravel_index(int(np.argmax(excess)), excess.shape)
+            error = abs(actual[where] - expected[where])
+            raise PropertyFailure(
+                f"{what}: |difference| {error:.3g} at {tuple(int(i) for i in where)} exceeds "
+                f"{np.broadcast_to(bound, excess.shape)[where]:.3g} ({actual[where]:.6g} vs {expected[where]:.6g})")
+
+
+# Running one law under hypothesis
+
+def _classify(test: Callable[[], None], tally: _Tally) -> Outcome:
+    """Run the hypothesis test and turn what it raised into an :class:`Outcome`."""
+    try:
+        test()
+    except PropertyFailure as exc:
+        return Outcome(Status.FAILED, one_line(str(exc)), tally.last_example, tally.examples, tally.rejected)
+    except OpRaised as exc:
+        return Outcome(Status.ERROR, str(exc), tally.last_example, tally.examples, tally.rejected)
+    except Unsatisfiable:
+        pass  # every example was rejected: decided below
+    except Exception as exc:
+        message = one_line(f"{type(exc).__name__}: {exc}")
+        return Outcome(Status.ERROR, message, tally.last_example or None, tally.examples, tally.rejected)
+    if tally.examples == 0:
+        return Outcome(Status.NOT_IMPLEMENTED, f"every example raised NotImplementedError ({tally.reason})",
+                       rejected=tally.rejected)
+    message = f"{tally.examples} examples"
+    if tally.rejected:
+        message += f"; {tally.rejected} skipped, not implemented ({tally.reason})"
+    return Outcome(Status.PASSED, "; ".join([message, *tally.notes]), None, tally.examples, tally.rejected)
+
+
+def _hypothesis_check(name: str, strategy, body: Callable, ops: dict, run: RunSettings) -> Outcome:
+    """Check ``body(context, example)`` on the examples of ``strategy`` under the run's settings."""
+    tally = _Tally()
+
+    def property_test(example):
+        tally.last_example = repr(example)
+        try:
+            body(Context(ops, run, tally), example)
+        except _NotImplementedHere as exc:
+            tally.rejected += 1
+            tally.reason = str(exc)
+            reject()
+        tally.examples += 1
+
+    property_test.__name__ = property_test.__qualname__ = name
+    return _classify(run.hypothesis(given(strategy)(property_test)), tally)
+
+
+def run_settings(dtype: str, profile: str) -> RunSettings:
+    """The :class:`RunSettings` of a dtype and profile.
+
+    Raises:
+        ConformanceError: unknown dtype or profile (the known ones are listed).
+    """
+    if dtype not in RTOL:
+        raise ConformanceError(f"properties run in {' or '.join(DTYPES)}, not '{dtype}'")
+    if profile not in PROFILES:
+        raise ConformanceError(f"unknown profile '{profile}'; profiles: {', '.join(PROFILES)}")
+    hypothesis = settings(
+        max_examples=PROFILES[profile], derandomize=True, database=None, deadline=None,
+        phases=(Phase.explicit, Phase.generate, Phase.shrink), report_multiple_bugs=False,
+        suppress_health_check=list(HealthCheck), verbosity=Verbosity.quiet, print_blob=False,
+    )
+    return RunSettings(dtype, RTOL[dtype], hypothesis)
+
+
+def extended(strategy, **draws):
+    """``strategy``'s examples with more fields, field ``name`` drawn from ``draws[name](example)``."""
+
+    @st.composite
+    def more(draw):
+        example = draw(strategy)
+        return Example(**{**vars(example), **{name: draw(make(example)) for name, make in draws.items()}})
+
+    return more()
+
+
+# Attention: examples and laws
+
+@st.composite
+def attention_examples(draw, *, min_batch=1, min_queries=1, window=None, chunk=None, sinks=True):
+    """An :class:`Example` of attention sizes and options.
+
+    ``window`` / ``chunk`` map S to a strategy for that option (default: None or
+    1..S + 2); ``sinks=False`` never draws random sink logits.
+    """
+    b = draw(st.integers(min_batch, 2))
+    t = draw(st.integers(min_queries, 12))
+    s = t + draw(st.integers(0, 4))
+    hkv = draw(st.integers(1, 4))
+    h = hkv * draw(st.integers(1, 4 // hkv))
+    d, dv = draw(st.sampled_from(HEAD_DIMS)), draw(st.sampled_from(HEAD_DIMS))
+    return Example(
+        B=b, T=t, S=s, H=h, Hkv=hkv, D=d, Dv=dv, scaling=draw(st.sampled_from((d ** -0.5, 1.0))),
+        window=draw(window(s) if window else st.none() | st.integers(1, s + 2)),
+        chunk=draw(chunk(s) if chunk else st.none() | st.integers(1, s + 2)),
+        sinks=draw(st.booleans()) if sinks else False,
+        softcap=draw(st.sampled_from(_SOFTCAPS)),
+        seed=draw(st.integers(0, 2**32 - 1)),
+    )
+
+
+def _attention_inputs(ctx: Context, ex: Example):
+    """``(rng, {"q", "k", "v", "sinks"})`` in the run dtype; the rng continues for further draws."""
+    rng = np.random.default_rng(ex.seed)
+    q = rng.standard_normal((ex.B, ex.T, ex.H, ex.D))
+    k = rng.standard_normal((ex.B, ex.S, ex.Hkv, ex.D))
+    v = rng.standard_normal((ex.B, ex.S, ex.Hkv, ex.Dv))
+    sinks = 2 * rng.standard_normal(ex.H) if ex.sinks else None
+    arrays = {"q": ctx.cast(q), "k": ctx.cast(k), "v": ctx.cast(v), "sinks": None if sinks is None else ctx.cast(sinks)}
+    return rng, arrays
+
+
+def _attention_params(ex: Example, **overrides) -> dict:
+    params = {"scaling": ex.scaling, "sliding_window": ex.window, "attention_chunk_size": ex.chunk,
+              "attn_logit_softcapping": ex.softcap}
+    return {**params, **overrides}
+
+
+def attention_causal(ctx: Context, ex: Example) -> None:
+    """Keys, values and queries after the cut p do not move query rows at positions <= p."""
+    rng, x = _attention_inputs(ctx, ex)
+    before = ctx.call("attention", **x, **_attention_params(ex))
+    # Query row i sits at position S - T + i; rows up to the cut p must not move.
+    kept = ex.p - (ex.S - ex.T) + 1
+    changed = dict(x)
+    for name, start in (("k", ex.p + 1), ("v", ex.p + 1), ("q", kept)):
+        fresh = x[name].copy()
+        fresh[:, start:] = ctx.cast(5 * rng.standard_normal(fresh[:, start:].shape))
+        changed[name] = fresh
+    after = ctx.call("attention", **changed, **_attention_params(ex))
+    ctx.assert_close(after[:, :kept], before[:, :kept],
+                     f"rows at positions <= {ex.p} after changing keys, values and queries after {ex.p}")
+
+
+def attention_gqa_repeat(ctx: Context, ex: Example) -> None:
+    """Grouped k, v equal k, v repeated to H heads, query head h reading head h // G."""
+    _, x = _attention_inputs(ctx, ex)
+    group = ex.H // ex.Hkv
+    grouped = ctx.call("attention", **x, **_attention_params(ex))
+    repeated = {**x, "k": np.repeat(x["k"], group, axis=2), "v": np.repeat(x["v"], group, axis=2)}
+    expected = ctx.call("attention", **repeated, **_attention_params(ex))
+    ctx.assert_close(grouped, expected, f"Hkv={ex.Hkv} against k, v repeated to H={ex.H} heads (head h reads h // G)")
+
+
+def attention_window_ge_keys(ctx: Context, ex: Example) -> None:
+    """A window of at least S keys equals no window."""
+    _, x = _attention_inputs(ctx, ex)
+    windowed = ctx.call("attention", **x, **_attention_params(ex))
+    full = ctx.call("attention", **x, **_attention_params(ex, sliding_window=None))
+    ctx.assert_close(windowed, full, f"sliding_window={ex.window} >= S={ex.S} against no window")
+
+
+def attention_chunk_ge_keys(ctx: Context, ex: Example) -> None:
+    """A chunk of at least S positions equals no chunking."""
+    _, x = _attention_inputs(ctx, ex)
+    chunked = ctx.call("attention", **x, **_attention_params(ex))
+    whole = ctx.call("attention", **x, **_attention_params(ex, attention_chunk_size=None))
+    ctx.assert_close(chunked, whole, f"attention_chunk_size={ex.chunk} >= S={ex.S} against no chunking")
+
+
+def attention_sink_negative(ctx: Context, ex: Example) -> None:
+    """Sink logits -1e30 (and -inf, when the op accepts them) equal no sinks."""
+    _, x = _attention_inputs(ctx, ex)
+    params = _attention_params(ex)
+    plain = ctx.call("attention", **x, **params)
+    sunk = ctx.call("attention", **{**x, "sinks": ctx.cast(np.full(ex.H, NO_SINK))}, **params)
+    ctx.assert_close(sunk, plain, f"sinks = {NO_SINK:g} against no sinks")
+    # -inf is the exact "no sink"; a backend may refuse it, but what it returns must agree.
+    try:
+        infinite = ctx.call("attention", **{**x, "sinks": ctx.cast(np.full(ex.H, -np.inf))}, **params)
+    except (_NotImplementedHere, OpRaised) as exc:
+        ctx.note(f"sinks = -inf not accepted, only -1e30 checked ({exc})")
+        return
+    ctx.assert_close(infinite, plain, "sinks = -inf against no sinks")
+
+
+def attention_window_locality(ctx: Context, ex: Example) -> None:
+    """Keys before the cut c do not move rows whose window starts at c or later."""
+    rng, x = _attention_inputs(ctx, ex)
+    before = ctx.call("attention", **x, **_attention_params(ex))
+    changed = dict(x)
+    for name in ("k", "v"):
+        changed[name] = x[name].copy()
+        changed[name][:, :ex.cut] = ctx.cast(5 * rng.standard_normal(changed[name][:, :ex.cut].shape))
+    after = ctx.call("attention", **changed, **_attention_params(ex))
+    # Query row i sits at position S - T + i; it sees keys j > position - W.
+    first = max(0, ex.cut - 1 + ex.window - (ex.S - ex.T))
+    ctx.assert_close(after[:, first:], before[:, first:],
+                     f"rows at positions >= {ex.cut - 1 + ex.window} after changing keys and values before {ex.cut}")
+
+
+def attention_scaling(ctx: Context, ex: Example) -> None:
+    """Queries times c with scaling / c equal the original call: the given scaling is applied."""
+    _, x = _attention_inputs(ctx, ex)
+    expected = ctx.call("attention", **x, **_attention_params(ex))
+    scaled_q = ctx.cast(ex.factor * x["q"].astype(np.float64))
+    actual = ctx.call("attention", **{**x, "q": scaled_q}, **_attention_params(ex, scaling=ex.scaling / ex.factor))
+    ctx.assert_close(actual, expected, f"q times {ex.factor} with scaling divided by {ex.factor}")
+
+
+def attention_sink_takes_mass(ctx: Context, ex: Example) -> None:
+    """With values all 1, a sink above every score lowers its own head, and only it."""
+    _, x = _attention_inputs(ctx, ex)
+    x["v"] = ctx.cast(np.ones(x["v"].shape))
+    params = _attention_params(ex)
+    no_sink = np.full(ex.H, NO_SINK)
+    # With values all 1 the output is the mass the keys get: 1 without a sink.
+    ones = ctx.call("attention", **{**x, "sinks": ctx.cast(no_sink)}, **params)
+    ctx.assert_close(ones, np.ones(ones.shape), f"values all 1, sinks {NO_SINK:g}: the keys' mass")
+    # A sink logit above every score (Cauchy-Schwarz bound, or the cap) takes >= 1 / (S + 1) of the mass.
+    q_norm = np.linalg.norm(x["q"].astype(np.float64), axis=-1).max()
+    k_norm = np.linalg.norm(x["k"].astype(np.float64), axis=-1).max()
+    top = min(ex.scaling * q_norm * k_norm, ex.softcap or np.inf)
+    sinks = no_sink.copy()
+    sinks[ex.head] = top
+    out = ctx.call("attention", **{**x, "sinks": ctx.cast(sinks)}, **params)
+    others = ones.copy()
+    others[:, :, ex.head] = out[:, :, ex.head]
+    ctx.assert_close(out, others, f"heads other than {ex.head} after raising its sink")
+    limit = ex.S / (ex.S + 1) * (1 + ctx.rtol)
+    if not np.all(out[:, :, ex.head] <= limit):
+        raise PropertyFailure(f"head {ex.head} with sink {top:.4g} above every score keeps mass "
+                              f"{np.max(out[:, :, ex.head]):.6g} > S / (S + 1) = {ex.S / (ex.S + 1):.6g}")
+
+
+def attention_softcap_bounds_ratios(ctx: Context, ex: Example) -> None:
+    """With cap c, visible probabilities stay within exp(2c) of each other; later keys get 0."""
+    _, x = _attention_inputs(ctx, ex)
+    # One-hot values (Dv = S) make the output the probabilities; large queries make uncapped scores spread.
+    x["q"] = ctx.cast(30 * x["q"].astype(np.float64))
+    x["v"] = ctx.cast(np.broadcast_to(np.eye(ex.S)[None, :, None, :], x["v"].shape))
+    p = ctx.call("attention", **x, **_attention_params(ex))
+    positions = np.arange(ex.S - ex.T, ex.S)[:, None, None]
+    visible = np.broadcast_to(np.arange(ex.S)[None, None, :] <= positions, p.shape[1:])
+    if p.shape != (ex.B, ex.T, ex.H, ex.S) or not np.all(np.isfinite(p)):
+        raise PropertyFailure(f"probabilities: shape {p.shape} or non-finite values")
+    ctx.assert_close(np.where(visible, 0.0, p), np.zeros(p.shape), "probabilities of keys after the query")
+    # s in (-c, c) after capping, so p_j / p_max >= exp(-2c); 0.01 of slack in the exponent for rounding.
+    floor = np.max(p, axis=-1, keepdims=True) * np.exp(-2 * ex.softcap - 0.01)
+    low = visible & (p < floor)
+    if np.any(low):
+        where = tuple(int(i) for i in np.argwhere(low)[0])
+        raise PropertyFailure(f"probability {p[where]:.3g} at {where} is below exp(-2 cap) = "
+                              f"{np.exp(-2 * ex.softcap):.3g} times its row's largest, {np.max(p[where[:-1]]):.3g}")
+
+
+def attention_batch_rows_independent(ctx: Context, ex: Example) -> None:
+    """Each batch row run alone equals its row of the batched call."""
+    _, x = _attention_inputs(ctx, ex)
+    params = _attention_params(ex)
+    batched = ctx.call("attention", **x, **params)
+    for b in range(ex.B):
+        alone = {name: a if name == "sinks" or a is None else a[b:b + 1].copy() for name, a in x.items()}
+        ctx.assert_close(ctx.call("attention", **alone, **params), batched[b:b + 1], f"batch row {b} run alone")
+
+
+# RoPE: examples and laws
+
+@st.composite
+def rope_examples(draw, *, rope_types=("default", "linear", "llama3", "yarn"), partial=False):
+    """An :class:`Example` of RoPE sizes and parameters; ``partial`` draws D in {4, 8} and f < 1."""
+    d = draw(st.sampled_from(tuple(PARTIAL_FACTORS) if partial else HEAD_DIMS))
+    return Example(
+        B=draw(st.integers(1, 2)), T=draw(st.integers(1, 12)), H=draw(st.integers(1, 4)), D=d,
+        layout=draw(st.sampled_from(("rotate_half", "interleaved"))),
+        rope_type=draw(st.sampled_from(rope_types)), rope_theta=draw(st.sampled_from((100.0, 10000.0, 1e6))),
+        factor=draw(st.sampled_from((2.0, 4.0, 8.0))),
+        partial_rotary_factor=draw(st.sampled_from(PARTIAL_FACTORS[d])) if partial else 1.0,
+        offset=draw(st.integers(1, MAX_POSITION)), seed=draw(st.integers(0, 2**32 - 1)),
+    )
+
+
+#: Context length the scaled RoPE types are configured with (small, so their bands matter at D <= 8).
+ORIGINAL_CONTEXT = 64
+
+
+def _rope_params(ex: Example, **overrides) -> dict:
+    """Keyword parameters of the ``rope`` op for ``ex``."""
+    params = {"rope_type": ex.rope_type, "rope_theta": ex.rope_theta}
+    context = None
+    if ex.rope_type in ("linear", "yarn"):
+        params["factor"] = ex.factor
+    if ex.rope_type == "llama3":
+        params.update(factor=ex.factor, low_freq_factor=1.0, high_freq_factor=4.0)
+    if ex.rope_type in ("llama3", "yarn"):
+        params["original_max_position_embeddings"] = ORIGINAL_CONTEXT
+        context = int(ex.factor * ORIGINAL_CONTEXT)
+    kwargs = {"rope_parameters": params, "partial_rotary_factor": ex.partial_rotary_factor,
+              "max_position_embeddings": context, "layout": ex.layout}
+    return {**kwargs, **overrides}
+
+
+def _rope_inputs(ctx: Context, ex: Example):
+    """``(rng, x (B, T, H, D) in the run dtype, positions (B, T) int64)``."""
+    rng = np.random.default_rng(ex.seed)
+    x = ctx.cast(rng.standard_normal((ex.B, ex.T, ex.H, ex.D)))
+    return rng, x, rng.integers(0, MAX_POSITION, (ex.B, ex.T), dtype=np.int64)
+
+
+def _pair_norms(x: np.ndarray, layout: str, rotary: int) -> np.ndarray:
+    """``(..., Dr/2)`` norms of the rotated pairs: (i, i + Dr/2) for rotate_half, (2i, 2i + 1) interleaved."""
+    if layout == "rotate_half":
+        first, second = x[..., :rotary // 2], x[..., rotary // 2:rotary]
+    else:
+        first, second = x[..., 0:rotary:2], x[..., 1:rotary:2]
+    return np.hypot(first, second)
+
+
+def rope_pair_norm(ctx: Context, ex: Example) -> None:
+    """Every pair the layout rotates keeps its norm."""
+    _, x, positions = _rope_inputs(ctx, ex)
+    rotated = ctx.call("rope", x=x, positions=positions, **_rope_params(ex))
+    expected = _pair_norms(x.astype(np.float64), ex.layout, ex.D)
+    ctx.assert_close(_pair_norms(rotated, ex.layout, ex.D), expected, f"norms of the {ex.layout} pairs")
+
+
+def rope_relative_position(ctx: Context, ex: Example) -> None:
+    """q.k after RoPE is unchanged when both positions shift by the same offset."""
+    rng, q, m = _rope_inputs(ctx, ex)
+    k = ctx.cast(rng.standard_normal(q.shape))
+    n = rng.integers(0, MAX_POSITION, m.shape, dtype=np.int64)
+    params = _rope_params(ex)
+
+    def scores(shift: int) -> np.ndarray:
+        rotated_q = ctx.call("rope", x=q, positions=m + shift, **params)
+        rotated_k = ctx.call("rope", x=k, positions=n + shift, **params)
+        return np.sum(rotated_q * rotated_k, axis=-1)
+
+    ctx.assert_close(scores(ex.offset), scores(0), f"q.k with both positions shifted by {ex.offset}")
+
+
+def rope_partial_passthrough(ctx: Context, ex: Example) -> None:
+    """Channels beyond the rotary width come back unchanged."""
+    _, x, positions = _rope_inputs(ctx, ex)
+    rotary = int(ex.D * ex.partial_rotary_factor)
+    rotated = ctx.call("rope", x=x, positions=positions, **_rope_params(ex))
+    ctx.assert_close(rotated[..., rotary:], x[..., rotary:].astype(np.float64), f"channels {rotary}.. (Dr={rotary})")
+
+
+def rope_partial_is_narrow(ctx: Context, ex: Example) -> None:
+    """The rotary channels equal RoPE of a head exactly Dr wide."""
+    _, x, positions = _rope_inputs(ctx, ex)
+    rotary = int(ex.D * ex.partial_rotary_factor)
+    rotated = ctx.call("rope", x=x, positions=positions, **_rope_params(ex))
+    narrow = ctx.call("rope", x=x[..., :rotary].copy(), positions=positions,
+                      **_rope_params(ex, partial_rotary_factor=1.0))
+    ctx.assert_close(rotated[..., :rotary], narrow, f"first {rotary} channels against RoPE of a {rotary}-wide head")
+
+
+# RMSNorm: examples and laws
+
+@st.composite
+def rms_norm_examples(draw, *, eps):
+    """An :class:`Example` of RMSNorm sizes, a scale c in [1/16, 16] and ``eps`` drawn from the given strategy.
+
+    ``weight_offset`` is 0 or 1 and ``cast_order`` the default or ``"multiply_then_cast"``
+    (immaterial in float32 / float64, but engines pick a different norm for each:
+    transformers' Llama, OLMo 2 and Gemma 3 norms).
+    """
+    return Example(
+        shape=(draw(st.integers(1, 2)), draw(st.integers(1, 5)), draw(st.integers(1, 16))),
+        weight_offset=draw(st.sampled_from((0.0, 1.0))),
+        cast_order=draw(st.sampled_from((None, "multiply_then_cast"))), eps=draw(eps),
+        scale=2.0 ** (draw(st.integers(-40, 40)) / 10), seed=draw(st.integers(0, 2**32 - 1)),
+    )
+
+
+def _rms_norm_inputs(ctx: Context, ex: Example):
+    """``(x, c x, weight)`` in the run dtype."""
+    rng = np.random.default_rng(ex.seed)
+    x = ctx.cast(rng.standard_normal(ex.shape))
+    weight = ctx.cast(rng.standard_normal(ex.shape[-1]))
+    return x, ctx.cast(ex.scale * x.astype(np.float64)), weight
+
+
+def rms_norm_scale_invariant(ctx: Context, ex: Example) -> None:
+    """norm(c x) = norm(x), up to the exact effect of a tiny eps."""
+    x, scaled, weight = _rms_norm_inputs(ctx, ex)
+    params = {"eps": ex.eps, "weight_offset": ex.weight_offset, "cast_order": ex.cast_order}
+    expected = ctx.call("rms_norm", x=x, weight=weight, **params)
+    # With eps in the root: norm(c x) = norm(x) * sqrt((ms + eps) / (ms + eps / c^2)), ms = mean(x^2).
+    mean_square = np.mean(np.square(x.astype(np.float64)), axis=-1, keepdims=True)
+    ratio = np.sqrt((mean_square + ex.eps) / (mean_square + ex.eps / ex.scale**2))
+    allowance = np.abs(expected) * np.abs(ratio - 1)
+    ctx.assert_close(ctx.call("rms_norm", x=scaled, weight=weight, **params), expected,
+                     f"input scaled by {ex.scale:.4g} (eps {ex.eps:g})", allowance)
+
+
+def rms_norm_eps_in_root(ctx: Context, ex: Example) -> None:
+    """norm(c x; eps c^2) = norm(x; eps), which holds only with eps inside the root."""
+    x, scaled, weight = _rms_norm_inputs(ctx, ex)
+    params = {"weight_offset": ex.weight_offset, "cast_order": ex.cast_order}
+    expected = ctx.call("rms_norm", x=x, weight=weight, eps=ex.eps, **params)
+    actual = ctx.call("rms_norm", x=scaled, weight=weight, eps=ex.eps * ex.scale**2, **params)
+    ctx.assert_close(actual, expected, f"input scaled by c={ex.scale:.4g} and eps {ex.eps:.3g} by c^2")
+
+
+# Soft-cap: examples and laws
+
+@st.composite
+def soft_cap_examples(draw):
+    """An :class:`Example` of a length, a cap and a seed."""
+    return Example(n=draw(st.integers(1, 32)), cap=draw(st.sampled_from((1.0, 5.0, 30.0, 50.0))),
+                   seed=draw(st.integers(0, 2**32 - 1)))
+
+
+def _soft_cap_inputs(ctx: Context, ex: Example, low: float, high: float) -> np.ndarray:
+    """Signed values with magnitudes log-uniform in ``[cap 10^low, cap 10^high]``, in the run dtype."""
+    rng = np.random.default_rng(ex.seed)
+    magnitude = ex.cap * 10.0 ** rng.uniform(low, high, ex.n)
+    return ctx.cast(rng.choice((-1.0, 1.0), ex.n) * magnitude)
+
+
+def soft_cap_odd(ctx: Context, ex: Example) -> None:
+    """softcap(-x) = -softcap(x)."""
+    x = _soft_cap_inputs(ctx, ex, -3.0, 3.0)
+    positive = ctx.call("soft_cap", x=x, cap=ex.cap)
+    ctx.assert_close(ctx.call("soft_cap", x=-x, cap=ex.cap), -positive, "softcap(-x) against -softcap(x)")
+
+
+def soft_cap_bounded(ctx: Context, ex: Example) -> None:
+    """|softcap(x)| <= cap and finite, for |x| up to 1000 cap."""
+    x = _soft_cap_inputs(ctx, ex, -3.0, 3.0)
+    y = ctx.call("soft_cap", x=x, cap=ex.cap)
+    # tanh may round to exactly 1; allow the last bits of cap * 1 in the run dtype.
+    limit = ex.cap * (1 + 4 * np.finfo(ctx.dtype).eps)
+    if y.shape != x.shape:
+        raise PropertyFailure(f"softcap(x): shape {y.shape} != {x.shape}")
+    outside = ~np.isfinite(y) | (np.abs(y) > limit)
+    if np.any(outside):
+        where = int(np.argmax(outside))
+        raise PropertyFailure(f"softcap(x) = {y[where]:.6g} at {where} (x = {x[where]:.6g}) is not finite "
+                              f"or exceeds cap {ex.cap:g}")
+
+
+def soft_cap_identity_near_zero(ctx: Context, ex: Example) -> None:
+    """softcap(x) = x up to its cubic term for |x| <= cap / 100."""
+    x = _soft_cap_inputs(ctx, ex, -5.0, -2.0)
+    y = ctx.call("soft_cap", x=x, cap=ex.cap)
+    exact = x.astype(np.float64)
+    # c tanh(x / c) = x - x^3 / (3 c^2) + ...: the cubic term is the allowance.
+    allowance = np.abs(exact) * (exact / ex.cap) ** 2 / 3
+    ctx.assert_close(y, exact, f"softcap(x) against x for |x| <= cap/100 (cap {ex.cap:g})", allowance)
+
+
+# The registry
+
+def _property(name: str, op: str, description: str, strategy, body: Callable) -> Property:
+    return Property(name, op, description, partial(_hypothesis_check, name, strategy, body))
+
+
+_TINY_EPS = st.sampled_from((0.0, 1e-12, 1e-6))
+_ANY_EPS = st.integers(-60, 0).map(lambda tenths: 10.0 ** (tenths / 10))
+
+#: Every property, in report order.
+PROPERTIES: dict[str, Property] = {
+    p.name: p
+    for p in (
+        _property("attention_causal", "attention",
+                  "keys, values and queries after position p do not change query rows at positions <= p",
+                  extended(attention_examples(min_queries=2), p=lambda ex: st.integers(ex.S - ex.T, ex.S - 2)),
+                  attention_causal),
+        _property("attention_gqa_repeat", "attention",
+                  "Hkv < H equals the call with k, v repeated to H heads (query head h reads h // G)",
+                  attention_examples(), attention_gqa_repeat),
+        _property("attention_window_ge_keys", "attention", "sliding_window >= S equals no window",
+                  attention_examples(window=lambda s: st.integers(s, s + 3)), attention_window_ge_keys),
+        _property("attention_chunk_ge_keys", "attention", "attention_chunk_size >= S equals no chunking",
+                  attention_examples(chunk=lambda s: st.integers(s, s + 3)), attention_chunk_ge_keys),
+        _property("attention_sink_negative", "attention", "sink logits -1e30 (and -inf if accepted) equal no sinks",
+                  attention_examples(sinks=False), attention_sink_negative),
+        _property("attention_window_locality", "attention",
+                  "keys and values older than the window do not change the rows that cannot see them",
+                  extended(attention_examples(window=lambda s: st.integers(1, max(1, s - 1))).filter(
+                      lambda ex: ex.window < ex.S), cut=lambda ex: st.integers(1, ex.S - ex.window)),
+                  attention_window_locality),
+        _property("attention_scaling", "attention", "q times c with scaling / c equals q with scaling",
+                  extended(attention_examples(), factor=lambda ex: st.sampled_from((0.25, 3.0))), attention_scaling),
+        _property("attention_sink_takes_mass", "attention",
+                  "values all 1: no sink gives 1; a sink above every score on head h lowers head h only",
+                  extended(attention_examples(sinks=False), head=lambda ex: st.integers(0, ex.H - 1)),
+                  attention_sink_takes_mass),
+        _property("attention_softcap_bounds_ratios", "attention",
+                  "with cap c, visible keys' probabilities are within a factor exp(2c), later keys' are 0",
+                  extended(attention_examples(sinks=False, window=lambda s: st.none(), chunk=lambda s: st.none()),
+                           softcap=lambda ex: st.sampled_from((5.0, 20.0)), Dv=lambda ex: st.just(ex.S)),
+                  attention_softcap_bounds_ratios),
+        _property("attention_batch_rows_independent", "attention",
+                  "each batch row alone equals its row of the batched call",
+                  attention_examples(min_batch=2), attention_batch_rows_independent),
+        _property("rope_pair_norm", "rope", "every rotated pair of the layout keeps its norm",
+                  rope_examples(rope_types=("default", "linear", "llama3")), rope_pair_norm),
+        _property("rope_relative_position", "rope", "q.k after RoPE depends only on the position difference",
+                  rope_examples(), rope_relative_position),
+        _property("rope_partial_passthrough", "rope", "channels beyond the rotary width are unchanged",
+                  rope_examples(partial=True), rope_partial_passthrough),
+        _property("rope_partial_is_narrow", "rope", "the rotary channels equal RoPE of a head Dr wide",
+                  rope_examples(partial=True), rope_partial_is_narrow),
+        _property("rms_norm_scale_invariant", "rms_norm", "norm(c x) = norm(x) up to the effect of a tiny eps",
+                  rms_norm_examples(eps=_TINY_EPS), rms_norm_scale_invariant),
+        _property("rms_norm_eps_in_root", "rms_norm", "norm(c x; eps c^2) = norm(x; eps): eps inside the root",
+                  rms_norm_examples(eps=_ANY_EPS), rms_norm_eps_in_root),
+        _property("soft_cap_odd", "soft_cap", "softcap(-x) = -softcap(x)", soft_cap_examples(), soft_cap_odd),
+        _property("soft_cap_bounded", "soft_cap", "|softcap(x)| <= cap", soft_cap_examples(), soft_cap_bounded),
+        _property("soft_cap_identity_near_zero", "soft_cap", "softcap(x) ~ x for |x| << cap",
+                  soft_cap_examples(), soft_cap_identity_near_zero),
+    )
+}
+
+
+def select_properties(names=None) -> list[Property]:
+    """The named properties in registry order (all when ``names`` is empty or None).
+
+    Raises:
+        ConformanceError: an unknown name (the known names are listed).
+    """
+    if not names:
+        return list(PROPERTIES.values())
+    unknown = [name for name in names if name not in PROPERTIES]
+    if unknown:
+        raise ConformanceError(f"unknown property '{unknown[0]}'; properties: {', '.join(PROPERTIES)}")
+    return [p for p in PROPERTIES.values() if p.name in names]
+
+
+def run_property(prop: Property, ops: dict, run: RunSettings) -> PropertyResult:
+    """Check one property; a missing op is "not implemented" without running anything."""
+    start = time.perf_counter()
+    if prop.op not in ops:
+        outcome = Outcome(Status.NOT_IMPLEMENTED, f"the backend has no op '{prop.op}'")
+    else:
+        outcome = prop.check(ops, run)
+    return PropertyResult(prop.name, prop.op, outcome.status, outcome.message, outcome.example,
+                          outcome.examples, outcome.rejected, time.perf_counter() - start)
+
+
+def run_properties(ops: dict, *, dtype: str = "float64", profile: str = "ci", names=None) -> list[PropertyResult]:
+    """Check the selected properties against a backend's ``ops`` mapping.
+
+    Args:
+        ops: op name -> callable with the ``refimpl.ops`` signature (a backend's ``ops``).
+        dtype: ``"float64"`` or ``"float32"``: the dtype of the array inputs, and the tolerance.
+        profile: ``"quick"``, ``"ci"`` or ``"thorough"`` (10, 25, 200 examples per property).
+        names: property names to run, or None for all.
+
+    Returns:
+        One :class:`PropertyResult` per property, in registry order.
+
+    Raises:
+        ConformanceError: unknown dtype, profile or property name.
+    """
+    chosen = select_properties(names)
+    run = run_settings(dtype, profile)
+    ops = dict(ops)
+    return [run_property(prop, ops, run) for prop in chosen]

@@ -1,0 +1,332 @@
+"""Tests of ``conformance.properties``: real backends pass, deliberately wrong ops fail.
+
+The reference, transformers and torch backends must pass every property they
+implement. Each wrong op below breaks one law the way an engine could (attending
+one future key, the wrong key/value head, RoPE angles from the squared position,
+eps outside the root, ...), and the property for that law must report "failed"
+with a shrunk falsifying example. The ``properties`` subcommand is tested for
+its exit statuses.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conformance.backends.refimpl_backend import RefimplBackend
+from conformance.cli import cli
+from conformance.errors import ConformanceError
+from conformance.properties import PROPERTIES, run_properties
+from conformance.runner import Status
+from refimpl import ops as ref
+from refimpl.attention import attention, grouped_query_attention
+from refimpl.rope import RopeLayout, apply_rope, rope_cos_sin, rope_frequencies, rotary_dim
+
+REF_OPS = RefimplBackend().ops
+OPS_OF = {op for op in (p.op for p in PROPERTIES.values())}
+
+
+def _statuses(results) -> dict[str, Status]:
+    return {r.name: r.status for r in results}
+
+
+def _assert_all_passed(results, not_implemented=()) -> None:
+    for r in results:
+        expected = Status.NOT_IMPLEMENTED if r.op in not_implemented else Status.PASSED
+        assert r.status is expected, f"{r.name}: {r.status.value}: {r.message} [{r.example}]"
+
+
+# Real backends
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_refimpl_passes_every_property(dtype):
+    results = run_properties(REF_OPS, dtype=dtype, profile="ci")
+    assert [r.name for r in results] == list(PROPERTIES)
+    _assert_all_passed(results)
+    assert all(r.examples == 25 and r.rejected == 0 for r in results)
+
+
+@pytest.fixture(scope="module")
+def transformers_ops():
+    pytest.importorskip("transformers")
+    from conformance.backends.transformers_backend import TransformersBackend
+
+    return TransformersBackend().ops
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_transformers_passes_every_property(transformers_ops, dtype):
+    results = run_properties(transformers_ops, dtype=dtype, profile="quick")
+    _assert_all_passed(results)
+    # Sinks with soft-capping are refused per example (NotImplementedError) and skipped.
+    sink = next(r for r in results if r.name == "attention_sink_negative")
+    assert sink.rejected > 0 and "skipped" in sink.message
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_torch_passes_attention_properties():
+    pytest.importorskip("torch")
+    from conformance.backends.torch_backend import TorchBackend
+
+    results = run_properties(TorchBackend().ops, dtype="float32", profile="quick")
+    _assert_all_passed(results, not_implemented=OPS_OF - {"attention"})
+
+
+# Deliberately wrong ops
+
+def _masked_attention(name, visible_rule):
+    """Attention whose causal rule is ``visible_rule(query_pos, key_pos)``; window and chunk as specified."""
+
+    def op(q, k, v, *, scaling, sliding_window=None, attention_chunk_size=None, sinks=None,
+           attn_logit_softcapping=None):
+        queries, keys = q.shape[1], k.shape[1]
+        pos, key = np.arange(keys - queries, keys)[:, None], np.arange(keys)[None, :]
+        visible = visible_rule(pos, key)
+        if sliding_window is not None:
+            visible &= key > pos - sliding_window
+        if attention_chunk_size is not None:
+            visible &= key // attention_chunk_size == pos // attention_chunk_size
+        return grouped_query_attention(q, k, v, visible, scaling, sinks=sinks, softcap=attn_logit_softcapping)
+
+    op.__name__ = name
+    return op
+
+
+_attends_every_key = _masked_attention("_attends_every_key", lambda pos, key: np.ones_like(pos == key))
+_attends_one_future_key = _masked_attention("_attends_one_future_key", lambda pos, key: key <= pos + 1)
+
+
+def _gqa_modulo(q, k, v, **kw):
+    """Query head h reads key/value head h % Hkv instead of h // G."""
+    heads = np.arange(q.shape[2]) % k.shape[2]
+    return attention(q, k[:, :, heads], v[:, :, heads], **kw)
+
+
+def _window_minus_one(q, k, v, *, sliding_window=None, **kw):
+    """W - 1 visible keys: the window taken as keys before the query, not including it."""
+    return attention(q, k, v, sliding_window=None if sliding_window is None else max(sliding_window - 1, 1), **kw)
+
+
+def _window_plus_one(q, k, v, *, sliding_window=None, **kw):
+    """W + 1 visible keys: the window taken as a radius."""
+    return attention(q, k, v, sliding_window=None if sliding_window is None else sliding_window + 1, **kw)
+
+
+def _chunk_minus_one(q, k, v, *, attention_chunk_size=None, **kw):
+    chunk = None if attention_chunk_size is None else max(attention_chunk_size - 1, 1)
+    return attention(q, k, v, attention_chunk_size=chunk, **kw)
+
+
+def _sink_sign_ignored(q, k, v, *, sinks=None, **kw):
+    return attention(q, k, v, sinks=None if sinks is None else np.abs(sinks), **kw)
+
+
+def _window_ignored(q, k, v, *, sliding_window=None, **kw):
+    return attention(q, k, v, **kw)
+
+
+def _scaling_from_head_dim(q, k, v, *, scaling, **kw):
+    return attention(q, k, v, scaling=q.shape[-1] ** -0.5, **kw)
+
+
+def _sinks_ignored(q, k, v, *, sinks=None, **kw):
+    return attention(q, k, v, **kw)
+
+
+def _sinks_reversed(q, k, v, *, sinks=None, **kw):
+    """Head h given the sink of head H - 1 - h."""
+    return attention(q, k, v, sinks=None if sinks is None else sinks[::-1].copy(), **kw)
+
+
+def _softcap_ignored(q, k, v, *, attn_logit_softcapping=None, **kw):
+    return attention(q, k, v, **kw)
+
+
+def _batch_row0_keys(q, k, v, **kw):
+    """Every batch row attends to the keys and values of row 0."""
+    return attention(q, np.repeat(k[:1], k.shape[0], axis=0), np.repeat(v[:1], v.shape[0], axis=0), **kw)
+
+
+def _rope_squared_positions(x, positions, **kw):
+    return ref.rope(x, positions * positions, **kw)
+
+
+def _rope_position_offset(x, positions, **kw):
+    return ref.rope(x, positions, **kw) + 1e-3 * positions[:, :, None, None]
+
+
+def _rope_always_rotate_half(x, positions, **kw):
+    return ref.rope(x, positions, **{**kw, "layout": "rotate_half"})
+
+
+def _rope_full_width(x, positions, **kw):
+    return ref.rope(x, positions, **{**kw, "partial_rotary_factor": 1.0})
+
+
+def _rope_partial_frequencies_over_head_dim(x, positions, *, rope_parameters, partial_rotary_factor=1.0,
+                                            max_position_embeddings=None, layout="rotate_half"):
+    """Partial RoPE whose exponents are 2i / D instead of 2i / Dr (the first Dr/2 of the full table)."""
+    inv_freq, scaling = rope_frequencies(rope_parameters, x.shape[-1], max_position_embeddings=max_position_embeddings)
+    half = rotary_dim(x.shape[-1], partial_rotary_factor) // 2
+    cos, sin = rope_cos_sin(positions, inv_freq[:half], x.dtype, scaling)
+    return apply_rope(x, cos, sin, RopeLayout(layout))
+
+
+def _rms_norm_eps_outside_root(x, weight, *, eps, weight_offset=0.0, cast_order=None):
+    return (weight + weight_offset) * x / (np.sqrt(np.mean(x * x, axis=-1, keepdims=True)) + eps)
+
+
+def _rms_norm_large_eps(x, weight, *, eps, weight_offset=0.0, cast_order=None):
+    return (weight + weight_offset) * x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-2)
+
+
+WRONG = [
+    ("attention_causal", "attention", _attends_every_key),
+    ("attention_causal", "attention", _attends_one_future_key),
+    ("attention_gqa_repeat", "attention", _gqa_modulo),
+    ("attention_window_ge_keys", "attention", _window_minus_one),
+    ("attention_chunk_ge_keys", "attention", _chunk_minus_one),
+    ("attention_sink_negative", "attention", _sink_sign_ignored),
+    ("attention_window_locality", "attention", _window_ignored),
+    ("attention_window_locality", "attention", _window_plus_one),
+    ("attention_scaling", "attention", _scaling_from_head_dim),
+    ("attention_sink_takes_mass", "attention", _sinks_ignored),
+    ("attention_sink_takes_mass", "attention", _sinks_reversed),
+    ("attention_softcap_bounds_ratios", "attention", _softcap_ignored),
+    ("attention_softcap_bounds_ratios", "attention", _attends_one_future_key),
+    ("attention_batch_rows_independent", "attention", _batch_row0_keys),
+    ("rope_relative_position", "rope", _rope_squared_positions),
+    ("rope_pair_norm", "rope", _rope_position_offset),
+    ("rope_pair_norm", "rope", _rope_always_rotate_half),
+    ("rope_partial_passthrough", "rope", _rope_full_width),
+    ("rope_partial_is_narrow", "rope", _rope_partial_frequencies_over_head_dim),
+    ("rms_norm_eps_in_root", "rms_norm", _rms_norm_eps_outside_root),
+    ("rms_norm_scale_invariant", "rms_norm", _rms_norm_large_eps),
+    ("soft_cap_odd", "soft_cap", lambda x, *, cap: cap * np.tanh(np.abs(x) / cap)),
+    ("soft_cap_bounded", "soft_cap", lambda x, *, cap: cap * np.sinh(x / cap)),
+    ("soft_cap_identity_near_zero", "soft_cap", lambda x, *, cap: cap * np.tanh(x)),
+]
+
+
+@pytest.mark.parametrize("name, op, wrong", WRONG, ids=[f"{n}-{w.__name__}" for n, _, w in WRONG])
+def test_wrong_op_fails_its_property(name, op, wrong):
+    (result,) = run_properties({**REF_OPS, op: wrong}, profile="ci", names=[name])
+    assert result.status is Status.FAILED, f"{result.status.value}: {result.message}"
+    assert result.message and result.example and "seed=" in result.example
+
+
+def test_failure_is_shrunk_and_reproducible():
+    wrong = {**REF_OPS, "attention": _attends_one_future_key}
+    first, second = (run_properties(wrong, names=["attention_causal"])[0] for _ in range(2))
+    assert (first.message, first.example) == (second.message, second.example)
+    # The smallest case: one batch row, two queries over two keys, the cut before the last key.
+    assert first.example.startswith("B=1 T=2 S=2 H=1 Hkv=1 D=4 Dv=4") and first.example.endswith("seed=0 p=0")
+
+
+# Statuses other than passed and failed
+
+def test_missing_op_is_not_implemented():
+    results = run_properties({"attention": REF_OPS["attention"]}, profile="quick")
+    statuses = _statuses(results)
+    assert {statuses[p.name] for p in PROPERTIES.values() if p.op == "attention"} == {Status.PASSED}
+    assert {statuses[p.name] for p in PROPERTIES.values() if p.op != "attention"} == {Status.NOT_IMPLEMENTED}
+
+
+def test_not_implemented_for_every_example_and_for_some():
+    def never(x, *, cap):
+        raise NotImplementedError("no soft-cap here")
+
+    def not_cap_one(x, *, cap):
+        if cap == 1.0:
+            raise NotImplementedError("cap 1 unsupported")
+        return ref.softcap(x, cap=cap)
+
+    (none,) = run_properties({"soft_cap": never}, profile="quick", names=["soft_cap_odd"])
+    assert none.status is Status.NOT_IMPLEMENTED and "no soft-cap here" in none.message
+    (some,) = run_properties({"soft_cap": not_cap_one}, profile="quick", names=["soft_cap_odd"])
+    assert some.status is Status.PASSED and some.rejected > 0 and "cap 1 unsupported" in some.message
+
+
+def test_raising_op_is_an_error_with_its_example():
+    def broken(x, *, cap):
+        if x.size > 3:
+            raise ValueError("too long")
+        return ref.softcap(x, cap=cap)
+
+    (result,) = run_properties({"soft_cap": broken}, names=["soft_cap_bounded"])
+    assert result.status is Status.ERROR and "ValueError: too long" in result.message
+    assert result.example.startswith("n=4 ")
+
+
+def test_nan_output_fails():
+    (result,) = run_properties({"soft_cap": lambda x, *, cap: np.full_like(x, np.nan)}, names=["soft_cap_odd"])
+    assert result.status is Status.FAILED and "NaN" in result.message
+
+
+@pytest.mark.parametrize("kwargs, text", [
+    ({"dtype": "float16"}, "float16"), ({"profile": "fast"}, "fast"), ({"names": ["nope"]}, "nope"),
+])
+def test_bad_arguments_raise(kwargs, text):
+    with pytest.raises(ConformanceError, match=text):
+        run_properties(REF_OPS, **kwargs)
+
+
+# The CLI subcommand
+
+class OpsBackend:
+    """An op-level backend made from a mapping."""
+
+    def __init__(self, name: str, ops: dict):
+        self.name, self.ops = name, ops
+
+    def supports(self, case, dtype):
+        return True
+
+
+def causal_leak_backend():
+    return OpsBackend("broken:attends-one-future-key",
+                      {**REF_OPS, "attention": _attends_one_future_key})
+
+
+def no_ops_backend():
+    return OpsBackend("no-ops", {})
+
+
+def _invoke(*args):
+    return CliRunner().invoke(cli, ["properties", *args])
+
+
+def test_cli_passes_refimpl():
+    result = _invoke("--backend", "refimpl", "--profile", "quick", "--dtype", "float32")
+    assert result.exit_code == 0, result.output
+    assert "attention_causal" in result.output and f"{len(PROPERTIES)} passed, 0 failed" in result.output
+
+
+def test_cli_reports_failure_with_example_and_repro():
+    result = _invoke("--backend", "test_properties:causal_leak_backend", "--profile", "quick",
+                     "--property", "attention_causal", "--property", "soft_cap_odd")
+    assert result.exit_code == 1, result.output
+    assert "failed" in result.output and "example: B=1" in result.output
+    assert "repro: llm-conformance properties --backend test_properties:causal_leak_backend" in result.output
+    assert "1 passed, 1 failed" in result.output
+
+
+def test_cli_nothing_checked_exits_1():
+    result = _invoke("--backend", "test_properties:no_ops_backend", "--profile", "quick")
+    assert result.exit_code == 1
+    assert "no property was checked" in result.output
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--backend", "refimpl", "--property", "nope"], "unknown property 'nope'"),
+    (["--backend", "refimpl", "--dtype", "bfloat16"], "float64 or float32"),
+    (["--backend", "refimpl", "--profile", "slow"], "unknown profile"),
+    (["--backend", "no_such_backend"], "unknown backend"),
+    (["--backend", "refimpl", "-o", "novalue"], "expected key=value"),
+])
+def test_cli_input_errors_exit_2(args, text):
+    result = _invoke(*args)
+    assert result.exit_code == 2
+    assert text in result.output
