@@ -152,6 +152,10 @@ ROPE = [
            "inv_freq), T=1 at position 999", 526,
            "rope", _rope({"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0}),
            _rope_inputs(1, 1, 4, 32, lambda rng: np.array([[999]])), tolerance_class="op_rope"),
+    OpCase("op/rope/linear-long", "linear factor 8 (Gemma 3 global layers, 128k context) at positions up to "
+           "131071, D=32", 532,
+           "rope", _rope({"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0}),
+           _rope_inputs(1, 8, 2, 32, LONG_POSITIONS), tolerance_class="op_rope_long"),
     OpCase("op/rope/llama3-long", "RSC-01..03: llama3 rope_type (Llama 3.1: factor 8, low 1, high 4, original "
            "8192, theta 5e5), D=64, positions up to 131071", 527,
            "rope", _rope(LLAMA31), _rope_inputs(1, 8, 2, 64, LONG_POSITIONS), tolerance_class="op_rope_long"),
