@@ -41,7 +41,7 @@ from typing import Callable
 import numpy as np
 
 from .attention import attention
-from .embedding import scaled_embed_tokens
+from .embedding import check_token_ids, scaled_embed_tokens
 from .errors import ShapeError
 from .mlp import gated_mlp
 from .rmsnorm import rms_norm, rms_norm_low_precision
@@ -110,11 +110,15 @@ def mlp(x, gate_proj, up_proj, down_proj, *, hidden_act: str) -> np.ndarray:
 
 
 def embedding(input_ids: np.ndarray, weight: np.ndarray, *, embed_scale: float = 1.0) -> np.ndarray:
-    """Rows of ``weight`` times ``embed_scale`` rounded to the weight's dtype (Gemma: sqrt(M))."""
-    ids = np.asarray(input_ids)
-    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= weight.shape[0]:
-        raise ShapeError(f"embedding: input_ids must be (B, T) integers in [0, {weight.shape[0]})")
-    return scaled_embed_tokens(ids, weight, embed_scale)
+    """Rows of ``weight`` times ``embed_scale`` rounded to the weight's dtype (Gemma: sqrt(M)).
+
+    Raises:
+        InputError: ids not a (B, T) integer array inside ``[0, V)``.
+        ShapeError: ``weight`` is not 2-D.
+    """
+    if np.ndim(weight) != 2:
+        raise ShapeError(f"embedding: weight must be (V, M), got shape {np.shape(weight)}")
+    return scaled_embed_tokens(check_token_ids(input_ids, weight.shape[0]), weight, embed_scale)
 
 
 def softcap(x: np.ndarray, *, cap: float) -> np.ndarray:
