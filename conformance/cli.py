@@ -95,7 +95,8 @@ def select_level(cases: list[Case], level: str, ops: tuple[str, ...]) -> list[Ca
         known = sorted({c.op for c in cases if c.level == "op"})
         for name in ops:
             if name not in known:
-                raise ConformanceError(f"--op '{name}' has no case; ops with cases: {', '.join(known)}")
+                raise ConformanceError(
+                    f"--op '{name}' has no case among the selected cases; ops with cases: {', '.join(known) or 'none'}")
         return [c for c in cases if c.level == "op" and c.op in ops]
     return [c for c in cases if level == "all" or c.level == level]
 
@@ -131,7 +132,8 @@ def cli():
 
 
 @cli.command("run")
-@click.option("--backend", required=True, help="Built-in name (refimpl, transformers) or package.module:factory.")
+@click.option("--backend", required=True,
+              help="Built-in name (refimpl, transformers, torch) or package.module:factory.")
 @click.option("-o", "--option", "options", multiple=True, callback=_parse_options, metavar="KEY=VALUE",
               help="Backend option, passed to its factory as a keyword argument; repeatable.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
@@ -157,12 +159,13 @@ def run_command(backend, options, dtype, level, op_names, golden_dir, case_globs
     meta = {
         "backend": chosen.name, "backend_spec": backend, "backend_options": options,
         "package_versions": package_versions(chosen), "dtype": dtype,
-        "corpus_version": manifest.corpus_version, "golden_dir": str(golden_dir),
+        "corpus_version": manifest.corpus_version, "golden_dir": str(Path(golden_dir).resolve()),
         "conformance_version": __version__, "started_at": started, "finished_at": _now(),
     }
-    print_report(results, meta, _stdout_console())
+    # The report first: a closed pipe on stdout must not lose it.
     if report:
         write_json_report(report, results, meta)
+    print_report(results, meta, _stdout_console())
     if any(r.status in (Status.FAILED, Status.ERROR) for r in results):
         sys.exit(EXIT_FAILED)
     if not any(r.status is Status.PASSED for r in results):
@@ -245,5 +248,17 @@ def properties_command(backend, options, dtype, profile, property_names):
 
 
 def main() -> None:
-    """Console-script entry point."""
-    cli(prog_name="llm-conformance")
+    """Console-script entry point: usage errors are one ``error:`` line and exit status 2."""
+    no_args = getattr(click.exceptions, "NoArgsIsHelpError", ())
+    try:
+        cli.main(prog_name="llm-conformance", standalone_mode=False)
+    except no_args as exc:
+        click.echo(exc.ctx.get_help() if exc.ctx is not None else str(exc))
+        sys.exit(EXIT_INPUT_ERROR)
+    except click.UsageError as exc:
+        hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+        click.echo(f"error: {one_line(exc.format_message())}{hint}", err=True)
+        sys.exit(EXIT_INPUT_ERROR)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(EXIT_FAILED)

@@ -21,6 +21,7 @@ Statuses:
 from __future__ import annotations
 
 import enum
+import inspect
 import re
 import time
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from rich.progress import Progress
 
 from .backends.base import Backend
 from .compare import ArgmaxAgreement, Comparison, argmax_agreement, compare, to_float64
-from .errors import BackendError, ConformanceError, OutputError
+from .errors import BackendError, ConformanceError, ManifestError, OutputError
 from .manifest import Case, inside, load_case_data, load_op_data, verify_case_files
 from .tolerances import MAX_ROUNDING_MISMATCH, Tolerance, get_tolerance, violations
 
@@ -145,7 +146,10 @@ def backend_ops(backend: Backend) -> dict:
     Raises:
         BackendError: ``ops`` exists but is not a mapping of names to callables.
     """
-    ops = getattr(backend, "ops", None)
+    try:
+        ops = getattr(backend, "ops", None)
+    except Exception as exc:
+        raise BackendError(f"backend {backend.name}: reading its ops failed ({type(exc).__name__}: {exc})") from None
     if ops is None:
         return {}
     try:
@@ -203,16 +207,18 @@ def judge_op(
     one; more than :data:`MAX_ROUNDING_MISMATCH` of differing elements fails.
     """
     missing = sorted(set(expected) - set(actual))
+    got = f" (the op returned {', '.join(sorted(actual)) or 'nothing'})"
     result.comparisons = {name: compare(actual[name], expected[name]) for name in expected if name in actual}
     result.uncompared = sorted(set(actual) - set(expected))
     failures = {name: violations(c, tolerance) for name, c in result.comparisons.items()}
-    failures.update({name: ["output missing"] for name in missing})
+    failures.update({name: ["output missing" + got] for name in missing})
     for name, exact in (rounded or {}).items():
         if name in actual:
             result.rounding[name] = rounding_mismatch(actual[name], exact)
             if result.rounding[name] > MAX_ROUNDING_MISMATCH:
                 failures[name].append(f"{result.rounding[name]:.1%} of elements differ from the reference's "
-                                      f"{result.dtype} rounding (> {MAX_ROUNDING_MISMATCH:.0%})")
+                                      f"{result.dtype} rounding (> {MAX_ROUNDING_MISMATCH:.0%}; the output must be "
+                                      f"rounded to {result.dtype} as the case's cast order rounds)")
     diverging = [name for name in expected if failures.get(name)]
     if diverging:
         result.status, result.first_divergence = Status.FAILED, diverging[0]
@@ -220,6 +226,32 @@ def judge_op(
     else:
         result.status = Status.PASSED
     return result
+
+
+def check_op_case(golden_dir: Path, case: Case) -> None:
+    """Refuse an op case the suite cannot pose: unknown op, a model tolerance class, or
+    inputs and params that do not fit the op's reference signature.
+
+    Raises:
+        ManifestError: naming the case and the problem (a corpus fault, not the backend's).
+    """
+    from refimpl.ops import OPS
+
+    if case.op not in OPS:
+        raise ManifestError(f"case {case.id}: unknown op '{case.op}'; this version knows {', '.join(OPS)}")
+    if not case.tolerance_class.startswith("op_"):
+        raise ManifestError(f"case {case.id}: op case with model tolerance class '{case.tolerance_class}'")
+    op, data = OPS[case.op], load_op_data(golden_dir, case)
+    try:
+        inspect.signature(op.function).bind(**data.inputs, **data.params)
+    except TypeError as exc:
+        raise ManifestError(f"case {case.id}: inputs {sorted(data.inputs)} and params {sorted(data.params)} "
+                            f"do not fit op '{case.op}' ({exc})") from None
+    for name, array in data.inputs.items():
+        integer = np.issubdtype(array.dtype, np.integer)
+        if integer != (name in op.integer_inputs):
+            kind = "integer" if name in op.integer_inputs else "floating"
+            raise ManifestError(f"case {case.id}: input '{name}' must be {kind}, the file stores {array.dtype}")
 
 
 def run_op_case(backend: Backend, case: Case, golden_dir: Path, dtype: str) -> CaseResult:
@@ -304,11 +336,17 @@ def run_suite(backend: Backend, cases: list[Case], golden_dir, dtype: str, progr
         HashMismatchError / ManifestError: a case's files are missing or altered
             (checked for every case before any runs).
         BackendError: the backend cannot work at all.
+        ManifestError: an op case the suite cannot pose (unknown op, inputs or params
+            that do not fit it), or a tolerance class of the wrong level.
         ConformanceError: malformed golden data, or no tolerance for a case at ``dtype``.
     """
     golden_dir = Path(golden_dir)
     for case in cases:
         verify_case_files(golden_dir, case)
+        if case.level == "op":
+            check_op_case(golden_dir, case)
+        elif case.tolerance_class.startswith("op_"):
+            raise ManifestError(f"case {case.id}: model case with op tolerance class '{case.tolerance_class}'")
         try:
             get_tolerance(case.tolerance_class, dtype)
         except ConformanceError as exc:

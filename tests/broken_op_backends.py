@@ -1,4 +1,4 @@
-"""Deliberately wrong op-level backends, one per mistake of ``shared/bug-classes.md``.
+"""Deliberately wrong op-level backends, one per mistake of ``docs/bug-classes.md``.
 
 Each is the reference's op table with one op replaced by a wrong variant that an
 engine has shipped (the class is in the name), so the only difference from a

@@ -63,3 +63,53 @@ def test_check_reports_an_unreadable_manifest(golden_dir, tmp_path):
     result = run_check(copy)
     assert result.returncode == 1
     assert "cannot be read as JSON" in result.stderr and "Traceback" not in result.stderr
+
+
+def _rewrite_op_file(copy, relative, edit_tensors=None, edit_case=None):
+    """Rewrite an op case's data file, keeping (or editing) its ``case`` metadata."""
+    import json
+
+    from safetensors import safe_open
+
+    path = copy / relative
+    with safe_open(str(path), framework="numpy") as f:
+        case = json.loads(f.metadata()["case"])
+    tensors = load_file(path)
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_case:
+        edit_case(case)
+    save_file(tensors, path, metadata={"case": json.dumps(case, sort_keys=True)})
+
+
+@pytest.mark.parametrize(
+    "edit_tensors,edit_case,message",
+    [
+        (lambda t: t["inputs.q"].view(np.uint64).__setitem__((0, 0, 0, 0), t["inputs.q"].view(np.uint64)[0, 0, 0, 0] ^ 1),
+         None, "inputs.q: differs bit for bit"),
+        (None, lambda c: c["params"].__setitem__("sliding_window", 6), "op or params differ"),
+        (lambda t: t["outputs.output"].__setitem__((0, 0, 0, 0), t["outputs.output"][0, 0, 0, 0] + 1e-6),
+         None, "outputs.output: expected output differs"),
+    ],
+    ids=["op-input-bit", "op-param", "op-output"],
+)
+def test_check_catches_op_case_tampering(golden_dir, tmp_path, edit_tensors, edit_case, message):
+    copy = tmp_path / "golden"
+    shutil.copytree(golden_dir, copy)
+    _rewrite_op_file(copy, "op/attention/window-random/io.safetensors", edit_tensors, edit_case)
+    result = run_check(copy)
+    assert result.returncode == 1
+    assert message in result.stderr, result.stderr
+
+
+def test_check_catches_an_edited_manifest_description(golden_dir, tmp_path):
+    import json
+
+    copy = tmp_path / "golden"
+    shutil.copytree(golden_dir, copy)
+    manifest = json.loads((copy / "MANIFEST.json").read_text())
+    manifest["cases"][0]["description"] = "something else"
+    (copy / "MANIFEST.json").write_text(json.dumps(manifest))
+    result = run_check(copy)
+    assert result.returncode == 1
+    assert f"case {manifest['cases'][0]['id']}: description differ" in result.stderr

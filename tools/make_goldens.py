@@ -280,6 +280,17 @@ def check(golden: Path, files: dict[str, bytes]) -> list[str]:
     stored_ids = [c.get("id") for c in stored_manifest.get("cases", [])]
     if fresh_ids != stored_ids:
         problems.append(f"MANIFEST.json lists cases {stored_ids}, the generator makes {fresh_ids}")
+        return problems
+    # Everything but the hashes (which follow the files, checked above) must be regenerated exactly.
+    fresh_manifest = json.loads(files["MANIFEST.json"])
+    for key in ("corpus_version", "generator", "generator_version"):
+        if stored_manifest.get(key) != fresh_manifest[key]:
+            problems.append(f"MANIFEST.json: {key} is {stored_manifest.get(key)!r}, the generator writes {fresh_manifest[key]!r}")
+    for old, new in zip(stored_manifest["cases"], fresh_manifest["cases"]):
+        old, new = {k: v for k, v in old.items() if k != "files"}, {k: v for k, v in new.items() if k != "files"}
+        if old != new:
+            changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+            problems.append(f"MANIFEST.json: case {new['id']}: {', '.join(changed)} differ from the generator's")
     return problems
 
 

@@ -67,7 +67,11 @@ def resolve_backend(spec: str, options: dict[str, str]) -> Backend:
     except (Exception, SystemExit) as exc:
         raise BackendError(f"backend '{spec}': {attr}() failed ({type(exc).__name__}: {exc})") from None
     missing = [a for a in ("name", "supports") if not hasattr(backend, a)]
-    if not hasattr(backend, "load_model") and getattr(backend, "ops", None) is None:
+    try:
+        ops = getattr(backend, "ops", None)
+    except Exception as exc:
+        raise BackendError(f"backend '{spec}': reading its ops failed ({type(exc).__name__}: {exc})") from None
+    if not hasattr(backend, "load_model") and ops is None:
         missing.append("load_model or ops")
     if missing:
         raise BackendError(f"backend '{spec}': {attr}() returned an object without {', '.join(missing)}")

@@ -13,8 +13,12 @@ The suite knows no engine. A backend is an object with
   the run dtype, bfloat16 as ``ml_dtypes.bfloat16``; integer ones int64), then the
   case's keyword parameters. It returns one array or a dict of named arrays (any
   array type convertible to NumPy). An op missing from the mapping is reported as
-  "not implemented"; ``supports`` may also refuse single cases (e.g. attention
-  with sinks);
+  "not implemented". ``supports(case, dtype)`` sees the case (id, op, level) but
+  not its parameters; to refuse a parameter combination (e.g. attention with
+  sinks and soft-capping), raise ``NotImplementedError`` from the op, which is
+  also reported as "not implemented". An op returns its result in the run dtype:
+  cases that record the reference's own low-precision rounding (RMSNorm cast
+  orders) compare a bfloat16/float16 result element by element;
 * optionally ``package_versions() -> dict[str, str]``: versions recorded in the
   JSON report (see :func:`package_versions`).
 

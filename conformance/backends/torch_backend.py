@@ -38,7 +38,8 @@ class TorchBackend:
             import torch
             from torch.nn.attention import SDPBackend
         except ImportError as exc:
-            raise BackendError(f"the torch backend needs PyTorch ({exc}); pip install torch") from None
+            raise BackendError(
+                f"the torch backend needs PyTorch ({exc}); pip install torch==2.13.0 (the CPU build)") from None
         choices = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
                    "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
         if sdpa_backend not in choices:
@@ -90,8 +91,14 @@ class TorchBackend:
             bias = torch.zeros(heads, *visible.shape, dtype=tq.dtype).masked_fill(~visible, float("-inf"))
             sink = self._tensor(sinks).to(tq.dtype)[:, None, None].expand(heads, visible.shape[0], 1)
             mask = torch.cat([bias, sink], dim=2)[None]
-        with torch.nn.attention.sdpa_kernel(self.sdpa_backend):
-            out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=mask, scale=scaling)
+        try:
+            with torch.nn.attention.sdpa_kernel(self.sdpa_backend):
+                out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=mask, scale=scaling)
+        except RuntimeError as exc:
+            # The selected kernel does not take these inputs (device, dtype, mask or head size).
+            if "No available kernel" in str(exc):
+                raise NotImplementedError(f"SDPA backend {self.sdpa_backend.name} has no kernel for this case") from None
+            raise
         return out.transpose(1, 2)
 
     def _flex(self, tq, tk, tv, visible, scaling, cap):

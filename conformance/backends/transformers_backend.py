@@ -33,7 +33,7 @@ from ..errors import BackendError
 from ..manifest import Case
 from .base import DTYPES, BackendOutput
 
-INSTALL_HINT = "pip install torch==2.13.0 && pip install -e .[transformers]"
+INSTALL_HINT = "pip install torch==2.13.0 && pip install 'llm-refimpl[transformers]' (or -e '.[transformers]' in a checkout)"
 ISLAND_POLICIES = ("lift", "keep")
 
 
@@ -119,6 +119,11 @@ class TransformersBackend:
             choices = ", ".join(ISLAND_POLICIES)
             raise BackendError(f"option float32_islands must be one of {choices}, got '{float32_islands}'")
         self.torch, self.transformers = _import_torch_and_transformers()
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        known = ["eager", *ALL_ATTENTION_FUNCTIONS.keys()]
+        if attn_implementation not in known:
+            raise BackendError(f"option attn_implementation must be one of {', '.join(known)}, got '{attn_implementation}'")
         self.attn_implementation = attn_implementation
         self.float32_islands = float32_islands
 

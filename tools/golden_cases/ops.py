@@ -1,5 +1,5 @@
 """Op-level golden cases: one component at a time, with the awkward sizes and the
-probes of ``shared/bug-classes.md`` (the class each case targets is in its description).
+probes of ``docs/bug-classes.md`` (the class each case targets is in its description).
 
 Shapes: attention q (B, T, H, D), k/v (B, S, Hkv, D); the T queries are the last T
 of the S key positions (S > T means a cache precedes them).
@@ -60,47 +60,51 @@ def _attn(**params):
     return base
 
 
+def _attention_case(*args, **kwargs) -> OpCase:
+    return OpCase(*args, tolerance_class="op_attention", **kwargs)
+
+
 ATTENTION = [
-    OpCase("op/attention/mha-odd-len", "MHA H=Hkv=4, D=16, batch 2, causal, odd length 9", 501,
+    _attention_case("op/attention/mha-odd-len", "MHA H=Hkv=4, D=16, batch 2, causal, odd length 9", 501,
            "attention", _attn(), _qkv(2, 9, 9, 4, 4, 16)),
-    OpCase("op/attention/gqa-prime-len", "GQA H=6/Hkv=2 (head h reads kv head h // 3), prime length 13", 502,
+    _attention_case("op/attention/gqa-prime-len", "GQA H=6/Hkv=2 (head h reads kv head h // 3), prime length 13", 502,
            "attention", _attn(scaling=8 ** -0.5), _qkv(1, 13, 13, 6, 2, 8)),
-    OpCase("op/attention/mqa-decode", "MQA Hkv=1, one query (T=1) after 16 cached keys", 503,
+    _attention_case("op/attention/mqa-decode", "MQA Hkv=1, one query (T=1) after 16 cached keys", 503,
            "attention", _attn(), _qkv(2, 1, 17, 4, 1, 16)),
-    OpCase("op/attention/value-dim-differs", "D=12 for queries/keys, Dv=8 for values, GQA 4/2, T=5", 504,
+    _attention_case("op/attention/value-dim-differs", "D=12 for queries/keys, Dv=8 for values, GQA 4/2, T=5", 504,
            "attention", _attn(scaling=12 ** -0.5), _qkv(1, 5, 5, 4, 2, 12, dv=8)),
-    OpCase("op/attention/window-probe", "SWA-01: uniform-attention probe, T=8, sliding_window 4: query 7 must "
+    _attention_case("op/attention/window-probe", "SWA-01: uniform-attention probe, T=8, sliding_window 4: query 7 must "
            "average V[4..7] (4 keys), not V[3..7]", 505,
            "attention", _attn(sliding_window=4), _uniform_probe(1, 8, 8, 2, 1)),
-    OpCase("op/attention/window-after-cache", "KV-02: 6 cached + 3 new queries, sliding_window 4: each new row "
+    _attention_case("op/attention/window-after-cache", "KV-02: 6 cached + 3 new queries, sliding_window 4: each new row "
            "sees only its last 4 positions (uniform probe)", 506,
            "attention", _attn(sliding_window=4), _uniform_probe(1, 3, 9, 2, 2)),
-    OpCase("op/attention/window-1", "sliding_window 1: each query sees only itself", 507,
+    _attention_case("op/attention/window-1", "sliding_window 1: each query sees only itself", 507,
            "attention", _attn(sliding_window=1), _qkv(1, 7, 7, 2, 1, 8)),
-    OpCase("op/attention/window-ge-len", "sliding_window 16 >= T=7: same as full causal", 508,
+    _attention_case("op/attention/window-ge-len", "sliding_window 16 >= T=7: same as full causal", 508,
            "attention", _attn(sliding_window=16), _qkv(2, 7, 7, 4, 2, 8)),
-    OpCase("op/attention/window-random", "sliding_window 5, T=19, GQA 4/2, random inputs", 509,
+    _attention_case("op/attention/window-random", "sliding_window 5, T=19, GQA 4/2, random inputs", 509,
            "attention", _attn(sliding_window=5), _qkv(1, 19, 19, 4, 2, 16)),
-    OpCase("op/attention/chunked-probe", "Llama 4 chunked local attention, attention_chunk_size 3, T=10: a query "
+    _attention_case("op/attention/chunked-probe", "Llama 4 chunked local attention, attention_chunk_size 3, T=10: a query "
            "sees keys of its own chunk up to itself (uniform probe)", 510,
            "attention", _attn(attention_chunk_size=3), _uniform_probe(1, 10, 10, 2, 1)),
-    OpCase("op/attention/chunked-after-cache", "chunk size 4, 5 cached + 6 new queries, random inputs", 511,
+    _attention_case("op/attention/chunked-after-cache", "chunk size 4, 5 cached + 6 new queries, random inputs", 511,
            "attention", _attn(attention_chunk_size=4), _qkv(1, 6, 11, 4, 2, 8)),
-    OpCase("op/attention/sinks-probe", "SINK-02: 2 heads, sink logits [0, ln 4], QK = 0, V = 1, 3 queries "
+    _attention_case("op/attention/sinks-probe", "SINK-02: 2 heads, sink logits [0, ln 4], QK = 0, V = 1, 3 queries "
            "after 1 cached key: output n / (n + e^s) per row, the sink indexed by head", 512,
            "attention", _attn(),
            lambda rng: {"q": np.zeros((1, 3, 2, 4)), "k": np.zeros((1, 4, 1, 4)), "v": np.ones((1, 4, 1, 2)),
                         "sinks": np.array([0.0, math.log(4.0)])}),
-    OpCase("op/attention/sinks-window", "PAT-05 / SINK-04: learned sinks with sliding_window 4, 5 cached + "
+    _attention_case("op/attention/sinks-window", "PAT-05 / SINK-04: learned sinks with sliding_window 4, 5 cached + "
            "3 new queries, GQA 4/2", 513,
            "attention", _attn(sliding_window=4),
            _with(_qkv(2, 3, 8, 4, 2, 8), sinks=lambda rng: rng.standard_normal(4))),
-    OpCase("op/attention/sinks-causal", "learned sinks, full causal, T=11, MHA", 514,
+    _attention_case("op/attention/sinks-causal", "learned sinks, full causal, T=11, MHA", 514,
            "attention", _attn(), _with(_qkv(1, 11, 11, 3, 3, 8), sinks=lambda rng: 2 * rng.standard_normal(3))),
-    OpCase("op/attention/softcap", "CAP-03: scores soft-capped at 5 (tanh) before masking; queries scaled so "
+    _attention_case("op/attention/softcap", "CAP-03: scores soft-capped at 5 (tanh) before masking; queries scaled so "
            "raw scores exceed the cap", 515,
            "attention", _attn(attn_logit_softcapping=5.0), _qkv(1, 9, 9, 4, 2, 16, q_scale=6.0)),
-    OpCase("op/attention/scale-not-head-dim", "SCL-01: scaling 224^-0.5 (query_pre_attn_scalar) with D=16; "
+    _attention_case("op/attention/scale-not-head-dim", "SCL-01: scaling 224^-0.5 (query_pre_attn_scalar) with D=16; "
            "an engine using D^-0.5 fails", 516,
            "attention", _attn(scaling=224 ** -0.5), _qkv(1, 6, 6, 2, 1, 16, q_scale=4.0)),
 ]
