@@ -66,10 +66,24 @@ so the bound is relative for outputs above 1 and absolute below. Every output
 must be finite. RoPE positions stay below 200 because engines form angles in
 float32 (about 1e-5 rad of error there, within the float32 tolerance).
 
-Statuses: "passed" (every example held), "failed" (a law broke; the message has the
-error and the shrunk falsifying example), "not implemented" (the op is missing, or
-it raised ``NotImplementedError`` for every example; an example whose parameters
-raise it is skipped), "error" (the op raised anything else).
+Outputs: every op call is checked before any law looks at it. The value must be
+one array (a dict only for ``rope_frequencies``, as in ``refimpl.ops``) of the shape
+the op must return for those inputs -- attention ``(B, T, H, Dv)``; rope, rms_norm
+and soft_cap the shape of ``x``; gated_mlp ``(..., M)``; embedding ``(B, T, M)``;
+rope_frequencies ``inv_freq`` ``(Dr/2,)`` and ``attention_scaling`` ``()`` -- with
+finite values. A wrong shape or a NaN/Inf fails the property ("attention output
+shape (1, 3, 1, 4) != expected (1, 3, 2, 4) = (B, T, H, Dv)"); a value that is not
+an array (a dict, None, strings) is an error that says what was returned.
+
+Statuses: "passed" (every example held), "failed" (a law broke, or an output had the
+wrong shape or a NaN/Inf; the message has the error and the shrunk falsifying
+example), "not implemented" (the op is missing, or it raised ``NotImplementedError``
+for every example; an example whose parameters raise it is skipped), "error" (the
+op raised anything else, ``SystemExit`` included but not ``KeyboardInterrupt``, or
+returned something that is not an array). An exception in a property's own code,
+not in the op, is an "error" whose message starts "internal error in property
+NAME" and names the line, so a bug of this module is never mistaken for one of the
+backend.
 
 Reproducibility: ``derandomize=True`` (examples depend only on this file's code),
 no example database, no deadline. Profiles: quick 10, ci 25, thorough 200 examples.
@@ -77,7 +91,9 @@ no example database, no deadline. Profiles: quick 10, ci 25, thorough 200 exampl
 
 from __future__ import annotations
 
+import os
 import time
+import traceback
 from dataclasses import dataclass, field
 from functools import partial
 from types import SimpleNamespace
@@ -85,7 +101,9 @@ from typing import Callable
 
 import numpy as np
 from hypothesis import HealthCheck, Phase, Verbosity, given, reject, settings, strategies as st
-from hypothesis.errors import Unsatisfiable
+from hypothesis.errors import Flaky, HypothesisException, Unsatisfiable
+
+from refimpl.rope import rotary_dim
 
 from .compare import to_float64
 from .errors import ConformanceError
@@ -114,6 +132,10 @@ class PropertyFailure(AssertionError):
 
 class OpRaised(Exception):
     """The op raised something other than NotImplementedError, or returned a non-array: status "error"."""
+
+
+class PropertyBug(Exception):
+    """A property's own code (not the op) raised: status "error", reported as an internal error."""
 
 
 class _NotImplementedHere(Exception):
@@ -210,20 +232,35 @@ class Context:
         """A float64 draw in the run dtype."""
         return np.ascontiguousarray(array, dtype=self.dtype)
 
-    def call(self, op: str, **kwargs) -> np.ndarray:
-        """``ops[op](**kwargs)`` (None-valued keywords left out) as float64.
+    def call(self, op: str, **kwargs):
+        """``ops[op](**kwargs)`` (None-valued keywords left out) as float64, its shape and values checked.
+
+        Returns:
+            The output array; for ``rope_frequencies`` a dict of its output arrays.
 
         Raises:
             _NotImplementedHere: the op raised NotImplementedError.
-            OpRaised: the op raised anything else or returned no real array.
+            OpRaised: the op raised anything else (SystemExit included) or returned no real array.
+            PropertyFailure: an output's shape is not the one the op must return, or it has NaN/Inf.
         """
         kwargs = {key: value for key, value in kwargs.items() if value is not None}
+        expected = expected_output_shapes(op, kwargs)
         try:
-            return to_float64(self.ops[op](**kwargs), f"{op} output")
+            value = self.ops[op](**kwargs)
         except NotImplementedError as exc:
             raise _NotImplementedHere(one_line(str(exc)) or f"{op}: NotImplementedError") from None
-        except Exception as exc:
-            raise OpRaised(one_line(f"{op} raised {type(exc).__name__}: {exc}")) from None
+        except (Exception, SystemExit) as exc:
+            raise OpRaised(one_line(f"{op} raised {_exception_text(exc)}")) from None
+        outputs = _read_outputs(op, value, tuple(expected))
+        for name, array in outputs.items():
+            shape, formula = expected[name]
+            what = f"{op} output" if name == "output" else f"{op} output '{name}'"
+            if array.shape != shape:
+                raise PropertyFailure(f"{what} shape {array.shape} != expected {shape} = {formula}")
+            nonfinite = array.size - int(np.count_nonzero(np.isfinite(array)))
+            if nonfinite:
+                raise PropertyFailure(f"{what}: {nonfinite} NaN/Inf value(s) of {array.size}")
+        return outputs["output"] if tuple(expected) == ("output",) else outputs
 
     def note(self, text: str) -> None:
         """Add ``text`` (once) to the message of a passing property."""
@@ -252,20 +289,105 @@ class Context:
                 f"{np.broadcast_to(bound, excess.shape)[where]:.3g} ({actual[where]:.6g} vs {expected[where]:.6g})")
 
 
+# Op outputs: what must come back
+
+def _shape_of(kwargs: dict, name: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in np.shape(kwargs[name]))
+
+
+#: Op name -> kwargs -> {output name: (the shape it must have, that shape in symbols)} (``refimpl.ops`` table).
+_OUTPUT_SHAPES: dict[str, Callable[[dict], dict[str, tuple[tuple[int, ...], str]]]] = {
+    "attention": lambda kw: {"output": (_shape_of(kw, "q")[:3] + _shape_of(kw, "v")[3:], "(B, T, H, Dv)")},
+    "rope": lambda kw: {"output": (_shape_of(kw, "x"), "(B, T, H, D)")},
+    "rms_norm": lambda kw: {"output": (_shape_of(kw, "x"), "(..., M)")},
+    "soft_cap": lambda kw: {"output": (_shape_of(kw, "x"), "the shape of x")},
+    "gated_mlp": lambda kw: {"output": (_shape_of(kw, "x")[:-1] + _shape_of(kw, "down_proj")[:1], "(..., M)")},
+    "embedding": lambda kw: {"output": (_shape_of(kw, "input_ids") + _shape_of(kw, "weight")[1:], "(B, T, M)")},
+    "rope_frequencies": lambda kw: {
+        "inv_freq": ((rotary_dim(kw["head_dim"], kw.get("partial_rotary_factor", 1.0)) // 2,), "(Dr/2,)"),
+        "attention_scaling": ((), "()"),
+    },
+}
+
+
+def expected_output_shapes(op: str, kwargs: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{output name: (shape, shape in symbols)}`` that ``op`` must return for ``kwargs``.
+
+    Single-array ops have the one output ``"output"``.
+
+    Raises:
+        KeyError: an op without an entry in the table (a bug of the calling property).
+    """
+    return _OUTPUT_SHAPES[op](kwargs)
+
+
+def _exception_text(exc: BaseException) -> str:
+    """``"Type: message"``, or ``"Type"`` when the message is empty."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _describe(value) -> str:
+    """What an op returned, in a few words: "a dict with keys ['x']", "None", "a list"."""
+    if value is None:
+        return "None"
+    if isinstance(value, dict):
+        return f"a dict with keys {[str(key) for key in value]}"
+    return f"a {type(value).__name__}"
+
+
+def _as_float64(op: str, value, output: str = "output") -> np.ndarray:
+    """One returned array as float64; anything that is not a real array is an :class:`OpRaised`."""
+    where = "" if output == "output" else f" as output '{output}'"
+    if value is None or isinstance(value, dict):
+        raise OpRaised(f"{op} returned {_describe(value)}{where} where one array is expected")
+    try:
+        return to_float64(value, f"{op} output" if output == "output" else f"{op} output '{output}'")
+    except (Exception, SystemExit) as exc:
+        raise OpRaised(one_line(f"{op} returned {_describe(value)}{where} that is not a real array: {exc}")) from None
+
+
+def _read_outputs(op: str, value, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """An op's return value as ``{output name: float64 array}`` (see :func:`Context.call`).
+
+    A single-array op returns the array (or, as ``llm-conformance run`` accepts, a dict
+    with the key "output"); a multi-output op returns a dict holding every name.
+
+    Raises:
+        OpRaised: a dict where one array is expected or the reverse, a missing output,
+            or a value that is not a real array; the message says what was returned.
+    """
+    if names == ("output",):
+        if isinstance(value, dict) and "output" in value:
+            value = value["output"]
+        return {"output": _as_float64(op, value)}
+    if not isinstance(value, dict):
+        raise OpRaised(f"{op} returned {_describe(value)} where a dict with outputs {list(names)} is expected")
+    missing = [name for name in names if name not in value]
+    if missing:
+        raise OpRaised(f"{op} returned {_describe(value)} without the output(s) {missing}")
+    return {name: _as_float64(op, value[name], name) for name in names}
+
+
 # Running one law under hypothesis
 
-def _classify(test: Callable[[], None], tally: _Tally) -> Outcome:
+def _classify(name: str, test: Callable[[], None], tally: _Tally) -> Outcome:
     """Run the hypothesis test and turn what it raised into an :class:`Outcome`."""
     try:
         test()
     except PropertyFailure as exc:
         return Outcome(Status.FAILED, one_line(str(exc)), tally.last_example, tally.examples, tally.rejected)
-    except OpRaised as exc:
+    except (OpRaised, PropertyBug) as exc:
         return Outcome(Status.ERROR, str(exc), tally.last_example, tally.examples, tally.rejected)
     except Unsatisfiable:
         pass  # every example was rejected: decided below
+    except Flaky as exc:
+        message = one_line(f"not reproducible: an example's outcome changed when hypothesis ran it again "
+                           f"(is the op deterministic?): {_exception_text(exc)}")
+        return Outcome(Status.ERROR, message, tally.last_example or None, tally.examples, tally.rejected)
     except Exception as exc:
-        message = one_line(f"{type(exc).__name__}: {exc}")
+        message = one_line(f"internal error in property {name} (hypothesis or the example strategy, "
+                           f"not the op): {_exception_text(exc)}")
         return Outcome(Status.ERROR, message, tally.last_example or None, tally.examples, tally.rejected)
     if tally.examples == 0:
         return Outcome(Status.NOT_IMPLEMENTED, f"every example raised NotImplementedError ({tally.reason})",
@@ -274,6 +396,19 @@ def _classify(test: Callable[[], None], tally: _Tally) -> Outcome:
     if tally.rejected:
         message += f"; {tally.rejected} skipped, not implemented ({tally.reason})"
     return Outcome(Status.PASSED, "; ".join([message, *tally.notes]), None, tally.examples, tally.rejected)
+
+
+def _internal_error(name: str, exc: Exception) -> str:
+    """The message of an exception raised by property ``name``'s own code, with its innermost line there.
+
+    That line is the innermost frame below the hypothesis test that is not in an
+    installed package (NumPy's own frames are skipped).
+    """
+    frames = traceback.extract_tb(exc.__traceback__)[1:]  # [0] is property_test itself
+    own = [f for f in frames
+           if f.filename == __file__ or not ("site-packages" in f.filename or "dist-packages" in f.filename)]
+    where = f" at {os.path.basename(own[-1].filename)}:{own[-1].lineno} in {own[-1].name}" if own else ""
+    return one_line(f"internal error in property {name} (its own code, not the op){where}: {_exception_text(exc)}")
 
 
 def _hypothesis_check(name: str, strategy, body: Callable, ops: dict, run: RunSettings) -> Outcome:
@@ -288,10 +423,14 @@ def _hypothesis_check(name: str, strategy, body: Callable, ops: dict, run: RunSe
             tally.rejected += 1
             tally.reason = str(exc)
             reject()
+        except (PropertyFailure, OpRaised, HypothesisException):
+            raise
+        except Exception as exc:
+            raise PropertyBug(_internal_error(name, exc)) from exc
         tally.examples += 1
 
     property_test.__name__ = property_test.__qualname__ = name
-    return _classify(run.hypothesis(given(strategy)(property_test)), tally)
+    return _classify(name, run.hypothesis(given(strategy)(property_test)), tally)
 
 
 def run_settings(dtype: str, profile: str) -> RunSettings:
@@ -481,8 +620,6 @@ def attention_softcap_bounds_ratios(ctx: Context, ex: Example) -> None:
     p = ctx.call("attention", **x, **_attention_params(ex))
     positions = np.arange(ex.S - ex.T, ex.S)[:, None, None]
     visible = np.broadcast_to(np.arange(ex.S)[None, None, :] <= positions, p.shape[1:])
-    if p.shape != (ex.B, ex.T, ex.H, ex.S) or not np.all(np.isfinite(p)):
-        raise PropertyFailure(f"probabilities: shape {p.shape} or non-finite values")
     ctx.assert_close(np.where(visible, 0.0, p), np.zeros(p.shape), "probabilities of keys after the query")
     # s in (-c, c) after capping, so p_j / p_max >= exp(-2c); 0.01 of slack in the exponent for rounding.
     floor = np.max(p, axis=-1, keepdims=True) * np.exp(-2 * ex.softcap - 0.01)
@@ -673,13 +810,10 @@ def soft_cap_bounded(ctx: Context, ex: Example) -> None:
     y = ctx.call("soft_cap", x=x, cap=ex.cap)
     # tanh may round to exactly 1; allow the last bits of cap * 1 in the run dtype.
     limit = ex.cap * (1 + 4 * np.finfo(ctx.dtype).eps)
-    if y.shape != x.shape:
-        raise PropertyFailure(f"softcap(x): shape {y.shape} != {x.shape}")
-    outside = ~np.isfinite(y) | (np.abs(y) > limit)
+    outside = np.abs(y) > limit  # ctx.call checked the shape and that every value is finite
     if np.any(outside):
         where = int(np.argmax(outside))
-        raise PropertyFailure(f"softcap(x) = {y[where]:.6g} at {where} (x = {x[where]:.6g}) is not finite "
-                              f"or exceeds cap {ex.cap:g}")
+        raise PropertyFailure(f"softcap(x) = {y[where]:.6g} at {where} (x = {x[where]:.6g}) exceeds cap {ex.cap:g}")
 
 
 def soft_cap_identity_near_zero(ctx: Context, ex: Example) -> None:

@@ -4,11 +4,15 @@ The reference, transformers and torch backends must pass every property they
 implement. Each wrong op below breaks one law the way an engine could (attending
 one future key, the wrong key/value head, RoPE angles from the squared position,
 eps outside the root, ...), and the property for that law must report "failed"
-with a shrunk falsifying example. The ``properties`` subcommand is tested for
-its exit statuses.
+with a shrunk falsifying example. Outputs of the wrong shape, values that are not
+arrays, ops that exit and bugs of a property's own code each get their own status
+and message. The ``properties`` subcommand is tested for its exit statuses.
 """
 
 from __future__ import annotations
+
+import re
+import sys
 
 import numpy as np
 import pytest
@@ -17,7 +21,8 @@ from click.testing import CliRunner
 from conformance.backends.refimpl_backend import RefimplBackend
 from conformance.cli import cli
 from conformance.errors import ConformanceError
-from conformance.properties import PROPERTIES, run_properties
+from conformance import properties
+from conformance.properties import PROPERTIES, Context, OpRaised, PropertyFailure, run_properties, run_settings
 from conformance.runner import Status
 from refimpl import ops as ref
 from refimpl.attention import attention, grouped_query_attention
@@ -47,6 +52,16 @@ def test_refimpl_passes_every_property(dtype):
     assert all(r.examples == 25 and r.rejected == 0 for r in results)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread while the test runs: the ops here are tiny, and threads only contend (2-3x slower)."""
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def transformers_ops():
     pytest.importorskip("transformers")
@@ -57,7 +72,7 @@ def transformers_ops():
 
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_transformers_passes_every_property(transformers_ops, dtype):
+def test_transformers_passes_every_property(transformers_ops, one_torch_thread, dtype):
     results = run_properties(transformers_ops, dtype=dtype, profile="quick")
     _assert_all_passed(results)
     # Sinks with soft-capping are refused per example (NotImplementedError) and skipped.
@@ -66,8 +81,7 @@ def test_transformers_passes_every_property(transformers_ops, dtype):
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_torch_passes_attention_properties():
-    pytest.importorskip("torch")
+def test_torch_passes_attention_properties(one_torch_thread):
     from conformance.backends.torch_backend import TorchBackend
 
     results = run_properties(TorchBackend().ops, dtype="float32", profile="quick")
@@ -265,6 +279,130 @@ def test_nan_output_fails():
     assert result.status is Status.FAILED and "NaN" in result.message
 
 
+# Outputs of the wrong shape or kind
+
+def _drop_heads(q, k, v, **kw):
+    """Only the first query head."""
+    return ref.attention(q, k, v, **kw)[:, :, :1]
+
+
+SHAPE_ERRORS = [
+    ("attention", _drop_heads,
+     r"attention output shape \(\d, \d+, 1, \d\) != expected \(\d, \d+, 2, \d\) = \(B, T, H, Dv\)"),
+    ("rope", lambda x, positions, **kw: ref.rope(x, positions, **kw)[..., :2],
+     r"rope output shape \(\d, \d+, \d, 2\) != expected \(\d, \d+, \d, \d\) = \(B, T, H, D\)"),
+    ("rms_norm", lambda x, weight, **kw: ref.norm(x, weight, **kw)[..., None],
+     r"rms_norm output shape \(.*, 1\) != expected \(.*\) = \(\.\.\., M\)"),
+    ("soft_cap", lambda x, *, cap: ref.softcap(x, cap=cap)[None],
+     r"soft_cap output shape \(1, \d+\) != expected \(\d+,\) = the shape of x"),
+]
+
+
+@pytest.mark.parametrize("op, wrong, pattern", SHAPE_ERRORS, ids=[e[0] for e in SHAPE_ERRORS])
+def test_wrong_output_shape_fails_every_property_of_the_op(op, wrong, pattern):
+    results = run_properties({**REF_OPS, op: wrong}, profile="quick",
+                             names=[p.name for p in PROPERTIES.values() if p.op == op])
+    assert results
+    for r in results:
+        assert r.status is Status.FAILED, f"{r.name}: {r.status.value}: {r.message}"
+        assert re.fullmatch(pattern, r.message), f"{r.name}: {r.message}"
+        assert r.example and "seed=" in r.example
+
+
+def test_dropped_heads_message_is_exact():
+    (result,) = run_properties({"attention": _drop_heads}, names=["attention_sink_takes_mass"])
+    assert result.status is Status.FAILED
+    assert result.message == "attention output shape (1, 1, 1, 4) != expected (1, 1, 2, 4) = (B, T, H, Dv)"
+    assert result.example.startswith("B=1 T=1 S=1 H=2 ")
+
+
+def _context(ops):
+    return Context(ops, run_settings("float64", "quick"), properties._Tally())
+
+
+def test_output_shapes_of_ops_without_properties():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 4))
+    mlp = {"x": x, "gate_proj": rng.standard_normal((5, 4)), "up_proj": rng.standard_normal((5, 4)),
+           "down_proj": rng.standard_normal((4, 5)), "hidden_act": "silu"}
+    assert _context(REF_OPS).call("gated_mlp", **mlp).shape == (2, 3, 4)
+    hidden_only = {"gated_mlp": lambda x, gate_proj, up_proj, down_proj, **kw: x @ gate_proj.T}
+    with pytest.raises(PropertyFailure, match=re.escape("gated_mlp output shape (2, 3, 5) != expected (2, 3, 4)")):
+        _context(hidden_only).call("gated_mlp", **mlp)
+
+    rope = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "head_dim": 8,
+            "partial_rotary_factor": 0.5}
+    outputs = _context(REF_OPS).call("rope_frequencies", **rope)
+    assert outputs["inv_freq"].shape == (2,) and outputs["attention_scaling"].shape == ()
+    full_width = {"rope_frequencies": lambda **kw: ref.frequencies(**{**kw, "partial_rotary_factor": 1.0})}
+    with pytest.raises(PropertyFailure, match=re.escape("rope_frequencies output 'inv_freq' shape (4,) != "
+                                                        "expected (2,) = (Dr/2,)")):
+        _context(full_width).call("rope_frequencies", **rope)
+    array_only = {"rope_frequencies": lambda **kw: ref.frequencies(**kw)["inv_freq"]}
+    with pytest.raises(OpRaised, match=re.escape("rope_frequencies returned a ndarray where a dict with outputs "
+                                                 "['inv_freq', 'attention_scaling'] is expected")):
+        _context(array_only).call("rope_frequencies", **rope)
+
+    ids = np.array([[0, 2, 1]])
+    assert _context(REF_OPS).call("embedding", input_ids=ids, weight=rng.standard_normal((3, 4))).shape == (1, 3, 4)
+
+
+@pytest.mark.parametrize("returned, text", [
+    (lambda x: {"x": x}, "soft_cap returned a dict with keys ['x'] where one array is expected"),
+    (lambda x: None, "soft_cap returned None where one array is expected"),
+    (lambda x: ["a"] * x.size, "soft_cap returned a list that is not a real array: soft_cap output holds strings"),
+], ids=["dict", "None", "strings"])
+def test_non_array_output_is_an_error_saying_what_was_returned(returned, text):
+    (result,) = run_properties({"soft_cap": lambda x, *, cap: returned(x)}, profile="quick", names=["soft_cap_odd"])
+    assert result.status is Status.ERROR and result.message.startswith(text), result.message
+    assert "holds Python objects" not in result.message
+
+
+def test_dict_with_the_output_key_is_accepted_as_by_run():
+    (result,) = run_properties({"soft_cap": lambda x, *, cap: {"output": ref.softcap(x, cap=cap)}},
+                               profile="quick", names=["soft_cap_odd"])
+    assert result.status is Status.PASSED, result.message
+
+
+# Ops that exit, and bugs of a property's own code
+
+def _exits(x, *, cap):
+    sys.exit(3)
+
+
+def test_op_calling_sys_exit_is_an_error():
+    (result,) = run_properties({"soft_cap": _exits}, profile="quick", names=["soft_cap_odd"])
+    assert result.status is Status.ERROR and result.message == "soft_cap raised SystemExit: 3"
+    assert result.example == "n=1 cap=1 seed=0"
+
+
+def test_keyboard_interrupt_from_an_op_is_not_caught():
+    def interrupted(x, *, cap):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_properties({"soft_cap": interrupted}, profile="quick", names=["soft_cap_odd"])
+
+
+def test_bug_in_a_property_is_an_internal_error_not_an_op_error():
+    def indexes_past_the_end(ctx, ex):
+        y = ctx.call("soft_cap", x=np.ones(ex.n), cap=ex.cap)
+        return y[ex.n]
+
+    prop = properties._property("buggy", "soft_cap", "indexes past the end", properties.soft_cap_examples(),
+                                indexes_past_the_end)
+    result = properties.run_property(prop, REF_OPS, run_settings("float64", "quick"))
+    assert result.status is Status.ERROR
+    assert re.fullmatch(r"internal error in property buggy \(its own code, not the op\) at test_properties\.py:\d+ "
+                        r"in indexes_past_the_end: IndexError: index 1 is out of bounds .*", result.message), \
+        result.message
+    assert result.example == "n=1 cap=1 seed=0"
+    # The same exception raised by the op is the op's error.
+    op_result = properties.run_property(prop, {"soft_cap": lambda x, *, cap: x[x.size]},
+                                        run_settings("float64", "quick"))
+    assert op_result.status is Status.ERROR and op_result.message.startswith("soft_cap raised IndexError: index 1")
+
+
 @pytest.mark.parametrize("kwargs, text", [
     ({"dtype": "float16"}, "float16"), ({"profile": "fast"}, "fast"), ({"names": ["nope"]}, "nope"),
 ])
@@ -294,6 +432,10 @@ def no_ops_backend():
     return OpsBackend("no-ops", {})
 
 
+def exiting_backend():
+    return OpsBackend("exits", {**REF_OPS, "soft_cap": _exits})
+
+
 def _invoke(*args):
     return CliRunner().invoke(cli, ["properties", *args])
 
@@ -311,6 +453,14 @@ def test_cli_reports_failure_with_example_and_repro():
     assert "failed" in result.output and "example: B=1" in result.output
     assert "repro: llm-conformance properties --backend test_properties:causal_leak_backend" in result.output
     assert "1 passed, 1 failed" in result.output
+
+
+def test_cli_op_calling_sys_exit_is_reported_as_an_error():
+    result = _invoke("--backend", "test_properties:exiting_backend", "--profile", "quick",
+                     "--property", "soft_cap_odd", "--property", "rms_norm_eps_in_root")
+    assert result.exit_code == 1, result.output
+    assert "soft_cap raised SystemExit: 3" in result.output and "1 passed" in result.output
+    assert "repro: llm-conformance properties --backend test_properties:exiting_backend" in result.output
 
 
 def test_cli_nothing_checked_exits_1():
