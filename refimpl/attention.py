@@ -50,9 +50,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import RefimplError, ShapeError
+from .errors import InputError, ShapeError
 from .masks import causal_mask, chunked_attention_mask, combine, sliding_window_mask
-from .numerics import check_same_dtype
+from .numerics import as_array, as_float_array, check_finite_positive, check_same_dtype
 from .softcap import soft_cap
 
 
@@ -70,10 +70,19 @@ def _check_shapes(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray)
         raise ShapeError(f"attention: mask must be bool ({t}, {s}) or ({b}, {t}, {s}), got {mask.dtype}")
 
 
-def _check_scale(scale: float) -> None:
-    ok = isinstance(scale, (int, float, np.integer, np.floating)) and not isinstance(scale, bool)
-    if not (ok and np.isfinite(scale) and scale > 0):
-        raise RefimplError(f"attention: scale must be a positive finite number, got {scale!r}")
+def _float_qkv(q, k, v) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """q, k, v as float64 or float32 arrays (InputError naming the one that is not)."""
+    return tuple(as_float_array(f"attention: {name}", a) for name, a in (("q", q), ("k", k), ("v", v)))
+
+
+def _check_sinks(sinks, num_heads: int) -> np.ndarray:
+    """``(H,)`` float sink logits, each finite or -inf (the exact "no sink")."""
+    sinks = as_float_array("attention: sinks", sinks)
+    if sinks.shape != (num_heads,):
+        raise ShapeError(f"attention: sinks must be ({num_heads},), one per query head, got {sinks.shape}")
+    if np.isnan(sinks).any() or np.isposinf(sinks).any():
+        raise InputError(f"attention: sinks must be finite or -inf (no sink), got {sinks.tolist()}")
+    return sinks
 
 
 def masked_softmax(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -152,23 +161,29 @@ def grouped_query_attention(
     Raises:
         ShapeError: shapes do not fit (batch, head_dim, H not a multiple of Hkv, mask,
             ``sinks`` not ``(H,)``).
-        RefimplError: q, k, v (and sinks) differ in dtype; ``scale`` or ``softcap``
-            is not a positive finite number.
+        InputError: q, k, v or sinks not float64 / float32 (integers, complex, ...);
+            a NaN or +inf sink; ``scale`` or ``softcap`` not a positive finite
+            number (in the compute dtype).
+        RefimplError: q, k, v (and sinks) differ in dtype.
     """
+    q, k, v = _float_qkv(q, k, v)
+    mask = as_array("attention: mask", mask)
     _check_shapes(q, k, v, mask)
-    _check_scale(scale)
     b, t, h, d = q.shape
     hkv = k.shape[2]
     g = h // hkv
-    if sinks is not None and np.shape(sinks) != (h,):
-        raise ShapeError(f"attention: sinks must be ({h},), one per query head, got {np.shape(sinks)}")
+    if sinks is not None:
+        sinks = _check_sinks(sinks, h)
     dtype = check_same_dtype(q=q, k=k, v=v, **({} if sinks is None else {"sinks": sinks}))
+    scale = check_finite_positive("attention: scale", scale, dtype=dtype)
+    if softcap is not None:
+        check_finite_positive("attention: softcap", softcap, dtype=dtype)
     # (B, Hkv, G, T, D): query heads grouped under the key/value head they read.
     qg = q.reshape(b, t, hkv, g, d).transpose(0, 2, 3, 1, 4)
     kt = k.transpose(0, 2, 3, 1)[:, :, None]  # (B, Hkv, 1, D, S)
     vt = v.transpose(0, 2, 1, 3)[:, :, None]  # (B, Hkv, 1, S, Dv)
     # Vaswani eq. 1: scaled scores.
-    scores = (qg @ kt) * dtype.type(scale)  # (B, Hkv, G, T, S)
+    scores = (qg @ kt) * scale  # (B, Hkv, G, T, S)
     # Gemma 2: soft-cap the scaled scores, before the mask.
     if softcap is not None:
         scores = soft_cap(scores, softcap)
@@ -176,7 +191,7 @@ def grouped_query_attention(
     if sinks is None:
         p = masked_softmax(scores, visible)
     else:
-        p = masked_softmax_with_sink(scores, visible, np.asarray(sinks).reshape(hkv, g, 1, 1))
+        p = masked_softmax_with_sink(scores, visible, sinks.reshape(hkv, g, 1, 1))
     out = p @ vt  # (B, Hkv, G, T, Dv)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, v.shape[-1])
 
@@ -220,8 +235,10 @@ def attention(
     Raises:
         ShapeError: bad shapes (see :func:`grouped_query_attention`), S < T, or
             ``sinks`` not ``(H,)``.
-        RefimplError: dtypes differ; ``scaling``, ``sliding_window``,
-            ``attention_chunk_size`` or ``attn_logit_softcapping`` not positive.
+        InputError: q, k, v or sinks not float64 / float32 arrays; a NaN or +inf
+            sink; ``scaling`` or ``attn_logit_softcapping`` not a positive finite number.
+        RefimplError: dtypes differ; ``sliding_window`` or ``attention_chunk_size``
+            not an integer >= 1.
 
     Paper: as the module (Vaswani; GQA; Mistral SWA; gpt-oss sinks; Gemma 2 cap).
     Checked against: transformers 5.24 ``masking_utils.py`` (``causal_mask_function``,
@@ -229,6 +246,10 @@ def attention(
     ``models/gpt_oss/modeling_gpt_oss.py`` and ``models/gemma2/modeling_gemma2.py``
     (``eager_attention_forward``).
     """
+    q, k, v = _float_qkv(q, k, v)
+    check_finite_positive("attention: scaling", scaling, dtype=q.dtype)
+    if attn_logit_softcapping is not None:
+        check_finite_positive("attention: attn_logit_softcapping", attn_logit_softcapping, dtype=q.dtype)
     if q.ndim != 4 or k.ndim != 4:
         raise ShapeError(f"attention wants (B, T, H, D) arrays, got q{q.shape} k{k.shape}")
     t, s = q.shape[1], k.shape[1]

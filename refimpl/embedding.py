@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, ShapeError
 from .linear import linear
+from .numerics import FLOAT_DTYPES, as_float_array, check_finite_positive
 
 
 def check_token_ids(input_ids, vocab_size: int) -> np.ndarray:
@@ -41,17 +42,30 @@ def check_token_ids(input_ids, vocab_size: int) -> np.ndarray:
     return ids.astype(np.int64)
 
 
+def _check_table(embedding, where: str) -> np.ndarray:
+    """The embedding table as a 2-D float array (float64, float32, float16 or bfloat16)."""
+    table = as_float_array(f"{where}: weight", embedding, dtypes=FLOAT_DTYPES)
+    if table.ndim != 2:
+        raise ShapeError(f"{where}: weight must be (V, M), got shape {table.shape}")
+    return table
+
+
 def embed_tokens(input_ids: np.ndarray, embedding: np.ndarray) -> np.ndarray:
     """Rows of the embedding table for each token.
 
     Args:
-        input_ids: ``(B, T)`` int64, already checked by :func:`check_token_ids`.
-        embedding: ``(V, M)``.
+        input_ids: ``(B, T)`` integer ids in ``[0, V)`` (checked by :func:`check_token_ids`).
+        embedding: ``(V, M)`` float64, float32, float16 or bfloat16.
 
     Returns:
         ``(B, T, M)`` in the dtype of ``embedding``.
+
+    Raises:
+        InputError: bad ids (see :func:`check_token_ids`), or a non-float table.
+        ShapeError: the table is not 2-D.
     """
-    return embedding[input_ids]
+    table = _check_table(embedding, "embed_tokens")
+    return table[check_token_ids(input_ids, table.shape[0])]
 
 
 def scaled_embed_tokens(input_ids: np.ndarray, embedding: np.ndarray, embed_scale: float) -> np.ndarray:
@@ -62,17 +76,25 @@ def scaled_embed_tokens(input_ids: np.ndarray, embedding: np.ndarray, embed_scal
     float16 and 55.425625 in float32 (bug class NRM-06).
 
     Args:
-        input_ids: ``(B, T)`` int64, already checked.
-        embedding: ``(V, M)``.
+        input_ids: ``(B, T)`` integer ids in ``[0, V)`` (checked again here).
+        embedding: ``(V, M)`` float64, float32, float16 or bfloat16.
         embed_scale: the multiplier, e.g. ``hidden_size ** 0.5``.
 
     Returns:
         ``(B, T, M)`` in the dtype of ``embedding``.
 
+    Raises:
+        InputError: bad ids (see :func:`check_token_ids`); a non-float table;
+            ``embed_scale`` not a positive finite number, or one that overflows or
+            rounds to 0 in the table's dtype.
+        ShapeError: the table is not 2-D.
+
     Checked against: transformers 5.24 ``Gemma3TextScaledWordEmbedding``
     (``embed_scale`` buffer cast to the weight dtype).
     """
-    return embedding[input_ids] * np.asarray(embed_scale).astype(embedding.dtype)
+    table = _check_table(embedding, "embedding")
+    scale = check_finite_positive("embedding: embed_scale", embed_scale, dtype=table.dtype)
+    return table[check_token_ids(input_ids, table.shape[0])] * scale
 
 
 def lm_head(hidden: np.ndarray, weight: np.ndarray) -> np.ndarray:

@@ -38,7 +38,9 @@ class WeightShapeError(CheckpointError):
 
 
 class InputError(RefimplError):
-    """Model input (token ids) has the wrong type, shape or range."""
+    """An input has the wrong type, dtype or range: model token ids, an op's array
+    argument (integer, bool or complex where floats are needed) or a scalar
+    parameter (NaN, infinite or out of range eps, scale, cap, embed scale)."""
 
 
 class ShapeError(RefimplError):

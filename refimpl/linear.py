@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import ShapeError
+from .numerics import as_float_array, check_same_dtype
 
 
 def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
@@ -24,14 +25,24 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) ->
         NumPy's matmul in that dtype).
 
     Raises:
-        ShapeError: the last axis of ``x`` is not ``in_features``.
+        InputError: an array is not float64 / float32.
+        ShapeError: ``weight`` is not 2-D, the last axis of ``x`` is not ``in_features``,
+            or ``bias`` is not ``(out_features,)``.
+        RefimplError: the arrays differ in dtype.
 
     Checked against: ``torch.nn.Linear`` (transformers models' projections).
     """
-    if x.shape[-1] != weight.shape[-1]:
+    x = as_float_array("linear: x", x)
+    weight = as_float_array("linear: weight", weight, ndim=2)
+    if x.ndim == 0 or x.shape[-1] != weight.shape[-1]:
         raise ShapeError(
-            f"linear: input has {x.shape[-1]} features but weight {weight.shape} expects {weight.shape[-1]}"
-        )
+            f"linear: input {x.shape} has {x.shape[-1] if x.ndim else 'no'} features but weight {weight.shape} "
+            f"expects {weight.shape[-1]}")
+    if bias is not None:
+        bias = as_float_array("linear: bias", bias)
+        if bias.shape != weight.shape[:1]:
+            raise ShapeError(f"linear: bias shape {bias.shape} is not ({weight.shape[0]},) of weight {weight.shape}")
+    check_same_dtype(x=x, weight=weight, **({} if bias is None else {"bias": bias}))
     y = x @ weight.T
     if bias is not None:
         y = y + bias

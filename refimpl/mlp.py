@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, ShapeError
 from .linear import linear
+from .numerics import as_float_array, check_same_dtype
 
 
 def silu(z: np.ndarray) -> np.ndarray:
@@ -47,7 +48,7 @@ def activation(name: str):
     Raises:
         ConfigError: the name is not one of :data:`ACTIVATIONS`.
     """
-    if name not in ACTIVATIONS:
+    if not isinstance(name, str) or name not in ACTIVATIONS:
         raise ConfigError(f"activation {name!r} is not supported; known: {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
 
@@ -67,12 +68,30 @@ def gated_mlp(
     Returns:
         ``(..., M)`` in the dtype of ``x``.
 
+    Dtype: computed in the dtype of ``x`` (float64 or float32); the weights must share it.
+
     Raises:
-        ShapeError: the weights do not fit ``x`` (from :func:`linear`).
+        InputError: an array is not float64 / float32 (integers, complex, ...).
+        ShapeError: the weights do not fit ``x`` or each other (the message names them).
+        RefimplError: the arrays differ in dtype.
         ConfigError: unknown ``hidden_act``.
     """
     act = activation(hidden_act)
+    x, gate_proj, up_proj, down_proj = _check_mlp(x, gate_proj, up_proj, down_proj)
     return linear(act(linear(x, gate_proj)) * linear(x, up_proj), down_proj)
+
+
+def _check_mlp(x, gate_proj, up_proj, down_proj) -> tuple[np.ndarray, ...]:
+    """The four arrays, checked: float64 / float32, one dtype, gate and up ``(F, M)``, down ``(M, F)``."""
+    x = as_float_array("gated_mlp: x", x)
+    gate, up, down = (as_float_array(f"gated_mlp: {name}", w, ndim=2) for name, w in
+                      (("gate_proj", gate_proj), ("up_proj", up_proj), ("down_proj", down_proj)))
+    m = x.shape[-1] if x.ndim else None
+    if gate.shape[1] != m or up.shape != gate.shape or down.shape != gate.shape[::-1]:
+        raise ShapeError(f"gated_mlp: x {x.shape}, gate_proj {gate.shape}, up_proj {up.shape} and down_proj "
+                         f"{down.shape} do not fit (need x (..., M), gate_proj and up_proj (F, M), down_proj (M, F))")
+    check_same_dtype(x=x, gate_proj=gate, up_proj=up, down_proj=down)
+    return x, gate, up, down
 
 
 def swiglu_mlp(

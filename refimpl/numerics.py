@@ -1,21 +1,47 @@
-"""Compute-dtype policy shared by every component.
+"""Compute-dtype policy and the argument checks shared by every component.
 
 The reference computes in one floating dtype per call, float64 by default. Every
 public function takes arrays already in that dtype and returns arrays in it; this
 module names the dtypes we accept and gives the boundary check that keeps NumPy 2
 from silently promoting a float32 computation to float64 (``x_f32 / np.sqrt(d)``
 with a Python float stays float32, but a float64 NumPy scalar does not).
+
+Boundary checks (every public op and component calls them on its arguments):
+
+* :func:`as_float_array`: an array argument as an ndarray of an accepted real
+  floating dtype. Integers, bools, complex, strings and objects are refused, never
+  cast: integer q/k/v would make ``scale`` an integer 0 and return a wrong answer.
+  NaN and inf *inside* an array argument are data and propagate.
+* :func:`as_integer_array`: positions and other integer arrays; :func:`as_array` for
+  any other array (a boolean mask), refusing only ragged input.
+* :func:`check_finite`, :func:`check_finite_positive`, :func:`check_finite_nonnegative`:
+  scalar parameters (eps, scale, caps, embed scale). A NaN or infinite *parameter*
+  is refused; with ``dtype`` the value is also checked after rounding to that dtype
+  (a scale of 1e-50 is 0 in float32).
+
+Each raises :class:`~refimpl.errors.InputError` (or :class:`~refimpl.errors.ShapeError`
+for a wrong number of axes) with a one-line message that starts with ``name``, the
+argument as the caller spells it (``"attention: q"``, ``"rms_norm: eps"``).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 
-from .errors import RefimplError
+from .errors import InputError, RefimplError, ShapeError
 
 #: Dtypes the reference computes in. float64 is the specification; float32 is
 #: offered to measure the error a float32 engine should expect.
 COMPUTE_DTYPES = {"float64": np.float64, "float32": np.float32}
+#: Storage dtypes accepted, besides the compute dtypes, by the functions that have a
+#: low-precision form (RMSNorm's cast orders, the embedding lookup). bfloat16 is
+#: ``ml_dtypes.bfloat16``, recognised by its name: it is not a ``np.floating`` subtype.
+LOW_PRECISION_DTYPES = ("bfloat16", "float16")
+#: Every floating dtype some function of the reference accepts.
+FLOAT_DTYPES = (*COMPUTE_DTYPES, *LOW_PRECISION_DTYPES)
 
 
 def resolve_dtype(dtype) -> np.dtype:
@@ -46,3 +72,116 @@ def check_same_dtype(**arrays: np.ndarray) -> np.dtype:
         listed = ", ".join(f"{n}={d}" for n, d in dtypes.items())
         raise RefimplError(f"arrays must share one compute dtype, got {listed}")
     return next(iter(dtypes.values()))
+
+
+def as_array(name: str, value) -> np.ndarray:
+    """``np.asarray(value)``; InputError naming ``name`` when ``value`` is ragged or not array-like."""
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"{name} must be a rectangular array of numbers ({exc})") from None
+
+
+def _check_ndim(name: str, array: np.ndarray, ndim: int | None) -> None:
+    if ndim is not None and array.ndim != ndim:
+        raise ShapeError(f"{name} must have {ndim} axes, got shape {array.shape}")
+
+
+def as_float_array(name: str, value, *, dtypes=tuple(COMPUTE_DTYPES), ndim: int | None = None) -> np.ndarray:
+    """``value`` as an ndarray of one of the floating ``dtypes``, never cast.
+
+    Args:
+        name: the argument as messages name it, e.g. ``"attention: q"``.
+        value: an ndarray or array-like (a list of Python floats becomes float64).
+        dtypes: accepted dtype names, by default the compute dtypes (float64, float32);
+            :data:`FLOAT_DTYPES` adds float16 and bfloat16.
+        ndim: the required number of axes, or None for any.
+
+    Returns:
+        ``np.asarray(value)``: the same array when ``value`` already is one.
+
+    Raises:
+        InputError: ``value`` is not a rectangular array, or its dtype is not one of
+            ``dtypes`` (integers, bools, complex, strings, objects, other floats).
+        ShapeError: ``ndim`` is given and ``value`` has another number of axes.
+    """
+    array = as_array(name, value)
+    if array.dtype.name not in dtypes:
+        raise InputError(f"{name} must be a {' or '.join(dtypes)} array, got dtype {array.dtype}")
+    _check_ndim(name, array, ndim)
+    return array
+
+
+def as_integer_array(name: str, value, *, ndim: int | None = None) -> np.ndarray:
+    """``value`` as an ndarray of a (signed or unsigned) integer dtype, never cast; bools are refused.
+
+    Raises:
+        InputError: not a rectangular array, or not integers.
+        ShapeError: ``ndim`` is given and ``value`` has another number of axes.
+    """
+    array = as_array(name, value)
+    if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
+        raise InputError(f"{name} must hold integers, got dtype {array.dtype}")
+    _check_ndim(name, array, ndim)
+    return array
+
+
+def _scalar(name: str, value, requirement: str, holds, dtype, error: type[RefimplError]):
+    """``value`` as a float (or rounded to ``dtype``) if it is a real number for which ``holds``
+    is true before and after rounding; ``error`` saying ``requirement`` otherwise."""
+    real = (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))) or (
+        isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf")
+    if not real:
+        raise error(f"{name} must be {requirement}, got {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not (math.isfinite(number) and holds(number)):
+        raise error(f"{name} must be {requirement}, got {value!r}")
+    if dtype is None:
+        return number
+    with np.errstate(over="ignore", under="ignore"):
+        rounded = np.dtype(dtype).type(number)
+    if not (math.isfinite(float(rounded)) and holds(float(rounded))):
+        raise error(f"{name} must be {requirement} in {np.dtype(dtype).name}, got {value!r}, "
+                         f"which rounds to {float(rounded)!r}")
+    return rounded
+
+
+def check_finite(name: str, value, *, dtype=None, error: type[RefimplError] = InputError):
+    """A finite real scalar parameter.
+
+    Args:
+        name: the argument as messages name it, e.g. ``"rope_cos_sin: attention_scaling"``.
+        value: a Python or NumPy real number, or a 0-d real array; bools are refused.
+        dtype: if given, the value is rounded to it and must still pass there.
+        error: the class raised; :class:`~refimpl.errors.ConfigError` for values read
+            from config.json (RoPE parameters).
+
+    Returns:
+        ``float(value)``, or the value rounded to ``dtype`` (a NumPy scalar) when given.
+
+    Raises:
+        InputError (or ``error``): not a real number, or NaN / infinite (before or after rounding).
+    """
+    return _scalar(name, value, "a finite number", lambda v: True, dtype, error)
+
+
+def check_finite_positive(name: str, value, *, dtype=None, error: type[RefimplError] = InputError):
+    """A finite scalar parameter > 0 (a scale, a cap), as :func:`check_finite`; a value that
+    rounds to 0 or overflows in ``dtype`` is refused too.
+
+    Raises:
+        InputError (or ``error``): not a real number, NaN, infinite or not positive.
+    """
+    return _scalar(name, value, "a positive finite number", lambda v: v > 0, dtype, error)
+
+
+def check_finite_nonnegative(name: str, value, *, dtype=None, error: type[RefimplError] = InputError):
+    """A finite scalar parameter >= 0 (an epsilon), as :func:`check_finite`.
+
+    Raises:
+        InputError (or ``error``): not a real number, NaN, infinite or negative.
+    """
+    return _scalar(name, value, "a finite number >= 0", lambda v: v >= 0, dtype, error)

@@ -26,6 +26,13 @@ Array inputs arrive in the run's dtype (float64, float32, or float16 / bfloat16 
 NumPy or ``ml_dtypes`` arrays); integer inputs stay int64. An op returns one array,
 or a dict of arrays named as in the table.
 
+Every op checks its arguments before computing (:mod:`refimpl.numerics`): an array
+of the wrong dtype (integers, bools, complex), a NaN, infinite or out-of-range
+parameter (eps, scaling, caps, sinks, embed scale, RoPE theta and factors) or an
+unknown name (layout, cast order, activation) raises a one-line ``RefimplError``
+(``InputError``, ``ShapeError``, ``ConfigError``) naming the argument. NaN and inf
+inside the data arrays (x, q, k, v, weights) are not checked: they propagate.
+
 A case may also carry the reference's result in a low-precision dtype, rounded as
 its named variant rounds (``outputs.<name>@bfloat16``; RMSNorm cast orders): a run
 in that dtype must then match it element for element, not only within the
@@ -41,11 +48,12 @@ from typing import Callable
 import numpy as np
 
 from .attention import attention
-from .embedding import check_token_ids, scaled_embed_tokens
+from .embedding import scaled_embed_tokens
 from .errors import ShapeError
 from .mlp import gated_mlp
-from .rmsnorm import rms_norm, rms_norm_low_precision
-from .rope import RopeLayout, apply_rope, rope_cos_sin, rope_frequencies
+from .numerics import COMPUTE_DTYPES, FLOAT_DTYPES, as_float_array, as_integer_array
+from .rmsnorm import check_cast_order, rms_norm, rms_norm_low_precision
+from .rope import apply_rope, rope_cos_sin, rope_frequencies, rope_layout
 from .softcap import soft_cap
 
 
@@ -61,10 +69,14 @@ def rope(
     beyond the rotary width pass through.
 
     Raises:
-        ShapeError: ``positions`` is not ``(B, T)`` of ``x``.
-        ConfigError: bad ``rope_parameters``.
+        InputError: ``x`` not a float64 / float32 array, ``positions`` not integers.
+        ShapeError: ``x`` not 4-D, ``positions`` is not ``(B, T)`` of ``x``.
+        ConfigError: bad ``rope_parameters``, ``partial_rotary_factor``,
+            ``max_position_embeddings`` or ``layout``.
     """
-    positions = np.asarray(positions)
+    x = as_float_array("rope: x", x, ndim=4)
+    positions = as_integer_array("rope: positions", positions)
+    layout = rope_layout(layout)
     if positions.shape != x.shape[:2]:
         raise ShapeError(f"rope: positions {positions.shape} must be (B, T) of x {x.shape}")
     inv_freq, scaling = rope_frequencies(
@@ -72,7 +84,7 @@ def rope(
         max_position_embeddings=max_position_embeddings,
     )
     cos, sin = rope_cos_sin(positions, inv_freq, x.dtype, scaling)
-    return apply_rope(x, cos, sin, RopeLayout(layout))
+    return apply_rope(x, cos, sin, layout)
 
 
 def frequencies(
@@ -98,8 +110,16 @@ def norm(
     :func:`refimpl.rmsnorm.rms_norm_low_precision`, normalised in float32 with the
     named ``cast_order`` (``"cast_then_multiply"``: Llama, Qwen3, Mistral, SmolLM3;
     ``"multiply_then_cast"``: OLMo 2, Gemma 3).
+
+    Raises:
+        InputError: ``x`` not float64, float32, float16 or bfloat16; ``cast_order``
+            unknown (checked in every dtype); ``eps`` not a finite number >= 0;
+            ``weight_offset`` not 0 or 1.
+        ShapeError, RefimplError: as :func:`refimpl.rmsnorm.rms_norm`.
     """
-    if x.dtype in (np.float64, np.float32):
+    x = as_float_array("rms_norm: x", x, dtypes=FLOAT_DTYPES)
+    check_cast_order(cast_order)
+    if x.dtype.name in COMPUTE_DTYPES:
         return rms_norm(x, weight, eps, weight_offset=weight_offset)
     return rms_norm_low_precision(x, weight, eps, weight_offset=weight_offset, cast_order=cast_order)
 
@@ -113,12 +133,11 @@ def embedding(input_ids: np.ndarray, weight: np.ndarray, *, embed_scale: float =
     """Rows of ``weight`` times ``embed_scale`` rounded to the weight's dtype (Gemma: sqrt(M)).
 
     Raises:
-        InputError: ids not a (B, T) integer array inside ``[0, V)``.
+        InputError: ids not a (B, T) integer array inside ``[0, V)``; ``weight`` not a
+            float array; ``embed_scale`` not a positive finite number in its dtype.
         ShapeError: ``weight`` is not 2-D.
     """
-    if np.ndim(weight) != 2:
-        raise ShapeError(f"embedding: weight must be (V, M), got shape {np.shape(weight)}")
-    return scaled_embed_tokens(check_token_ids(input_ids, weight.shape[0]), weight, embed_scale)
+    return scaled_embed_tokens(input_ids, weight, embed_scale)
 
 
 def softcap(x: np.ndarray, *, cap: float) -> np.ndarray:

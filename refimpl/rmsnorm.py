@@ -30,20 +30,34 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import RefimplError, ShapeError
-from .numerics import check_same_dtype
+from .errors import InputError, ShapeError
+from .numerics import as_float_array, check_finite_nonnegative, check_same_dtype
 
 #: Named cast orders of :func:`rms_norm_low_precision`.
 CAST_ORDERS = ("cast_then_multiply", "multiply_then_cast")
 #: Allowed values of ``weight_offset``: plain w, or Gemma's 1 + w.
 WEIGHT_OFFSETS = (0.0, 1.0)
+#: Storage dtypes of :func:`rms_norm_low_precision`.
+LOW_PRECISION_STORAGE = ("bfloat16", "float16", "float32")
 
 
-def _check(x: np.ndarray, weight: np.ndarray, weight_offset: float) -> None:
-    if weight.shape != (x.shape[-1],):
-        raise ShapeError(f"rms_norm: weight shape {weight.shape} does not match last axis {x.shape[-1]}")
-    if weight_offset not in WEIGHT_OFFSETS:
-        raise RefimplError(f"rms_norm: weight_offset must be 0 (w) or 1 (1 + w), got {weight_offset!r}")
+def _check(x, weight, weight_offset: float, dtypes) -> tuple[np.ndarray, np.ndarray, np.dtype]:
+    """``(x, weight, dtype)`` after checking dtypes, shapes and ``weight_offset``."""
+    x = as_float_array("rms_norm: x", x, dtypes=dtypes)
+    weight = as_float_array("rms_norm: weight", weight, dtypes=dtypes)
+    if x.ndim == 0 or weight.shape != (x.shape[-1],):
+        raise ShapeError(f"rms_norm: weight shape {weight.shape} does not match last axis of x {x.shape}")
+    is_number = isinstance(weight_offset, (int, float, np.integer, np.floating)) and not isinstance(
+        weight_offset, (bool, np.bool_))
+    if not (is_number and weight_offset in WEIGHT_OFFSETS):
+        raise InputError(f"rms_norm: weight_offset must be 0 (w) or 1 (1 + w), got {weight_offset!r}")
+    return x, weight, check_same_dtype(x=x, weight=weight)
+
+
+def check_cast_order(cast_order: str) -> None:
+    """Raise InputError unless ``cast_order`` is one of :data:`CAST_ORDERS`."""
+    if not isinstance(cast_order, str) or cast_order not in CAST_ORDERS:
+        raise InputError(f"rms_norm: cast_order must be one of {CAST_ORDERS}, got {cast_order!r}")
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, *, weight_offset: float = 0.0) -> np.ndarray:
@@ -63,12 +77,14 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, *, weight_offset: fl
 
     Raises:
         ShapeError: ``weight`` does not have shape ``(M,)``.
-        RefimplError: ``x`` and ``weight`` differ in dtype, or ``weight_offset`` is not 0 or 1.
+        InputError: ``x`` or ``weight`` not float64 / float32; ``eps`` not a finite
+            number >= 0; ``weight_offset`` not 0 or 1.
+        RefimplError: ``x`` and ``weight`` differ in dtype.
     """
-    _check(x, weight, weight_offset)
-    dtype = check_same_dtype(x=x, weight=weight)
+    x, weight, dtype = _check(x, weight, weight_offset, ("float64", "float32"))
+    eps = check_finite_nonnegative("rms_norm: eps", eps, dtype=dtype)
     mean_square = np.mean(x * x, axis=-1, keepdims=True)
-    normalised = x / np.sqrt(mean_square + dtype.type(eps))
+    normalised = x / np.sqrt(mean_square + eps)
     scale = weight + dtype.type(weight_offset) if weight_offset else weight
     return scale * normalised
 
@@ -91,14 +107,16 @@ def rms_norm_low_precision(
         ``(..., M)`` in the dtype of ``x``.
 
     Raises:
-        ShapeError / RefimplError: as :func:`rms_norm`; unknown ``cast_order``.
+        ShapeError: as :func:`rms_norm`.
+        InputError: ``x`` or ``weight`` not bfloat16, float16 or float32; ``eps``,
+            ``weight_offset`` as :func:`rms_norm`; unknown ``cast_order``.
+        RefimplError: ``x`` and ``weight`` differ in dtype.
     """
-    _check(x, weight, weight_offset)
-    if cast_order not in CAST_ORDERS:
-        raise RefimplError(f"rms_norm: cast_order must be one of {CAST_ORDERS}, got {cast_order!r}")
-    storage = check_same_dtype(x=x, weight=weight)
+    x, weight, storage = _check(x, weight, weight_offset, LOW_PRECISION_STORAGE)
+    check_cast_order(cast_order)
+    eps = check_finite_nonnegative("rms_norm: eps", eps, dtype=np.float32)
     x32 = x.astype(np.float32)
-    normalised = x32 / np.sqrt(np.mean(x32 * x32, axis=-1, keepdims=True) + np.float32(eps))
+    normalised = x32 / np.sqrt(np.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     if cast_order == "cast_then_multiply":
         scale = weight if not weight_offset else (weight.astype(np.float32) + np.float32(1)).astype(storage)
         return (scale * normalised.astype(storage)).astype(storage)

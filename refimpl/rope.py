@@ -56,7 +56,9 @@ from enum import Enum
 import numpy as np
 
 from .errors import ConfigError, InputError, ShapeError
-from .numerics import check_same_dtype
+from .numerics import (
+    COMPUTE_DTYPES, as_float_array, as_integer_array, check_finite, check_finite_positive, check_same_dtype,
+)
 
 
 class RopeLayout(Enum):
@@ -66,6 +68,55 @@ class RopeLayout(Enum):
     ROTATE_HALF = "rotate_half"
     #: pair i = channels (2i, 2i + 1): GPT-J, GLM, DeepSeek (``rope_interleave``).
     INTERLEAVED = "interleaved"
+
+
+def rope_layout(layout) -> RopeLayout:
+    """``layout`` as a :class:`RopeLayout` (a member, or its value ``"rotate_half"`` / ``"interleaved"``).
+
+    Raises:
+        ConfigError: any other value.
+    """
+    try:
+        return RopeLayout(layout)
+    except (ValueError, TypeError):
+        raise ConfigError(
+            f"RoPE layout {layout!r} is not known (use {', '.join(m.value for m in RopeLayout)})") from None
+
+
+# Checks of the scalar parameters (ConfigError: they come from config.json)
+
+def _check_theta(rope_theta) -> float:
+    """``rope_theta`` as a float > 1.
+
+    theta <= 1 is refused: the frequencies theta ** (-2i / Dr) would not decrease (at
+    theta = 1 every pair turns at 1 rad per position), and YaRN's correction range
+    divides by ln theta. transformers does not check; no released model is near 1.
+    """
+    theta = check_finite("rope_parameters: rope_theta", rope_theta, error=ConfigError)
+    if not theta > 1:
+        raise ConfigError(f"rope_parameters: rope_theta must be a finite number > 1, got {rope_theta!r}")
+    return theta
+
+
+def _check_factor(rope_type: str, factor) -> float:
+    """A context-extension ``factor`` as a float >= 1.
+
+    transformers' ``_validate_{linear,llama3,yarn}_rope_parameters`` warn ("factor field
+    must be a float or int >= 1"); below 1 the frequencies would be *raised*, which
+    shortens the context instead of extending it (YaRN's magnitude 0.1 ln s + 1 also
+    assumes s >= 1). The reference refuses. 1 is allowed (no scaling).
+    """
+    number = check_finite(f"{rope_type} RoPE: factor", factor, error=ConfigError)
+    if not number >= 1:
+        raise ConfigError(f"{rope_type} RoPE: factor must be a finite number >= 1 (the context extension "
+                          f"ratio), got {factor!r}")
+    return number
+
+
+def _check_positive_int(what: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ConfigError(f"{what} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 # Frequencies: one pure function per scaling type
@@ -83,11 +134,14 @@ def default_inv_freq(head_dim: int, rope_theta: float) -> np.ndarray:
 
     Raises:
         ShapeError: ``head_dim`` is odd or not positive.
+        ConfigError: ``head_dim`` is not an integer; ``rope_theta`` is not a finite number > 1.
     """
+    if isinstance(head_dim, bool) or not isinstance(head_dim, numbers.Integral):
+        raise ConfigError(f"RoPE needs an integer rotary width, got {head_dim!r}")
     if head_dim <= 0 or head_dim % 2:
         raise ShapeError(f"RoPE needs a positive even rotary width, got {head_dim}")
     exponent = np.arange(0, head_dim, 2, dtype=np.float64) / head_dim
-    return 1.0 / (float(rope_theta) ** exponent)
+    return 1.0 / (_check_theta(rope_theta) ** exponent)
 
 
 def linear_inv_freq(rotary_dim: int, rope_theta: float, factor: float) -> np.ndarray:
@@ -96,9 +150,13 @@ def linear_inv_freq(rotary_dim: int, rope_theta: float, factor: float) -> np.nda
     Returns:
         ``(Dr/2,)`` float64.
 
+    Raises:
+        ConfigError: ``factor`` is not a finite number >= 1 (as :func:`default_inv_freq` otherwise).
+
     Checked against: transformers 5.24 ``modeling_rope_utils._compute_linear_scaling_rope_parameters``.
     """
-    return default_inv_freq(rotary_dim, rope_theta) / float(factor)
+    factor = _check_factor("linear", factor)
+    return default_inv_freq(rotary_dim, rope_theta) / factor
 
 
 def llama3_inv_freq(
@@ -123,12 +181,23 @@ def llama3_inv_freq(
     Returns:
         ``(Dr/2,)`` float64.
 
+    Raises:
+        ConfigError: ``factor`` below 1; ``low_freq_factor`` not positive or not below
+            ``high_freq_factor``; ``original_max_position_embeddings`` not a positive integer.
+
     Paper: arXiv:2407.21783 (Llama 3 herd; the rule ships as ``apply_scaling`` in Meta's
     llama-models reference code).
     Checked against: transformers 5.24 ``modeling_rope_utils._compute_llama3_parameters`` (lines 643-662).
     """
+    factor = _check_factor("llama3", factor)
+    low_freq_factor = check_finite_positive("llama3 RoPE: low_freq_factor", low_freq_factor, error=ConfigError)
+    high_freq_factor = check_finite_positive("llama3 RoPE: high_freq_factor", high_freq_factor, error=ConfigError)
+    if not high_freq_factor > low_freq_factor:
+        raise ConfigError(f"llama3 RoPE: high_freq_factor ({high_freq_factor}) must exceed low_freq_factor "
+                          f"({low_freq_factor})")
     inv_freq = default_inv_freq(rotary_dim, rope_theta)
-    context = float(original_max_position_embeddings)
+    context = float(_check_positive_int("llama3 RoPE: original_max_position_embeddings",
+                                        original_max_position_embeddings))
     wavelen = 2 * math.pi / inv_freq
     low_freq_wavelen, high_freq_wavelen = context / low_freq_factor, context / high_freq_factor
     # Blend weight a of the middle band (0 at the low-frequency edge, 1 at the high one).
@@ -152,13 +221,24 @@ def yarn_correction_range(
     Returns:
         ``(low, high)`` Python floats (integers when ``truncate``).
 
+    Raises:
+        ConfigError: ``rope_theta`` not > 1; a beta not positive, or ``beta_fast < beta_slow``
+            (the ramp would run backwards; transformers warns); L not a positive integer.
+
     Paper: arXiv:2309.00071, sec. 3.2 (r(d) = L / lambda_d; alpha = beta_slow, beta = beta_fast).
     Checked against: transformers 5.24 ``modeling_rope_utils._compute_yarn_parameters``
     (``find_correction_dim``, ``find_correction_range``, lines 447-458).
     """
+    theta = _check_theta(rope_theta)
+    beta_fast = check_finite_positive("yarn RoPE: beta_fast", beta_fast, error=ConfigError)
+    beta_slow = check_finite_positive("yarn RoPE: beta_slow", beta_slow, error=ConfigError)
+    if beta_fast < beta_slow:
+        raise ConfigError(f"yarn RoPE: beta_fast ({beta_fast}) must be >= beta_slow ({beta_slow}); "
+                          "the ramp would run backwards (transformers warns)")
+    original = _check_positive_int("yarn RoPE: original_max_position_embeddings", original_max_position_embeddings)
+
     def corr(num_rotations: float) -> float:
-        return rotary_dim * math.log(original_max_position_embeddings / (num_rotations * 2 * math.pi)) / (
-            2 * math.log(rope_theta))
+        return rotary_dim * math.log(original / (num_rotations * 2 * math.pi)) / (2 * math.log(theta))
 
     low, high = corr(beta_fast), corr(beta_slow)
     if truncate:
@@ -193,11 +273,16 @@ def yarn_inv_freq(
     Returns:
         ``(Dr/2,)`` float64.
 
+    Raises:
+        ConfigError: ``factor`` is not a finite number >= 1; otherwise as
+            :func:`yarn_correction_range`.
+
     Paper: arXiv:2309.00071, sec. 3.2 (h(theta_d) with the paper's gamma = 1 - ramp).
     Checked against: transformers 5.24 ``modeling_rope_utils._compute_yarn_parameters`` (lines 469-484).
     """
+    factor = _check_factor("yarn", factor)
     inv_freq_extrapolation = default_inv_freq(rotary_dim, rope_theta)
-    inv_freq_interpolation = inv_freq_extrapolation / float(factor)
+    inv_freq_interpolation = inv_freq_extrapolation / factor
     low, high = yarn_correction_range(
         rotary_dim, rope_theta, original_max_position_embeddings, beta_fast, beta_slow, truncate)
     ramp = yarn_ramp(low, high, rotary_dim // 2)
@@ -222,14 +307,22 @@ def yarn_attention_scaling(
     mscale_all_dim)`` (DeepSeek-V2/V3 style, which moves the rest into the softmax
     scale); else ``yarn_mscale(factor)``.
 
+    Raises:
+        ConfigError: the magnitude is not a positive finite number (a negative
+            ``mscale``, or an ``mscale_all_dim`` that makes the denominator 0 or negative).
+
     Paper: arXiv:2309.00071, sec. 3.4 (sqrt(1/t) = 0.1 ln s + 1).
     Checked against: transformers 5.24 ``modeling_rope_utils._compute_yarn_parameters`` (lines 430-441).
     """
     if attention_factor is not None:
-        return float(attention_factor)
-    if mscale and mscale_all_dim:
-        return yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
-    return yarn_mscale(factor)
+        scaling = attention_factor
+    elif mscale and mscale_all_dim:
+        denominator = yarn_mscale(factor, mscale_all_dim)
+        scaling = yarn_mscale(factor, mscale) / denominator if denominator else math.inf
+    else:
+        scaling = yarn_mscale(factor)
+    return check_finite_positive("yarn RoPE: attention scaling (from attention_factor, mscale, mscale_all_dim)",
+                                 scaling, error=ConfigError)
 
 
 # Reading rope_parameters
@@ -237,18 +330,23 @@ def yarn_attention_scaling(
 _REQUIRED = object()
 
 
-def _number(params: dict, key: str, rope_type: str, default=_REQUIRED, *, positive: bool = True):
-    """``params[key]`` as a float; a missing or null key gives ``default``; ConfigError naming the key."""
+def _number(params: dict, key: str, rope_type: str, default=_REQUIRED, *, positive: bool = True,
+            at_least: float | None = None):
+    """``params[key]`` as a float; a missing or null key gives ``default``; ConfigError naming the key.
+
+    ``positive`` requires > 0, ``at_least`` requires >= that bound (``factor``: 1).
+    """
     value = params.get(key)
     if value is None:
         if default is _REQUIRED:
             raise ConfigError(f"{rope_type} RoPE needs rope_parameters[{key!r}] (a number)")
         return default
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or (
-            positive and value <= 0):
-        kind = "a positive number" if positive else "a finite number"
-        raise ConfigError(f"{rope_type} RoPE: rope_parameters[{key!r}] must be {kind}, got {value!r}")
-    return float(value)
+    check = check_finite_positive if positive else check_finite
+    number = check(f"{rope_type} RoPE: rope_parameters[{key!r}]", value, error=ConfigError)
+    if at_least is not None and number < at_least:
+        raise ConfigError(f"{rope_type} RoPE: rope_parameters[{key!r}] must be a number >= {at_least:g}, "
+                          f"got {value!r}")
+    return number
 
 
 def _original_context(params: dict, rope_type: str, max_position_embeddings: int | None) -> int:
@@ -268,11 +366,11 @@ def _default_from(params, rope_type, rotary_dim, theta, max_position_embeddings)
 
 
 def _linear_from(params, rope_type, rotary_dim, theta, max_position_embeddings):
-    return linear_inv_freq(rotary_dim, theta, _number(params, "factor", rope_type)), 1.0
+    return linear_inv_freq(rotary_dim, theta, _number(params, "factor", rope_type, at_least=1.0)), 1.0
 
 
 def _llama3_from(params, rope_type, rotary_dim, theta, max_position_embeddings):
-    factor = _number(params, "factor", rope_type)
+    factor = _number(params, "factor", rope_type, at_least=1.0)
     low = _number(params, "low_freq_factor", rope_type)
     high = _number(params, "high_freq_factor", rope_type)
     if not high > low:
@@ -287,12 +385,15 @@ def _yarn_from(params, rope_type, rotary_dim, theta, max_position_embeddings):
     if "factor" not in params:
         raise ConfigError("yarn RoPE needs rope_parameters['factor'] (a number, or null for "
                           "max_position_embeddings / original_max_position_embeddings)")
-    factor = _number(params, "factor", rope_type, None)
+    factor = _number(params, "factor", rope_type, None, at_least=1.0)
     # A null factor means the context ratio (DeepSeek-V3 style), as in transformers.
     if factor is None:
         if max_position_embeddings is None:
             raise ConfigError("yarn RoPE: rope_parameters['factor'] is null and max_position_embeddings is not given")
         factor = max_position_embeddings / original
+        if factor < 1:
+            raise ConfigError(f"yarn RoPE: rope_parameters['factor'] is null and max_position_embeddings / "
+                              f"original_max_position_embeddings = {max_position_embeddings} / {original} is below 1")
     truncate = params.get("truncate", True)
     if not isinstance(truncate, bool):
         raise ConfigError(f"yarn RoPE: rope_parameters['truncate'] must be true or false, got {truncate!r}")
@@ -325,8 +426,7 @@ def rotary_dim(head_dim: int, partial_rotary_factor: float = 1.0) -> int:
     if isinstance(head_dim, bool) or not isinstance(head_dim, numbers.Integral) or head_dim <= 0:
         raise ConfigError(f"RoPE needs a positive integer head_dim, got {head_dim!r}")
     factor = partial_rotary_factor
-    if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not math.isfinite(factor):
-        raise ConfigError(f"partial_rotary_factor must be a number, got {factor!r}")
+    check_finite("partial_rotary_factor", factor, error=ConfigError)
     dr = int(head_dim * factor)
     if dr <= 0 or dr % 2 or dr > head_dim:
         raise ConfigError(
@@ -363,9 +463,12 @@ def rope_frequencies(
     (``torch.arange(...).to(dtype=torch.float)``); the two differ by about 1e-7 relative.
 
     Raises:
-        ConfigError: unknown ``rope_type``; a missing, non-numeric or non-positive
-            parameter (the message names the key); ``high_freq_factor <= low_freq_factor``
-            (transformers only warns); a rotary width that is odd, zero or above D.
+        ConfigError: unknown ``rope_type``; a missing, non-numeric, NaN, infinite or
+            non-positive parameter (the message names the key); ``rope_theta <= 1``;
+            a ``factor`` below 1, or a null yarn factor whose context ratio is below 1;
+            ``high_freq_factor <= low_freq_factor`` or ``beta_fast < beta_slow``
+            (transformers only warns on these three); ``max_position_embeddings``
+            not a positive integer; a rotary width that is odd, zero or above D.
 
     Checked against: transformers 5.24 ``modeling_rope_utils.ROPE_INIT_FUNCTIONS`` and
     ``LlamaRotaryEmbedding`` / ``GlmRotaryEmbedding.compute_default_rope_parameters``.
@@ -375,11 +478,11 @@ def rope_frequencies(
     rope_type = rope_parameters.get("rope_type", rope_parameters.get("type", "default"))
     if not isinstance(rope_type, str) or rope_type not in _FREQUENCIES:
         raise ConfigError(f"RoPE type {rope_type!r} is not supported (known: {', '.join(_FREQUENCIES)})")
-    theta = rope_parameters.get("rope_theta")
-    if isinstance(theta, bool) or not isinstance(theta, numbers.Real) or not theta > 0 or not math.isfinite(theta):
-        raise ConfigError(f"rope_parameters needs a positive rope_theta, got {theta!r}")
+    theta = _check_theta(rope_parameters.get("rope_theta"))
+    if max_position_embeddings is not None:
+        _check_positive_int("max_position_embeddings", max_position_embeddings)
     dr = rotary_dim(head_dim, rope_parameters.get("partial_rotary_factor", partial_rotary_factor))
-    return _FREQUENCIES[rope_type](rope_parameters, rope_type, dr, float(theta), max_position_embeddings)
+    return _FREQUENCIES[rope_type](rope_parameters, rope_type, dr, theta, max_position_embeddings)
 
 
 # Tables and rotation
@@ -403,23 +506,39 @@ def rope_cos_sin(
         an angle by up to ~4e-3 rad.)
 
     Raises:
-        InputError: ``positions`` is not an integer array.
+        InputError: ``positions`` is not an integer array; ``inv_freq`` is not a float
+            array of finite values; ``dtype`` is not float64 or float32;
+            ``attention_scaling`` is not a positive finite number.
         ShapeError: ``positions`` is not 1-D or 2-D, or ``inv_freq`` is not 1-D.
     """
-    positions = np.asarray(positions)
-    if not np.issubdtype(positions.dtype, np.integer):
-        raise InputError(f"RoPE positions must be integers, got dtype {positions.dtype}")
-    if positions.ndim not in (1, 2) or np.ndim(inv_freq) != 1:
+    positions = as_integer_array("RoPE positions", positions)
+    inv_freq = as_float_array("RoPE inv_freq", inv_freq)
+    if positions.ndim not in (1, 2) or inv_freq.ndim != 1:
         raise ShapeError(f"RoPE needs positions (T,) or (B, T) and inv_freq (Dr/2,), got {positions.shape} "
-                         f"and {np.shape(inv_freq)}")
+                         f"and {inv_freq.shape}")
+    if not np.isfinite(inv_freq).all():
+        raise InputError(f"RoPE inv_freq must be finite, got {inv_freq.tolist()}")
+    dtype = _compute_dtype(dtype)
+    scale = check_finite_positive("RoPE attention_scaling", attention_scaling)
     # m * theta_i, exact in float64 for any realistic position.
-    angles = positions.astype(np.float64)[..., None] * np.asarray(inv_freq, dtype=np.float64)
-    scale = float(attention_scaling)
+    angles = positions.astype(np.float64)[..., None] * inv_freq.astype(np.float64)
     return (np.cos(angles) * scale).astype(dtype), (np.sin(angles) * scale).astype(dtype)
 
 
-def _check_tables(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> int:
-    """Dr/2, after checking that ``(T, Dr/2)`` or ``(B, T, Dr/2)`` tables fit ``x`` ``(B, T, H, D)``."""
+def _compute_dtype(dtype) -> np.dtype:
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved is None or resolved.name not in COMPUTE_DTYPES:
+        raise InputError(f"RoPE dtype must be float64 or float32, got {dtype!r}")
+    return resolved
+
+
+def _check_tables(x, cos, sin) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """``(x, cos, sin, Dr/2)`` after checking that they are float64 / float32 arrays and that
+    ``(T, Dr/2)`` or ``(B, T, Dr/2)`` tables fit ``x`` ``(B, T, H, D)``."""
+    x, cos, sin = (as_float_array(f"RoPE {name}", a) for name, a in (("x", x), ("cos", cos), ("sin", sin)))
     half = cos.shape[-1] if cos.ndim else 0
     fits = (
         x.ndim == 4 and cos.shape == sin.shape and cos.ndim in (2, 3) and cos.shape[-2] == x.shape[1]
@@ -429,7 +548,7 @@ def _check_tables(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> int:
         raise ShapeError(f"RoPE tables {cos.shape} do not fit input {x.shape} "
                          "(need x (B, T, H, D) and tables (T, Dr/2) or (B, T, Dr/2) with 0 < Dr <= D)")
     check_same_dtype(x=x, cos=cos, sin=sin)
-    return half
+    return x, cos, sin, half
 
 
 def apply_rope_rotate_half(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -448,6 +567,7 @@ def apply_rope_rotate_half(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> n
 
     Raises:
         ShapeError: the tables do not fit ``x`` (wrong T, B, Dr/2 = 0 or Dr > D).
+        InputError: ``x`` or a table is not a float64 / float32 array.
         RefimplError: ``x`` and the tables differ in dtype.
 
     Paper: arXiv:2104.09864, sec. 3.4.2, eq. 34 (in the half-split pairing).
@@ -455,7 +575,7 @@ def apply_rope_rotate_half(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> n
     ``apply_rotary_pos_emb``) and, for Dr < D, ``models/qwen3_next/modeling_qwen3_next.py``
     ``apply_rotary_pos_emb`` (lines 154-188).
     """
-    half = _check_tables(x, cos, sin)
+    x, cos, sin, half = _check_tables(x, cos, sin)
     # Broadcast the tables over heads: (..., T, 1, Dr/2).
     c, s = cos[..., None, :], sin[..., None, :]
     x1, x2, passed = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
@@ -482,11 +602,12 @@ def apply_rope_interleaved(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> n
 
     Raises:
         ShapeError: the tables do not fit ``x``.
+        InputError: ``x`` or a table is not a float64 / float32 array.
         RefimplError: ``x`` and the tables differ in dtype.
 
     Paper: arXiv:2104.09864, sec. 3.4.2, eq. 34 (the paper's own pairing).
     """
-    half = _check_tables(x, cos, sin)
+    x, cos, sin, half = _check_tables(x, cos, sin)
     c, s = cos[..., None, :], sin[..., None, :]
     x1, x2 = x[..., 0:2 * half:2], x[..., 1:2 * half:2]
     # Re-interleave (even, odd) results: (..., Dr/2, 2) -> (..., Dr).
@@ -505,9 +626,4 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, layout: RopeLayo
     Raises:
         ConfigError: unknown layout. Otherwise as the layout's function.
     """
-    try:
-        layout = RopeLayout(layout)
-    except ValueError:
-        raise ConfigError(
-            f"RoPE layout {layout!r} is not known (use {', '.join(m.value for m in RopeLayout)})") from None
-    return _APPLY[layout](x, cos, sin)
+    return _APPLY[rope_layout(layout)](x, cos, sin)

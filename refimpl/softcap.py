@@ -16,20 +16,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import RefimplError
+from .numerics import as_float_array, check_finite_positive
 
 
 def soft_cap(x: np.ndarray, cap: float) -> np.ndarray:
     """``cap * tanh(x / cap)`` elementwise, in the dtype of ``x``.
 
     Args:
-        x: any shape, float.
-        cap: c > 0.
+        x: any shape, float64 or float32 (NaN and inf propagate as tanh takes them).
+        cap: c > 0, rounded to the dtype of ``x`` first.
 
     Raises:
-        RefimplError: ``cap`` is not a positive finite number.
+        InputError: ``x`` is not a float64 / float32 array; ``cap`` is not a positive
+            finite number (in that dtype).
     """
-    if not (isinstance(cap, (int, float)) and np.isfinite(cap) and cap > 0):
-        raise RefimplError(f"soft-cap must be a positive finite number, got {cap!r}")
-    c = x.dtype.type(cap)
+    x = as_float_array("soft_cap: x", x)
+    c = check_finite_positive("soft_cap: cap", cap, dtype=x.dtype)
     return c * np.tanh(x / c)

@@ -1,7 +1,7 @@
 """Tests of refimpl.attention and refimpl.masks (NumPy only).
 
 Probes named after bug classes (SWA-01, KV-02, SINK-01, ...) follow
-/work/shared/bug-classes.md; most use the uniform-attention probe: q = k = 0 so
+docs/bug-classes.md; most use the uniform-attention probe: q = k = 0 so
 the weights are uniform over the visible keys, and v[j] = one-hot(j), so each
 output row shows exactly which keys were visible.
 """
@@ -440,11 +440,11 @@ def test_rejects_bad_shapes():
     ({"sinks": np.zeros(4, np.float32)}, RefimplError, "dtype"),
     ({"sliding_window": 0}, RefimplError, "sliding window"),
     ({"attention_chunk_size": -3}, RefimplError, "attention_chunk_size"),
-    ({"attn_logit_softcapping": 0.0}, RefimplError, "soft-cap"),
-    ({"attn_logit_softcapping": -50.0}, RefimplError, "soft-cap"),
-    ({"scaling": 0.0}, RefimplError, "scale"),
-    ({"scaling": -0.125}, RefimplError, "scale"),
-    ({"scaling": float("nan")}, RefimplError, "scale"),
+    ({"attn_logit_softcapping": 0.0}, RefimplError, "attn_logit_softcapping"),
+    ({"attn_logit_softcapping": -50.0}, RefimplError, "attn_logit_softcapping"),
+    ({"scaling": 0.0}, RefimplError, "scaling"),
+    ({"scaling": -0.125}, RefimplError, "scaling"),
+    ({"scaling": float("nan")}, RefimplError, "scaling"),
 ])
 def test_attention_op_rejects_bad_arguments(kwargs, error, match):
     q, k, v = random_qkv(np.random.default_rng(0), 1, 3, 5, 4, 2)
