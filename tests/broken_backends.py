@@ -152,6 +152,19 @@ def gemma3_scale_from_head_dim() -> _BrokenBackend:
         c, query_pre_attn_scalar=float(c.head_dim)) if hasattr(c, "query_pre_attn_scalar") else c)
 
 
+def gemma3_scale_from_hidden_per_head() -> _BrokenBackend:
+    """SCL-01: attention scaled by (hidden_size / num_attention_heads)^-0.5, right for the 27B only."""
+    return _ConfigEdit("broken:SCL-hidden-per-head", lambda c: dataclasses.replace(
+        c, query_pre_attn_scalar=float(c.hidden_size // c.num_attention_heads))
+        if hasattr(c, "query_pre_attn_scalar") else c)
+
+
+def gemma3_final_softcap_hardcoded_30() -> _BrokenBackend:
+    """CAP-02: whenever a final soft-cap is configured, 30 is used."""
+    return _ConfigEdit("broken:CAP-final-30", lambda c: dataclasses.replace(
+        c, final_logit_softcapping=30.0) if getattr(c, "final_logit_softcapping", None) else c)
+
+
 def gemma3_final_softcap_dropped() -> _BrokenBackend:
     """CAP-05/06: final_logit_softcapping read but never applied."""
     return _ConfigEdit("broken:CAP-final-dropped", lambda c: dataclasses.replace(

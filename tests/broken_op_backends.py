@@ -32,8 +32,8 @@ class _BrokenOps(RefimplBackend):
     def supports(self, case, dtype):
         if case.level == "model":
             return "op-level broken backend"
-        # RMSNorm has a low-precision reference (rms_norm_low_precision); other ops do not.
-        return True if case.op == "rms_norm" else super().supports(case, dtype)
+        # RMSNorm and the embedding have a low-precision reference; other ops do not.
+        return True if case.op in ("rms_norm", "embedding") else super().supports(case, dtype)
 
 
 def _attention_with(**overrides):
@@ -51,6 +51,17 @@ def swa_window_plus_one():
     """SWA-01/02/05: the window taken as a radius, W + 1 visible keys."""
     return _BrokenOps("broken:SWA-window+1", attention=_attention_with(
         sliding_window=lambda kw, q: None if kw.get("sliding_window") is None else kw["sliding_window"] + 1))
+
+
+def swa_window_plus_one_at_decode():
+    """SWA-04: the window one key too wide only for a single decode query (prefill is right)."""
+
+    def wrong(q, k, v, **kw):
+        if q.shape[1] == 1 and kw.get("sliding_window") is not None:
+            kw = {**kw, "sliding_window": kw["sliding_window"] + 1}
+        return attention(q, k, v, **kw)
+
+    return _BrokenOps("broken:SWA-window+1-at-decode", attention=wrong)
 
 
 def swa_ignored():
@@ -120,6 +131,29 @@ def rsc_scaling_ignored():
     return _BrokenOps("broken:RSC-scaling-ignored", rope=wrong_rope, rope_frequencies=wrong_freq)
 
 
+def rsc_yarn_ramp_clipped_at_half():
+    """RSC: YaRN's ramp bound clipped at Dr/2 - 1 instead of Dr - 1 (transformers' rule)."""
+    from unittest import mock
+
+    from refimpl import rope as rope_module
+
+    original = rope_module.yarn_correction_range
+
+    def clipped(rotary_dim, *args, **kwargs):
+        low, high = original(rotary_dim, *args, **kwargs)
+        return low, min(high, rotary_dim // 2 - 1)
+
+    def wrong_freq(**kw):
+        with mock.patch.object(rope_module, "yarn_correction_range", clipped):
+            return ref.frequencies(**kw)
+
+    def wrong_rope(x, positions, **kw):
+        with mock.patch.object(rope_module, "yarn_correction_range", clipped):
+            return ref.rope(x, positions, **kw)
+
+    return _BrokenOps("broken:RSC-yarn-ramp-half", rope=wrong_rope, rope_frequencies=wrong_freq)
+
+
 def rsc_llama3_factor_8():
     """RSC-04: llama3 scale factor hard-coded to 8."""
 
@@ -185,6 +219,17 @@ def nrm_embed_scale_ignored():
     """NRM-06: Gemma embedding not multiplied by sqrt(hidden_size)."""
     return _BrokenOps("broken:NRM-embed-unscaled",
                       embedding=lambda input_ids, weight, *, embed_scale=1.0: ref.embedding(input_ids, weight))
+
+
+def nrm_embed_scale_unrounded():
+    """NRM-06: the embedding scale applied in float64 and the product rounded once, instead of
+    the scale rounded to the run dtype first (55.4256 instead of 55.5 for sqrt(3072) in bfloat16)."""
+
+    def wrong(input_ids, weight, *, embed_scale=1.0):
+        rows = ref.embedding(input_ids, weight.astype(np.float64) if weight.dtype != np.float64 else weight)
+        return (rows * embed_scale).astype(weight.dtype)
+
+    return _BrokenOps("broken:NRM-embed-scale-unrounded", embedding=wrong)
 
 
 def qkn_norm_over_all_heads():

@@ -101,7 +101,10 @@ def test_correct_backends_pass_the_corpus(golden_dir, tmp_path):
 GEMMA3_MISTAKES = {
     # factory: (bug class, cases that must fail, layer where they first diverge or None to skip)
     "gemma3_all_layers_sliding": ("PAT", {"gemma3/default-pattern-6-layers"}, "layers.5"),
-    "gemma3_scale_from_head_dim": ("SCL", {"gemma3/qpas-head-dim-final-softcap"}, "layers.0"),
+    "gemma3_scale_from_head_dim": ("SCL", {"gemma3/qpas-head-dim-final-softcap", "gemma3/qpas-distinct-cap-20"},
+                                   "layers.0"),
+    "gemma3_scale_from_hidden_per_head": ("SCL", {"gemma3/qpas-distinct-cap-20"}, "layers.0"),
+    "gemma3_final_softcap_hardcoded_30": ("CAP", {"gemma3/qpas-distinct-cap-20"}, "logits"),
     "gemma3_final_softcap_dropped": ("CAP", {"gemma3/qpas-head-dim-final-softcap"}, "logits"),
     "gemma3_norm_without_offset": ("NRM", {"gemma3/near-zero-norm-offsets", "gemma3/default-pattern-6-layers"}, None),
 }

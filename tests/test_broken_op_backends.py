@@ -12,6 +12,7 @@ from conformance.cli import cli
 EXPECTED = {
     "swa_window_plus_one": ("SWA", {"op/attention/window-probe", "op/attention/window-after-cache",
                                     "op/attention/window-1", "op/attention/window-random", "op/attention/sinks-window"}),
+    "swa_window_plus_one_at_decode": ("SWA", {"op/attention/window-decode-probe", "op/attention/window-decode-gqa"}),
     "swa_ignored": ("SWA/PAT", {"op/attention/window-probe", "op/attention/window-after-cache",
                                 "op/attention/window-1", "op/attention/sinks-window"}),
     "sink_ignored": ("SINK", {"op/attention/sinks-probe", "op/attention/sinks-window", "op/attention/sinks-causal"}),
@@ -27,6 +28,7 @@ EXPECTED = {
                                     "op/rope_frequencies/llama3", "op/rope_frequencies/yarn-partial",
                                     "op/rope_frequencies/linear"}),
     "rsc_llama3_factor_8": ("RSC", {"op/rope/llama3-factor32"}),
+    "rsc_yarn_ramp_clipped_at_half": ("RSC", {"op/rope_frequencies/yarn-wide-ramp"}),
     "rsc_yarn_magnitude_ignored": ("RSC", {"op/rope/yarn-long", "op/rope/yarn-mscale", "op/rope/yarn-gpt-oss"}),
     "nrm_offset_ignored": ("NRM", {"op/rms_norm/one-plus-w", "op/rms_norm/zero-offset-weight"}),
     "nrm_offset_twice": ("NRM", {"op/rms_norm/one-plus-w", "op/rms_norm/zero-offset-weight"}),
@@ -81,3 +83,13 @@ def test_swapped_rms_norm_cast_order_fails_in_low_precision(golden_dir, tmp_path
         ok = CliRunner().invoke(cli, ["run", "--backend", "broken_op_backends:nrm_cast_order_swapped", "--dtype", dt,
                                       "--op", "rms_norm", "--golden-dir", str(golden_dir)])
         assert ok.exit_code == 0, ok.output
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_unrounded_embedding_scale_fails_in_low_precision(golden_dir, tmp_path, dtype):
+    report = tmp_path / "r.json"
+    result = CliRunner().invoke(cli, ["run", "--backend", "broken_op_backends:nrm_embed_scale_unrounded", "--dtype",
+                                      dtype, "--op", "embedding", "--golden-dir", str(golden_dir), "--report", str(report)])
+    assert result.exit_code == 1, result.output
+    entry = json.loads(report.read_text())["results"][0]
+    assert entry["status"] == "failed" and entry["rounding"]["output"] > 0.05

@@ -57,7 +57,7 @@ class TorchBackend:
     def _tensor(self, array: np.ndarray):
         if array.dtype.name == "bfloat16":
             return self.torch.from_numpy(array.astype(np.float32)).to(self.torch.bfloat16)
-        return self.torch.from_numpy(np.ascontiguousarray(array))
+        return self.torch.from_numpy(np.array(array, order="C"))  # a writable copy
 
     def _visible(self, queries: int, keys: int, sliding_window, attention_chunk_size):
         """Bool ``(T, S)``: causal by absolute position, within the window, within the chunk."""

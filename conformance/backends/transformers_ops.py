@@ -56,7 +56,7 @@ class TransformersOps:
         """A NumPy (or ml_dtypes bfloat16) array as a torch tensor of the same dtype."""
         if array.dtype.name == "bfloat16":
             return self.torch.from_numpy(array.astype(np.float32)).to(self.torch.bfloat16)
-        return self.torch.from_numpy(np.ascontiguousarray(array))
+        return self.torch.from_numpy(np.array(array, order="C"))  # a writable copy
 
     def _dtype_name(self, array: np.ndarray) -> str:
         return "bfloat16" if array.dtype.name == "bfloat16" else array.dtype.name
@@ -138,7 +138,7 @@ class TransformersOps:
             module, apply = self._rotary(layout, rope_parameters, x.shape[-1], partial_rotary_factor,
                                          max_position_embeddings)
             tx = self._tensor(x)
-            cos, sin = module(tx, self.torch.from_numpy(positions))
+            cos, sin = module(tx, self._tensor(positions))
             rotated, _ = apply(tx, tx, cos, sin, unsqueeze_dim=2)
             return rotated
 
@@ -184,7 +184,7 @@ class TransformersOps:
         with self._running(self._dtype_name(weight)):
             module = Gemma3TextScaledWordEmbedding(weight.shape[0], weight.shape[1], None, embed_scale=embed_scale)
             module.weight.data = self._tensor(weight)
-            return module(self.torch.from_numpy(input_ids))
+            return module(self._tensor(input_ids))
 
     def soft_cap(self, x, *, cap):
         with self._running(self._dtype_name(x)):

@@ -96,4 +96,18 @@ CASES = [
         ),
         batch=1, seq=8,
     ),
+    ModelCase(
+        "gemma3/qpas-distinct-cap-20",
+        "query_pre_attn_scalar 40 differs from head_dim (24) and from hidden/heads (16), as in the 1B/4B/12B "
+        "releases (256 vs 288/320/240): an engine deriving the scale from either fails (SCL-01); "
+        "final_logit_softcapping 20, read from the config, not a hard-coded 30 (CAP-02); layers "
+        "[sliding, sliding, full] with W=3, length 10",
+        seed=407,
+        config=_gemma3(
+            num_hidden_layers=3, head_dim=24, query_pre_attn_scalar=40, sliding_window=3,
+            final_logit_softcapping=20.0,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        ),
+        batch=1, seq=10,
+    ),
 ]

@@ -79,6 +79,13 @@ ATTENTION = [
     _attention_case("op/attention/window-after-cache", "KV-02: 6 cached + 3 new queries, sliding_window 4: each new row "
            "sees only its last 4 positions (uniform probe)", 506,
            "attention", _attn(sliding_window=4), _uniform_probe(1, 3, 9, 2, 2)),
+    _attention_case("op/attention/window-decode-probe", "SWA-04: one decode query at position 9 after 9 cached "
+                    "keys, sliding_window 4: it must average V[6..9] (uniform probe), not V[5..9]", 517,
+                    "attention", _attn(sliding_window=4), _uniform_probe(1, 1, 10, 2, 1)),
+    _attention_case("op/attention/window-decode-gqa", "decode (T=1) after 12 cached keys, sliding_window 5, "
+                    "GQA 4/2, with learned sinks, batch 2", 518,
+                    "attention", _attn(sliding_window=5),
+                    _with(_qkv(2, 1, 13, 4, 2, 8), sinks=lambda rng: rng.standard_normal(4))),
     _attention_case("op/attention/window-1", "sliding_window 1: each query sees only itself", 507,
            "attention", _attn(sliding_window=1), _qkv(1, 7, 7, 2, 1, 8)),
     _attention_case("op/attention/window-ge-len", "sliding_window 16 >= T=7: same as full causal", 508,
@@ -185,6 +192,13 @@ ROPE = [
 ]
 
 FREQUENCIES = [
+    OpCase("op/rope_frequencies/yarn-wide-ramp", "YaRN where the ramp's upper bound exceeds Dr/2 - 1 (theta 1e4, "
+           "factor 4, original 131072, D=64): it is clipped at Dr - 1, as transformers does, so even the lowest "
+           "frequency is only partly interpolated", 544,
+           "rope_frequencies", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                    "original_max_position_embeddings": 131072},
+                                "head_dim": 64, "partial_rotary_factor": 1.0, "max_position_embeddings": 524288},
+           lambda rng: {}),
     OpCase("op/rope_frequencies/llama3", "RSC-01: all 64 llama3 inverse frequencies of Llama 3.1 (D=128)", 541,
            "rope_frequencies", {"rope_parameters": LLAMA31, "head_dim": 128, "partial_rotary_factor": 1.0,
                                 "max_position_embeddings": 131072}, lambda rng: {}),
@@ -247,10 +261,12 @@ MISC = [
            "inputs scaled so erf and tanh GELU differ", 562,
            "gated_mlp", {"hidden_act": "gelu_pytorch_tanh"},
            lambda rng: {k: (3 * v if k == "x" else v) for k, v in _mlp_inputs(32, 47, 2, 5)(rng).items()}),
-    OpCase("op/embedding/gemma-scale", "NRM-06: embedding rows times sqrt(hidden_size) = sqrt(48), rounded to "
-           "the run dtype", 563,
+    OpCase("op/embedding/gemma-scale", "NRM-06: embedding rows times sqrt(hidden_size) = sqrt(48), the scale "
+           "rounded to the run dtype first (6.9375 in bfloat16); bfloat16/float16 runs must match that rounding "
+           "element for element", 563,
            "embedding", {"embed_scale": math.sqrt(48)},
-           lambda rng: {"input_ids": rng.integers(0, 20, size=(2, 6)), "weight": _normal(rng, 20, 48)}),
+           lambda rng: {"input_ids": rng.integers(0, 20, size=(2, 6)), "weight": _normal(rng, 20, 48)},
+           rounded_dtypes=("bfloat16", "float16")),
     OpCase("op/soft_cap/final-logits", "CAP-01/02: final logit soft-cap 30 on logits up to +-100 (60 -> 28.92)", 564,
            "soft_cap", {"cap": 30.0}, lambda rng: {"x": np.concatenate([[60.0, 0.0], _normal(rng, 30, scale=40.0)])}),
     OpCase("op/soft_cap/cap-20", "CAP-02: the cap is read from the config (20, not a hard-coded 30)", 565,
