@@ -25,6 +25,7 @@ transformers = pytest.importorskip("transformers")
 
 import refimpl  # noqa: E402
 from conformance.backends.hf_exact import exact_float64, load_exact_float64  # noqa: E402
+from hf_agreement import build_case, hf_logits, randomise, rel_rms, run_with_taps  # noqa: E402
 from refimpl.errors import ConfigError  # noqa: E402
 from refimpl.models import gemma3  # noqa: E402
 from refimpl.rmsnorm import rms_norm  # noqa: E402
@@ -56,10 +57,6 @@ SHAPES = [
 IDS = [f"seed{s[0]}" for s in SHAPES]
 
 
-def rel_rms(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def tiny_config(**overrides):
     base = dict(vocab_size=160, hidden_size=64, intermediate_size=136, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, rms_norm_eps=1e-6,
@@ -68,62 +65,19 @@ def tiny_config(**overrides):
     return transformers.Gemma3TextConfig(**base)
 
 
-def randomise(model, seed, norms_around_one):
-    """Random parameters of realistic scale; norm offsets w ~ (1 +) 0.2 N so w and 1 + w differ."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
-            if name.endswith(".bias"):
-                p.copy_(0.2 * noise)
-            elif p.ndim == 1:
-                p.copy_(float(norms_around_one) + 0.2 * noise)
-            elif "embed_tokens" in name:
-                p.copy_(noise)
-            else:
-                p.copy_(noise / p.shape[1] ** 0.5)
-
-
 @pytest.fixture(scope="module", params=SHAPES, ids=IDS)
 def case(request, tmp_path_factory):
     seed, overrides, around_one, b, t = request.param
-    torch.manual_seed(seed)
-    model = transformers.Gemma3ForCausalLM(tiny_config(**overrides))
-    randomise(model, seed, around_one)
-    path = tmp_path_factory.mktemp(f"gemma3-{seed}")
-    model.save_pretrained(path)
-    ids = np.random.default_rng(seed).integers(0, 160, size=(b, t))
-    ours = refimpl.from_pretrained(path).forward(ids, return_hidden_states=True)
-    return path, ids, ours
-
-
-def tap_modules(model):
-    inner = model.model
-    return [("embed", inner.embed_tokens)] + [(f"layers.{i}", m) for i, m in enumerate(inner.layers)] + [
-        ("norm", inner.norm)]
-
-
-def run_with_taps(model, ids):
-    taps = {}
-    hooks = [m.register_forward_hook(lambda _m, _i, out, n=n: taps.__setitem__(n, out[0] if isinstance(
-        out, tuple) else out)) for n, m in tap_modules(model)]
-    try:
-        with torch.no_grad():
-            logits = model(torch.from_numpy(ids)).logits
-    finally:
-        for h in hooks:
-            h.remove()
-    return logits.double().numpy(), {n: v.double().numpy() for n, v in taps.items()}
+    # Norm offsets drawn around 1 or around 0 (Gemma stores w of the gain 1 + w).
+    return build_case(transformers.Gemma3ForCausalLM, tiny_config(**overrides), seed, "gemma3", tmp_path_factory,
+                      160, b, t, norm_offset=float(around_one))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_agrees_with_transformers_as_shipped(case, dtype, attn):
     path, ids, ours = case
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
-                                                              attn_implementation=attn)
-    logits, _ = run_with_taps(model, ids)
-    err = rel_rms(logits, ours.logits)
+    err = rel_rms(hf_logits(path, ids, getattr(torch, dtype), attn), ours.logits)
     assert err < 1e-5, f"relative RMS {err:.2e}"
 
 
@@ -162,7 +116,7 @@ def test_transformers_ignores_attn_logit_softcapping():
     for cap in (None, 0.5):
         torch.manual_seed(7)
         model = transformers.Gemma3ForCausalLM(tiny_config(attn_logit_softcapping=cap, sliding_window=3))
-        randomise(model, 7, True)
+        randomise(model, 7, norm_offset=1.0)
         for attn in ("eager", "sdpa"):
             model.set_attn_implementation(attn)
             with torch.no_grad():

@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 import refimpl  # noqa: E402
 from conformance.backends.hf_exact import exact_float64, load_exact_float64  # noqa: E402
+from hf_agreement import build_case, hf_lifted, hf_logits, randomise, rel_rms  # noqa: E402
 
 #: seed, layers, heads, kv heads, head_dim, hidden, tied, theta, batch, seq, extra config
 SHAPES = [
@@ -32,26 +33,6 @@ SHAPES = [
 IDS = [f"seed{s[0]}" for s in SHAPES]
 
 
-def rel_rms(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def randomise(model, seed):
-    """Random parameters of realistic scale, so every weight matters to the logits."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
-            if name.endswith(".bias"):
-                p.copy_(0.2 * noise)
-            elif p.ndim == 1:
-                p.copy_(1.0 + 0.2 * noise)
-            elif "embed_tokens" in name:
-                p.copy_(noise)
-            else:
-                p.copy_(noise / p.shape[1] ** 0.5)
-
-
 @pytest.fixture(scope="module", params=SHAPES, ids=IDS)
 def case(request, tmp_path_factory):
     seed, layers, heads, kv, head_dim, hidden, tied, theta, b, t, extra = request.param
@@ -61,20 +42,7 @@ def case(request, tmp_path_factory):
         rope_parameters=extra.get("rope_parameters", {"rope_type": "default", "rope_theta": theta}),
         rms_norm_eps=1e-6, **{k: v for k, v in extra.items() if k != "rope_parameters"},
     )
-    torch.manual_seed(seed)
-    model = transformers.Qwen3ForCausalLM(config)
-    randomise(model, seed)
-    path = tmp_path_factory.mktemp(f"qwen3-{seed}")
-    model.save_pretrained(path)
-    ids = np.random.default_rng(seed).integers(0, 160, size=(b, t))
-    ours = refimpl.from_pretrained(path).forward(ids, return_hidden_states=True)
-    return path, ids, ours
-
-
-def hf_logits(path, ids, dtype, attn):
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
-    with torch.no_grad():
-        return model(torch.from_numpy(ids)).logits.double().numpy()
+    return build_case(transformers.Qwen3ForCausalLM, config, seed, "qwen3", tmp_path_factory, 160, b, t)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -88,21 +56,12 @@ def test_agrees_with_transformers_as_shipped(case, dtype, attn):
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_agrees_with_transformers_float64_islands_lifted(case, attn):
     path, ids, ours = case
-    with exact_float64():
-        model = load_exact_float64(path, attn_implementation=attn)
-        hooks, taps = [], {}
-        inner = model.model
-        modules = [("embed", inner.embed_tokens)] + [(f"layers.{i}", m) for i, m in enumerate(inner.layers)]
-        for name, module in modules + [("norm", inner.norm)]:
-            hooks.append(module.register_forward_hook(
-                lambda _m, _i, out, name=name: taps.__setitem__(name, (out[0] if isinstance(out, tuple) else out))))
-        with torch.no_grad():
-            logits = model(torch.from_numpy(ids)).logits.numpy()
+    logits, taps = hf_lifted(path, ids, attn)
     assert logits.dtype == np.float64
     err = rel_rms(logits, ours.logits)
     assert err < 1e-10, f"logits relative RMS {err:.2e}"
     for name, expected in ours.hidden_states.items():
-        tap_err = rel_rms(taps[name].numpy(), expected)
+        tap_err = rel_rms(taps[name], expected)
         assert tap_err < 1e-10, f"{name}: relative RMS {tap_err:.2e}"
 
 

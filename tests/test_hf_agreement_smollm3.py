@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import refimpl  # noqa: E402
-from conformance.backends.hf_exact import exact_float64, load_exact_float64  # noqa: E402
+from hf_agreement import build_case, hf_lifted, hf_logits, rel_rms  # noqa: E402
 from refimpl.models import smollm3  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
@@ -48,26 +48,6 @@ VOCAB = 160
 SPECIAL_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 
 
-def rel_rms(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def randomise(model, seed):
-    """Random parameters of realistic scale; norm weights 1 + 0.2 N so that w and 1 + w differ."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
-            if name.endswith(".bias"):
-                p.copy_(0.2 * noise)
-            elif p.ndim == 1:
-                p.copy_(1.0 + 0.2 * noise)
-            elif "embed_tokens" in name:
-                p.copy_(noise)
-            else:
-                p.copy_(noise / p.shape[1] ** 0.5)
-
-
 @pytest.fixture(scope="module", params=SHAPES, ids=IDS)
 def case(request, tmp_path_factory):
     seed, layers, heads, kv, hidden, tied, b, t, extra = request.param
@@ -78,34 +58,7 @@ def case(request, tmp_path_factory):
         num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=tied, rms_norm_eps=1e-6,
         **SPECIAL_IDS, **extra,
     )
-    torch.manual_seed(seed)
-    model = transformers.SmolLM3ForCausalLM(config)
-    randomise(model, seed)
-    path = tmp_path_factory.mktemp(f"smollm3-{seed}")
-    model.save_pretrained(path)
-    ids = np.random.default_rng(seed).integers(0, VOCAB, size=(b, t))
-    ours = refimpl.from_pretrained(path).forward(ids, return_hidden_states=True)
-    return path, ids, ours
-
-
-def hf_logits(path, ids, dtype, attn):
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
-    with torch.no_grad():
-        return model(torch.from_numpy(ids)).logits.double().numpy()
-
-
-def hf_lifted(path, ids, attn):
-    """Logits and taps of transformers in float64 with its float32 islands lifted."""
-    with exact_float64():
-        model = load_exact_float64(path, attn_implementation=attn)
-        taps, inner = {}, model.model
-        modules = [("embed", inner.embed_tokens)] + [(f"layers.{i}", m) for i, m in enumerate(inner.layers)]
-        for name, module in modules + [("norm", inner.norm)]:
-            module.register_forward_hook(
-                lambda _m, _i, out, name=name: taps.__setitem__(name, out[0] if isinstance(out, tuple) else out))
-        with torch.no_grad():
-            logits = model(torch.from_numpy(ids)).logits.numpy()
-    return logits, {name: tap.numpy() for name, tap in taps.items()}
+    return build_case(transformers.SmolLM3ForCausalLM, config, seed, "smollm3", tmp_path_factory, VOCAB, b, t)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

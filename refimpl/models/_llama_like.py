@@ -7,6 +7,10 @@ heads, the implicit head_dim), projections with optional biases, the attention
 core after q/k/v are formed, the gated MLP with optional biases, the checkpoint
 layout outside the decoder layers, and the embed -> layers -> norm -> head loop.
 
+Qwen3 and Gemma 3 reuse only the plumbing (weight-shape tables, :func:`layer_weights`,
+:func:`projection`, :func:`tied_head`); their norms, RoPE, attention and masks are
+called from their own modules, where tests patch them.
+
 Notation (see ``refimpl/NOTATION.md``): B batch, T tokens, M hidden_size,
 F intermediate_size, H query heads, Hkv key/value heads, D head_dim, V vocab_size.
 

@@ -77,12 +77,14 @@ from ..attention import grouped_query_attention
 from ..config import check_known_keys, get_field, get_positive_int
 from ..embedding import lm_head, scaled_embed_tokens
 from ..errors import ConfigError
-from ..linear import linear
 from ..masks import causal_mask, sliding_window_mask
 from ..mlp import activation, gated_mlp
 from ..rmsnorm import rms_norm
 from ..rope import apply_rope_rotate_half, rope_cos_sin, rope_frequencies
 from ..softcap import soft_cap
+from ._llama_like import (
+    attention_weight_shapes, decoder_weight_shapes, layer_weights, mlp_weight_shapes, projection, tied_head,
+)
 
 NAME = "Gemma3ForCausalLM"
 
@@ -322,47 +324,24 @@ def weight_shapes(config: Gemma3Config) -> dict[str, tuple[int, ...]]:
 
     ``lm_head.weight`` is absent when ``tie_word_embeddings`` is true (all releases).
     """
-    m, f, d = config.hidden_size, config.intermediate_size, config.head_dim
-    qd, kvd = config.num_attention_heads * d, config.num_key_value_heads * d
-    shapes = {"model.embed_tokens.weight": (config.vocab_size, m), "model.norm.weight": (m,)}
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (config.vocab_size, m)
-    biases = {f"self_attn.{p}_proj.bias": (n,) for p, n in (("q", qd), ("k", kvd), ("v", kvd), ("o", m))}
+    m, d = config.hidden_size, config.head_dim
     per_layer = {
-        **(biases if config.attention_bias else {}),
         "input_layernorm.weight": (m,),
-        "post_attention_layernorm.weight": (m,),
-        "pre_feedforward_layernorm.weight": (m,),
-        "post_feedforward_layernorm.weight": (m,),
-        "self_attn.q_proj.weight": (qd, m),
-        "self_attn.k_proj.weight": (kvd, m),
-        "self_attn.v_proj.weight": (kvd, m),
-        "self_attn.o_proj.weight": (m, qd),
+        **attention_weight_shapes(m, config.num_attention_heads, config.num_key_value_heads, d,
+                                  bias=config.attention_bias),
         "self_attn.q_norm.weight": (d,),
         "self_attn.k_norm.weight": (d,),
-        "mlp.gate_proj.weight": (f, m),
-        "mlp.up_proj.weight": (f, m),
-        "mlp.down_proj.weight": (m, f),
+        "post_attention_layernorm.weight": (m,),
+        "pre_feedforward_layernorm.weight": (m,),
+        **mlp_weight_shapes(m, config.intermediate_size, bias=False),
+        "post_feedforward_layernorm.weight": (m,),
     }
-    for layer in range(config.num_hidden_layers):
-        shapes.update({f"model.layers.{layer}.{name}": s for name, s in per_layer.items()})
-    return shapes
-
-
-def layer_weights(weights: dict[str, np.ndarray], layer: int) -> dict[str, np.ndarray]:
-    """The tensors of one decoder layer, with the ``model.layers.{layer}.`` prefix removed."""
-    prefix = f"model.layers.{layer}."
-    return {name[len(prefix):]: w for name, w in weights.items() if name.startswith(prefix)}
+    return decoder_weight_shapes(config, per_layer)
 
 
 def norm_1p(x: np.ndarray, weight: np.ndarray, config: Gemma3Config) -> np.ndarray:
     """Gemma's RMSNorm with gain ``1 + w`` (w stored as an offset from 1)."""
     return rms_norm(x, weight, config.rms_norm_eps, weight_offset=1.0)
-
-
-def _projection(x: np.ndarray, p: dict[str, np.ndarray], name: str) -> np.ndarray:
-    """``self_attn.{name}`` applied to ``x``, with its bias when the checkpoint has one."""
-    return linear(x, p[f"self_attn.{name}.weight"], p.get(f"self_attn.{name}.bias"))
 
 
 def attention_block(
@@ -378,13 +357,13 @@ def attention_block(
     b, t, _ = x.shape
     d = config.head_dim
     # Projection, then per-head (1 + w) QK-norm over D, then RoPE (spec quirk G3-9).
-    q = norm_1p(_projection(x, p, "q_proj").reshape(b, t, -1, d), p["self_attn.q_norm.weight"], config)
-    k = norm_1p(_projection(x, p, "k_proj").reshape(b, t, -1, d), p["self_attn.k_norm.weight"], config)
-    v = _projection(x, p, "v_proj").reshape(b, t, -1, d)
+    q = norm_1p(projection(x, p, "self_attn.q_proj").reshape(b, t, -1, d), p["self_attn.q_norm.weight"], config)
+    k = norm_1p(projection(x, p, "self_attn.k_proj").reshape(b, t, -1, d), p["self_attn.k_norm.weight"], config)
+    v = projection(x, p, "self_attn.v_proj").reshape(b, t, -1, d)
     q, k = apply_rope_rotate_half(q, cos, sin), apply_rope_rotate_half(k, cos, sin)
     # Scale query_pre_attn_scalar ** -0.5, not D ** -0.5 (bug class SCL-01).
     out = grouped_query_attention(q, k, v, mask, scale=config.query_pre_attn_scalar ** -0.5)
-    return _projection(out.reshape(b, t, -1), p, "o_proj")
+    return projection(out.reshape(b, t, -1), p, "self_attn.o_proj")
 
 
 def decoder_layer(
@@ -492,9 +471,7 @@ ARCHITECTURE = Architecture(
     config_class=Gemma3Config,
     forward=forward,
     weight_shapes=weight_shapes,
-    optional_weights=lambda config: (
-        {"lm_head.weight": "model.embed_tokens.weight"} if config.tie_word_embeddings else {}
-    ),
+    optional_weights=tied_head,
     presets=PRESETS,
     citations=(
         "Gemma Team, Gemma 3 Technical Report, arXiv:2503.19786",
