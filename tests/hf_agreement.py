@@ -92,3 +92,15 @@ def hf_lifted(path, ids, attn):
     with exact_float64():
         model = load_exact_float64(path, attn_implementation=attn)
         return run_with_taps(model, ids)
+
+
+def assert_agrees_to_float64(logits, taps, ours, bound=1e-10):
+    """Logits and every named hidden state of a lifted float64 transformers run within ``bound``
+    relative RMS of the reference's, with the same tap names in the same order."""
+    assert logits.dtype == np.float64
+    err = rel_rms(logits, ours.logits)
+    assert err < bound, f"logits relative RMS {err:.2e}"
+    assert list(taps) == list(ours.hidden_states)
+    for name, expected in ours.hidden_states.items():
+        tap_err = rel_rms(taps[name], expected)
+        assert tap_err < bound, f"{name}: relative RMS {tap_err:.2e}"

@@ -25,7 +25,7 @@ transformers = pytest.importorskip("transformers")
 
 import refimpl  # noqa: E402
 from conformance.backends.hf_exact import exact_float64, load_exact_float64  # noqa: E402
-from hf_agreement import build_case, hf_logits, randomise, rel_rms, run_with_taps  # noqa: E402
+from hf_agreement import assert_agrees_to_float64, build_case, hf_logits, randomise, rel_rms, run_with_taps  # noqa: E402
 from refimpl.errors import ConfigError  # noqa: E402
 from refimpl.models import gemma3  # noqa: E402
 from refimpl.rmsnorm import rms_norm  # noqa: E402
@@ -88,12 +88,7 @@ def test_agrees_with_transformers_float64_islands_lifted(case, attn):
         model = load_exact_float64(path, attn_implementation=attn)
         logits, taps = run_with_taps(model, ids)
     assert model.dtype == torch.float64
-    err = rel_rms(logits, ours.logits)
-    assert err < 1e-10, f"logits relative RMS {err:.2e}"
-    assert list(taps) == list(ours.hidden_states)
-    for name, expected in ours.hidden_states.items():
-        tap_err = rel_rms(taps[name], expected)
-        assert tap_err < 1e-10, f"{name}: relative RMS {tap_err:.2e}"
+    assert_agrees_to_float64(logits, taps, ours)
 
 
 def test_float32_embed_tap_is_bitwise_transformers(case):

@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import refimpl  # noqa: E402
-from hf_agreement import build_case, hf_lifted, hf_logits, rel_rms  # noqa: E402
+from hf_agreement import assert_agrees_to_float64, build_case, hf_lifted, hf_logits, rel_rms  # noqa: E402
 from refimpl.attention import grouped_query_attention  # noqa: E402
 from refimpl.models import olmo2  # noqa: E402
 from refimpl.models._llama_like import projection, split_heads  # noqa: E402
@@ -68,13 +68,7 @@ def test_agrees_with_transformers_as_shipped(case, dtype, attn):
 def test_agrees_with_transformers_float64_islands_lifted(case, attn):
     path, ids, ours = case
     logits, taps = hf_lifted(path, ids, attn)
-    assert logits.dtype == np.float64
-    err = rel_rms(logits, ours.logits)
-    assert err < 1e-10, f"logits relative RMS {err:.2e}"
-    assert list(taps) == list(ours.hidden_states)
-    for name, expected in ours.hidden_states.items():
-        tap_err = rel_rms(taps[name], expected)
-        assert tap_err < 1e-10, f"{name}: relative RMS {tap_err:.2e}"
+    assert_agrees_to_float64(logits, taps, ours)
 
 
 @pytest.mark.parametrize("raw,expected", [

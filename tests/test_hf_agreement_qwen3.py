@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 import refimpl  # noqa: E402
 from conformance.backends.hf_exact import exact_float64, load_exact_float64  # noqa: E402
-from hf_agreement import build_case, hf_lifted, hf_logits, randomise, rel_rms  # noqa: E402
+from hf_agreement import assert_agrees_to_float64, build_case, hf_lifted, hf_logits, randomise, rel_rms  # noqa: E402
 
 #: seed, layers, heads, kv heads, head_dim, hidden, tied, theta, batch, seq, extra config
 SHAPES = [
@@ -57,12 +57,7 @@ def test_agrees_with_transformers_as_shipped(case, dtype, attn):
 def test_agrees_with_transformers_float64_islands_lifted(case, attn):
     path, ids, ours = case
     logits, taps = hf_lifted(path, ids, attn)
-    assert logits.dtype == np.float64
-    err = rel_rms(logits, ours.logits)
-    assert err < 1e-10, f"logits relative RMS {err:.2e}"
-    for name, expected in ours.hidden_states.items():
-        tap_err = rel_rms(taps[name], expected)
-        assert tap_err < 1e-10, f"{name}: relative RMS {tap_err:.2e}"
+    assert_agrees_to_float64(logits, taps, ours)
 
 
 def test_bfloat16_sharded_checkpoint_agrees(tmp_path):
