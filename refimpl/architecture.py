@@ -20,6 +20,9 @@ class Architecture:
             are then ignored if they equal the tensor ``source`` (tied heads saved twice).
         presets: real flagship configs (config.json dicts), keyed by model name.
         citations: where the math and the presets come from.
+        weight_init: optional ``(name, shape, rng) -> array or None`` used by the golden
+            generator for tensors the default rule draws badly (input-major fused
+            experts, correction biases, sinks); None, or a None return, keeps the default.
     """
 
     name: str
@@ -29,3 +32,4 @@ class Architecture:
     optional_weights: Callable
     presets: dict[str, dict]
     citations: tuple[str, ...]
+    weight_init: Callable | None = None

@@ -56,9 +56,10 @@ def _clean_config(config: dict) -> dict:
 def random_weights(case: ModelCase) -> dict[str, np.ndarray]:
     """Random float32 weights for ``case`` from ``np.random.default_rng(seed)``.
 
-    Linear weights ~ N(0, 1/in_features), biases ~ N(0, 0.04), embeddings ~ N(0, 1),
-    norm weights 1 + 0.2 N(0, 1) (so that a backend using 1 + w, or ignoring w, is caught),
-    then ``case.weight_scales`` multipliers.
+    Linear weights ~ N(0, 1/in_features) (the last axis, 3-D expert stacks too), biases
+    ~ N(0, 0.04), embeddings ~ N(0, 1), norm weights 1 + 0.2 N(0, 1) (so that a backend using 1 + w, or ignoring w, is caught),
+    unless the architecture's ``weight_init`` draws the tensor itself; then
+    ``case.weight_scales`` multipliers.
     Tensors are drawn in sorted-name order so the stream is fixed.
     """
     raw = _clean_config(case.config)
@@ -68,14 +69,17 @@ def random_weights(case: ModelCase) -> dict[str, np.ndarray]:
     weights = {}
     for name in sorted(shapes):
         shape = shapes[name]
-        if name.endswith(".bias"):
+        custom = arch.weight_init(name, shape, rng) if arch.weight_init is not None else None
+        if custom is not None:
+            w = np.asarray(custom, dtype=np.float64)
+        elif name.endswith(".bias"):
             w = 0.2 * rng.standard_normal(shape)
         elif len(shape) == 1:
             w = 1.0 + 0.2 * rng.standard_normal(shape)
         elif "embed_tokens" in name:
             w = rng.standard_normal(shape)
         else:
-            w = rng.standard_normal(shape) / np.sqrt(shape[1])
+            w = rng.standard_normal(shape) / np.sqrt(shape[-1])
         for key, scale in case.weight_scales.items():
             if key in name:
                 w = w * scale
