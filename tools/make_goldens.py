@@ -193,11 +193,11 @@ def manifest_entry(case: ModelCase, files: dict[str, bytes]) -> dict:
     }
 
 
-def generate(scratch: Path) -> tuple[dict, dict[str, bytes]]:
-    """Build every case; return the manifest and all files (including MANIFEST.json)."""
+def generate(scratch: Path, cases: list | None = None) -> tuple[dict, dict[str, bytes]]:
+    """Build every case (or ``cases``); return the manifest and all files (including MANIFEST.json)."""
     all_files: dict[str, bytes] = {}
     entries = []
-    for case in CASES:
+    for case in CASES if cases is None else cases:
         if isinstance(case, OpCase):
             files = build_op_case(case)
             entries.append(op_manifest_entry(case, files))
@@ -302,11 +302,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "golden", help="golden directory (default: golden/)")
     parser.add_argument("--check", action="store_true", help="regenerate in memory and compare with --out")
+    parser.add_argument("--only", metavar="GLOB", action="append",
+                        help="write only the cases whose id matches (repeatable; a scratch corpus for development, "
+                             "its MANIFEST.json lists only those cases); not with --check")
     args = parser.parse_args(argv)
+    import fnmatch
     import tempfile
 
+    if args.only and args.check:
+        parser.error("--only writes a partial corpus and cannot be combined with --check")
+    cases = [c for c in CASES if any(fnmatch.fnmatchcase(c.case_id, g) for g in args.only)] if args.only else CASES
+    if not cases:
+        parser.error(f"no case id matches {args.only}")
     with tempfile.TemporaryDirectory() as scratch:
-        _, files = generate(Path(scratch))
+        _, files = generate(Path(scratch), cases)
     if args.check:
         problems = check(args.out, files)
         for p in problems:
@@ -316,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     for path, data in files.items():
         (args.out / path).parent.mkdir(parents=True, exist_ok=True)
         (args.out / path).write_bytes(data)
-    print(f"wrote {len(CASES)} cases to {args.out}")
+    print(f"wrote {len(cases)} cases to {args.out}")
     return 0
 
 
