@@ -59,9 +59,11 @@ def build_case(model_class, config, seed, name, tmp_path_factory, vocab, batch, 
     return path, ids, ours
 
 
-def hf_logits(path, ids, dtype, attn):
-    """Logits of transformers as shipped, loaded in ``dtype``, as a float64 array."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+def hf_logits(path, ids, dtype, attn, experts="eager"):
+    """Logits of transformers as shipped, loaded in ``dtype``, as a float64 array
+    (``experts``: ``experts_implementation``; dense models ignore it)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn, experts_implementation=experts)
     with torch.no_grad():
         return model(torch.from_numpy(ids)).logits.double().numpy()
 

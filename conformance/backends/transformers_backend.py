@@ -11,6 +11,9 @@ Options (``-o key=value``):
     attn_implementation: passed to ``from_pretrained``; default ``"eager"``, the
         plain softmax(QK^T)V, closest to the reference.
     float32_islands: ``"lift"`` (default) or ``"keep"``; only matters at float64.
+    experts_implementation: passed to ``from_pretrained``; default ``"eager"`` (the
+        per-expert loop; ``"grouped_mm"`` and others are the same math). Dense
+        models ignore it.
 
 Why float32 islands are lifted at float64: float64 mode checks the math to about
 1e-10. transformers as shipped computes RMSNorm, the RoPE angles and the attention
@@ -35,6 +38,8 @@ from .base import DTYPES, BackendOutput
 
 INSTALL_HINT = "pip install torch==2.13.0 && pip install 'llm-refimpl[transformers]' (or -e '.[transformers]' in a checkout)"
 ISLAND_POLICIES = ("lift", "keep")
+#: ``experts_implementation`` values accepted on the command line (checked again by transformers).
+EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 
 
 def _import_torch_and_transformers():
@@ -114,7 +119,8 @@ class TransformersBackend:
 
     name = "transformers"
 
-    def __init__(self, attn_implementation: str = "eager", float32_islands: str = "lift"):
+    def __init__(self, attn_implementation: str = "eager", float32_islands: str = "lift",
+                 experts_implementation: str = "eager"):
         if float32_islands not in ISLAND_POLICIES:
             choices = ", ".join(ISLAND_POLICIES)
             raise BackendError(f"option float32_islands must be one of {choices}, got '{float32_islands}'")
@@ -125,6 +131,10 @@ class TransformersBackend:
         if attn_implementation not in known:
             raise BackendError(f"option attn_implementation must be one of {', '.join(known)}, got '{attn_implementation}'")
         self.attn_implementation = attn_implementation
+        if experts_implementation not in EXPERTS_IMPLEMENTATIONS:
+            choices = ", ".join(EXPERTS_IMPLEMENTATIONS)
+            raise BackendError(f"option experts_implementation must be one of {choices}, got '{experts_implementation}'")
+        self.experts_implementation = experts_implementation
         self.float32_islands = float32_islands
 
     def supports(self, case: Case, dtype: str) -> bool | str:
@@ -143,7 +153,8 @@ class TransformersBackend:
         context = self._precision_context(dtype)
         with context(), _quiet_loading(self.transformers):
             model = self.transformers.AutoModelForCausalLM.from_pretrained(
-                str(checkpoint_dir), dtype=getattr(self.torch, dtype), attn_implementation=self.attn_implementation
+                str(checkpoint_dir), dtype=getattr(self.torch, dtype), attn_implementation=self.attn_implementation,
+                experts_implementation=self.experts_implementation,
             )
         return TransformersModel(model.eval(), context)
 
