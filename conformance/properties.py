@@ -50,12 +50,50 @@ soft_cap_odd                       soft_cap    softcap(-x) = -softcap(x)
 soft_cap_bounded                   soft_cap    |softcap(x)| <= cap, finite, for |x| up to 1e3 cap
 soft_cap_identity_near_zero        soft_cap    |softcap(x) - x| <= |x| (x / cap)^2 / 3 for
                                                |x| <= cap / 100
+ROUTER_weights                     ROUTER      exactly k experts selected; weights 0 elsewhere;
+                                               they sum to 1 (routed_scaling_factor for the
+                                               group router) where renormalised, and equal the
+                                               law's probabilities of the chosen experts: softmax
+                                               over all (softmax_top_k, soft-capped first for
+                                               soft_capped_softmax_top_k), softmax over the chosen
+                                               logits (top_k_softmax), sigmoid of the logit
+                                               (llama4_top_k_sigmoid), unbiased sigmoid
+                                               (sigmoid_bias_top_k, sigmoid_group_top_k: the
+                                               correction bias never enters the weights)
+ROUTER_top_k                       ROUTER      no unchosen expert has a better selection score
+                                               (logit; sigmoid + bias; capped logit) than a
+                                               chosen one (group router: within the groups that
+                                               hold a chosen expert)
+ROUTER_permutation                 ROUTER      permuting the experts (logit columns and bias
+                                               entries; whole groups and inside groups for the
+                                               group router) permutes both outputs' columns alike
+sigmoid_group_top_k_group_limit    sigmoid_    chosen experts lie in at most topk_group groups;
+                                   group_top_k when topk_group groups hold them, none has a
+                                               smaller top-2 score sum than a group left out
+moe_dispatch_expert_permutation    moe_        relabelling the experts (stacks and indices) and
+                                   dispatch    reordering the k slots leaves the output alone
+moe_dispatch_single_expert         moe_        E = k = 1 with weight 1 (what a renormalised
+                                   dispatch    router gives) equals gated_mlp of that expert's
+                                               gate, up and down halves
+mla_absorbed_equals_literal        mla         form="absorbed" equals form="literal"
 =================================  ==========  ===================================================
+
+ROUTER is each routing op: softmax_top_k, top_k_softmax, sigmoid_group_top_k,
+sigmoid_bias_top_k, llama4_top_k_sigmoid, soft_capped_softmax_top_k (so
+``softmax_top_k_weights``, ...). A law that needs a second op (``gated_mlp``)
+skips its examples as not implemented when the backend lacks it.
 
 Sizes are bounded so that one example costs a few milliseconds even through a
 framework: B <= 2, T <= 12, S <= T + 4, H <= 4, D and Dv in {4, 6, 8} (Dv = S for
 the soft-cap probe), positions below 100 plus an offset below 100. Attention draws
 a soft-cap one time in four, since engines often refuse it together with sinks.
+Routers: N <= 9 tokens, E <= 8 experts (groups of 2 or 3, n_group in {1, 2, 4}),
+logits N(0, 1) or N(0, 9), correction biases 0.5 N(0, 1) shifted by 0 or -3 (all
+selection scores negative: where a 0 fill of excluded groups would win, bug classes
+MOE-02/03); continuous draws, so no exact ties. Selection scores compare with the
+tolerance below times max(1, max |score|). MoE dispatch: N <= 9, M <= 6, I <= 5,
+E <= 6. MLA: B <= 2, T <= 6, widths <= 12, default or YaRN RoPE, both pair
+layouts, with and without q_lora_rank and attention_bias.
 
 Tolerances: a comparison is between two outputs of the backend, or an output and a
 value the law fixes (the input's pair norms or channels, x, 1), in the run dtype:
@@ -232,8 +270,9 @@ class Context:
         """A float64 draw in the run dtype."""
         return np.ascontiguousarray(array, dtype=self.dtype)
 
-    def call(self, op: str, **kwargs):
-        """``ops[op](**kwargs)`` (None-valued keywords left out) as float64, its shape and values checked.
+    def call(self, op: str, *, keep_none: tuple[str, ...] = (), **kwargs):
+        """``ops[op](**kwargs)`` (None-valued keywords left out, except those named in ``keep_none``)
+        as float64, its shape and values checked.
 
         Returns:
             The output array; for ``rope_frequencies`` a dict of its output arrays.
@@ -243,7 +282,7 @@ class Context:
             OpRaised: the op raised anything else (SystemExit included) or returned no real array.
             PropertyFailure: an output's shape is not the one the op must return, or it has NaN/Inf.
         """
-        kwargs = {key: value for key, value in kwargs.items() if value is not None}
+        kwargs = {key: value for key, value in kwargs.items() if value is not None or key in keep_none}
         expected = expected_output_shapes(op, kwargs)
         try:
             value = self.ops[op](**kwargs)
@@ -261,6 +300,11 @@ class Context:
             if nonfinite:
                 raise PropertyFailure(f"{what}: {nonfinite} NaN/Inf value(s) of {array.size}")
         return outputs["output"] if tuple(expected) == ("output",) else outputs
+
+    def require(self, op: str) -> None:
+        """Skip the example (as not implemented) when a law also needs ``op`` and the backend lacks it."""
+        if op not in self.ops:
+            raise _NotImplementedHere(f"the backend has no op '{op}'")
 
     def note(self, text: str) -> None:
         """Add ``text`` (once) to the message of a passing property."""
@@ -307,6 +351,15 @@ _OUTPUT_SHAPES: dict[str, Callable[[dict], dict[str, tuple[tuple[int, ...], str]
         "inv_freq": ((rotary_dim(kw["head_dim"], kw.get("partial_rotary_factor", 1.0)) // 2,), "(Dr/2,)"),
         "attention_scaling": ((), "()"),
     },
+    **{router: lambda kw: {"routing_weights": (_shape_of(kw, "router_logits"), "(N, E)"),
+                           "selected": (_shape_of(kw, "router_logits"), "(N, E)")}
+       for router in ("softmax_top_k", "top_k_softmax", "sigmoid_group_top_k", "sigmoid_bias_top_k",
+                      "llama4_top_k_sigmoid", "soft_capped_softmax_top_k")},
+    **{expert: lambda kw: {"output": (_shape_of(kw, "x"), "(n, M)")}
+       for expert in ("swiglu_expert", "input_major_swiglu_expert", "clamped_swiglu_expert")},
+    "moe_dispatch": lambda kw: {"output": (_shape_of(kw, "x"), "(N, M)")},
+    "mla": lambda kw: {"output": (_shape_of(kw, "hidden_states"), "(B, T, M)")},
+    "moe_block": lambda kw: {"output": (_shape_of(kw, "hidden_states"), "(B, T, M)")},
 }
 
 
@@ -826,6 +879,341 @@ def soft_cap_identity_near_zero(ctx: Context, ex: Example) -> None:
     ctx.assert_close(y, exact, f"softcap(x) against x for |x| <= cap/100 (cap {ex.cap:g})", allowance)
 
 
+# MoE routers: examples and laws
+
+#: The routing ops; each returns ``{"routing_weights": (N, E), "selected": (N, E) 0/1}``.
+ROUTER_OPS = ("softmax_top_k", "top_k_softmax", "sigmoid_group_top_k", "sigmoid_bias_top_k",
+              "llama4_top_k_sigmoid", "soft_capped_softmax_top_k")
+#: Routers whose selection score adds ``e_score_correction_bias``.
+_BIASED_ROUTERS = ("sigmoid_group_top_k", "sigmoid_bias_top_k")
+
+
+def _example(**fields) -> Example:
+    """An :class:`Example` of the fields that are not None."""
+    return Example(**{name: value for name, value in fields.items() if value is not None})
+
+
+@st.composite
+def router_examples(draw, *, op):
+    """An :class:`Example` of router sizes and parameters for routing op ``op``.
+
+    The group router draws ``n_group`` in {1, 2, 4} groups of 2 or 3 experts and
+    ``top_k`` up to the experts of the kept groups; the others E <= 8 and any k.
+    ``bias_shift`` -3 makes every selection score negative (then a 0 fill of
+    excluded groups would beat the kept experts); ``scale`` spreads the logits.
+    """
+    if op == "sigmoid_group_top_k":
+        n_group, per_group = draw(st.sampled_from((1, 2, 4))), draw(st.integers(2, 3))
+        topk_group = draw(st.integers(1, n_group))
+        experts, top_k = n_group * per_group, draw(st.integers(1, topk_group * per_group))
+    else:
+        n_group = topk_group = None
+        experts = draw(st.integers(1, 8))
+        top_k = draw(st.integers(1, experts))
+    return _example(
+        N=draw(st.integers(1, 9)), E=experts, top_k=top_k, n_group=n_group, topk_group=topk_group,
+        norm_topk_prob=draw(st.booleans()) if op in ("softmax_top_k", "sigmoid_group_top_k") else None,
+        routed_scaling_factor=draw(st.sampled_from((1.0, 2.5, 2.827))) if op == "sigmoid_group_top_k" else None,
+        cap=draw(st.sampled_from((1.0, 5.0, 30.0))) if op == "soft_capped_softmax_top_k" else None,
+        bias_shift=draw(st.sampled_from((0.0, -3.0))) if op in _BIASED_ROUTERS else None,
+        scale=draw(st.sampled_from((1.0, 3.0))), seed=draw(st.integers(0, 2**32 - 1)),
+    )
+
+
+def _router_params(op: str, ex: Example) -> dict:
+    """Keyword parameters of routing op ``op`` for ``ex``."""
+    params = {"top_k": ex.top_k}
+    if op in ("softmax_top_k", "sigmoid_group_top_k"):
+        params["norm_topk_prob"] = ex.norm_topk_prob
+    if op == "sigmoid_group_top_k":
+        params.update(n_group=ex.n_group, topk_group=ex.topk_group, routed_scaling_factor=ex.routed_scaling_factor)
+    if op == "soft_capped_softmax_top_k":
+        params["router_logit_softcapping"] = ex.cap
+    return params
+
+
+def _router_inputs(ctx: Context, op: str, ex: Example):
+    """``(rng, {"router_logits" (N, E)[, "e_score_correction_bias" (E,)]})`` in the run dtype."""
+    rng = np.random.default_rng(ex.seed)
+    arrays = {"router_logits": ctx.cast(ex.scale * rng.standard_normal((ex.N, ex.E)))}
+    if op in _BIASED_ROUTERS:
+        arrays["e_score_correction_bias"] = ctx.cast(ex.bias_shift + 0.5 * rng.standard_normal(ex.E))
+    return rng, arrays
+
+
+def _route(ctx: Context, op: str, ex: Example, arrays: dict) -> tuple[np.ndarray, np.ndarray]:
+    """``(routing_weights, selected)`` of the op, the selection checked: 0/1 and ``top_k`` per token."""
+    out = ctx.call(op, **arrays, **_router_params(op, ex))
+    selected = out["selected"]
+    if not np.all((selected == 0) | (selected == 1)):
+        raise PropertyFailure(f"{op} output 'selected' holds values other than 0 and 1")
+    counts = selected.sum(axis=-1)
+    if np.any(counts != ex.top_k):
+        row = int(np.argmax(counts != ex.top_k))
+        raise PropertyFailure(f"{op}: token {row} selects {int(counts[row])} experts, top_k is {ex.top_k}")
+    return out["routing_weights"], selected
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1 + np.tanh(0.5 * z))
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - np.max(z, axis=-1, keepdims=True))
+    return e / np.sum(e, axis=-1, keepdims=True)
+
+
+def _selection_scores(op: str, ex: Example, arrays: dict) -> np.ndarray:
+    """``(N, E)`` float64 scores whose top k the router chooses (any order-preserving map of them)."""
+    logits = arrays["router_logits"].astype(np.float64)
+    if op in _BIASED_ROUTERS:
+        return _sigmoid(logits) + arrays["e_score_correction_bias"].astype(np.float64)
+    if op == "soft_capped_softmax_top_k":
+        return ex.cap * np.tanh(logits / ex.cap)
+    return logits
+
+
+def _expected_weights(op: str, ex: Example, arrays: dict, chosen: np.ndarray) -> tuple[np.ndarray, str]:
+    """The routing weights the law fixes for the chosen experts ``(N, E)`` bool, and the law in words."""
+    logits = arrays["router_logits"].astype(np.float64)
+    if op == "top_k_softmax":
+        return _softmax(np.where(chosen, logits, -np.inf)), "softmax over the chosen experts' logits"
+    if op == "llama4_top_k_sigmoid":
+        return np.where(chosen, _sigmoid(logits), 0.0), "sigmoid of the chosen logits, not normalised"
+    if op in ("softmax_top_k", "soft_capped_softmax_top_k"):
+        capped = _selection_scores(op, ex, arrays)
+        weights = np.where(chosen, _softmax(capped), 0.0)
+        if getattr(ex, "norm_topk_prob", False):
+            return weights / weights.sum(axis=-1, keepdims=True), "softmax probabilities renormalised over the chosen"
+        return weights, "softmax probabilities over all experts, not renormalised"
+    # Sigmoid routers: the weights come from the unbiased sigmoid; the bias only selects.
+    weights = np.where(chosen, _sigmoid(logits), 0.0)
+    if op == "sigmoid_bias_top_k":
+        return weights / weights.sum(axis=-1, keepdims=True), "unbiased sigmoids renormalised over the chosen"
+    if ex.norm_topk_prob:
+        weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
+    law = "renormalised unbiased sigmoids" if ex.norm_topk_prob else "unbiased sigmoids"
+    return ex.routed_scaling_factor * weights, f"{law} times routed_scaling_factor {ex.routed_scaling_factor:g}"
+
+
+def _target_sum(op: str, ex: Example) -> float | None:
+    """What each token's weights must sum to, where the router renormalises; None otherwise."""
+    if op in ("top_k_softmax", "sigmoid_bias_top_k") or (op == "softmax_top_k" and ex.norm_topk_prob):
+        return 1.0
+    if op == "sigmoid_group_top_k" and ex.norm_topk_prob:
+        return ex.routed_scaling_factor
+    return None
+
+
+def router_weights(op: str, ctx: Context, ex: Example) -> None:
+    """Weights sum to 1 (or routed_scaling_factor) where renormalised and equal the chosen probabilities."""
+    _, arrays = _router_inputs(ctx, op, ex)
+    weights, selected = _route(ctx, op, ex, arrays)
+    ctx.assert_close(np.where(selected == 1, 0.0, weights), np.zeros(weights.shape),
+                     "routing weights of experts not selected")
+    target = _target_sum(op, ex)
+    if target is not None:
+        ctx.assert_close(weights.sum(axis=-1), np.full(ex.N, target), "each token's routing weights summed")
+    expected, law = _expected_weights(op, ex, arrays, selected == 1)
+    ctx.assert_close(weights, expected, f"routing weights against the {law}")
+
+
+def router_selects_top_k(op: str, ctx: Context, ex: Example) -> None:
+    """The chosen experts have the k best selection scores (within the groups that hold them)."""
+    _, arrays = _router_inputs(ctx, op, ex)
+    _, selected = _route(ctx, op, ex, arrays)
+    chosen = selected == 1
+    scores = _selection_scores(op, ex, arrays)
+    competing = np.ones(chosen.shape, dtype=bool)
+    if op == "sigmoid_group_top_k":
+        per_group = ex.E // ex.n_group
+        holds = chosen.reshape(ex.N, ex.n_group, per_group).any(axis=-1)
+        competing = np.repeat(holds, per_group, axis=-1)
+    worst_chosen = np.where(chosen, scores, np.inf).min(axis=-1)
+    best_passed = np.where(competing & ~chosen, scores, -np.inf).max(axis=-1)
+    tolerance = ctx.rtol * max(1.0, float(np.max(np.abs(scores))))
+    beaten = best_passed > worst_chosen + tolerance
+    if np.any(beaten):
+        row = int(np.argmax(beaten))
+        raise PropertyFailure(f"{op}: token {row} chooses an expert with selection score {worst_chosen[row]:.6g} "
+                              f"over one with {best_passed[row]:.6g}")
+
+
+def _expert_permutation(rng: np.random.Generator, ex: Example) -> np.ndarray:
+    """A random permutation of the E experts; for the group router it moves whole groups and shuffles inside them."""
+    groups = getattr(ex, "n_group", 1)
+    per_group = ex.E // groups
+    return np.concatenate([g * per_group + rng.permutation(per_group) for g in rng.permutation(groups)])
+
+
+def router_permutation(op: str, ctx: Context, ex: Example) -> None:
+    """Permuting the experts (logit columns and bias entries) permutes the routing columns alike."""
+    rng, arrays = _router_inputs(ctx, op, ex)
+    weights, selected = _route(ctx, op, ex, arrays)
+    perm = _expert_permutation(rng, ex)
+    permuted = {name: np.ascontiguousarray(a[..., perm]) for name, a in arrays.items()}
+    permuted_weights, permuted_selected = _route(ctx, op, ex, permuted)
+    what = f"experts permuted by {perm.tolist()}"
+    if not np.array_equal(permuted_selected, selected[:, perm]):
+        row = int(np.argmax(np.any(permuted_selected != selected[:, perm], axis=-1)))
+        raise PropertyFailure(f"{op}: with the {what}, token {row} selects "
+                              f"{np.flatnonzero(permuted_selected[row]).tolist()}, not "
+                              f"{np.flatnonzero(selected[row, perm]).tolist()}")
+    ctx.assert_close(permuted_weights, weights[:, perm], f"routing weights with the {what}")
+
+
+def group_limit(ctx: Context, ex: Example) -> None:
+    """Chosen experts lie in at most topk_group groups, and those groups have the best top-2 score sums."""
+    op = "sigmoid_group_top_k"
+    _, arrays = _router_inputs(ctx, op, ex)
+    _, selected = _route(ctx, op, ex, arrays)
+    per_group = ex.E // ex.n_group
+    holds = (selected == 1).reshape(ex.N, ex.n_group, per_group).any(axis=-1)
+    counts = holds.sum(axis=-1)
+    if np.any(counts > ex.topk_group):
+        row = int(np.argmax(counts > ex.topk_group))
+        raise PropertyFailure(f"{op}: token {row} chooses experts in groups {np.flatnonzero(holds[row]).tolist()}, "
+                              f"more than topk_group {ex.topk_group}")
+    # When topk_group groups hold a chosen expert they are the kept groups: none may score below another.
+    grouped = np.sort(_selection_scores(op, ex, arrays).reshape(ex.N, ex.n_group, per_group), axis=-1)
+    group_scores = grouped[..., -2:].sum(axis=-1)
+    worst_kept = np.where(holds, group_scores, np.inf).min(axis=-1)
+    best_dropped = np.where(holds, -np.inf, group_scores).max(axis=-1)
+    tolerance = ctx.rtol * max(1.0, float(np.max(np.abs(group_scores))))
+    wrong = (counts == ex.topk_group) & (best_dropped > worst_kept + tolerance)
+    if np.any(wrong):
+        row = int(np.argmax(wrong))
+        raise PropertyFailure(f"{op}: token {row} keeps a group whose top-2 score sum is {worst_kept[row]:.6g} "
+                              f"and drops one with {best_dropped[row]:.6g}")
+
+
+# MoE dispatch: examples and laws
+
+@st.composite
+def dispatch_examples(draw, *, single=False):
+    """An :class:`Example` of MoE sizes (``single``: E = k = 1) and where the weight applies."""
+    experts = 1 if single else draw(st.integers(1, 6))
+    return Example(
+        N=draw(st.integers(1, 9)), M=draw(st.integers(1, 6)), I=draw(st.integers(1, 5)), E=experts,
+        top_k=1 if single else draw(st.integers(1, experts)),
+        weight_on=draw(st.sampled_from(("output", "input"))), seed=draw(st.integers(0, 2**32 - 1)),
+    )
+
+
+def _dispatch_inputs(ctx: Context, ex: Example):
+    """``(rng, inputs of moe_dispatch)``: positive weights, k distinct experts per token."""
+    rng = np.random.default_rng(ex.seed)
+    return rng, {
+        "x": ctx.cast(rng.standard_normal((ex.N, ex.M))),
+        "routing_weights": ctx.cast(rng.uniform(0.1, 1.0, (ex.N, ex.top_k))),
+        "indices": np.argsort(rng.random((ex.N, ex.E)), axis=-1)[:, :ex.top_k].astype(np.int64),
+        "gate_up_proj": ctx.cast(rng.standard_normal((ex.E, 2 * ex.I, ex.M)) / np.sqrt(ex.M)),
+        "down_proj": ctx.cast(rng.standard_normal((ex.E, ex.M, ex.I)) / np.sqrt(ex.I)),
+    }
+
+
+def moe_dispatch_expert_permutation(ctx: Context, ex: Example) -> None:
+    """Relabelling the experts (stacks and indices together) and reordering the k slots changes nothing."""
+    rng, inputs = _dispatch_inputs(ctx, ex)
+    expected = ctx.call("moe_dispatch", **inputs, weight_on=ex.weight_on)
+    # New expert j is old expert perm[j], so old expert e is now inverse[e].
+    perm, slots = rng.permutation(ex.E), rng.permutation(ex.top_k)
+    inverse = np.argsort(perm)
+    permuted = {
+        "x": inputs["x"], "routing_weights": np.ascontiguousarray(inputs["routing_weights"][:, slots]),
+        "indices": np.ascontiguousarray(inverse[inputs["indices"]][:, slots]),
+        "gate_up_proj": np.ascontiguousarray(inputs["gate_up_proj"][perm]),
+        "down_proj": np.ascontiguousarray(inputs["down_proj"][perm]),
+    }
+    ctx.assert_close(ctx.call("moe_dispatch", **permuted, weight_on=ex.weight_on), expected,
+                     f"experts relabelled by {perm.tolist()} and k slots reordered by {slots.tolist()}")
+
+
+def moe_dispatch_single_expert(ctx: Context, ex: Example) -> None:
+    """One expert, k = 1, weight 1 (a renormalised router's only choice) is that expert's dense MLP."""
+    ctx.require("gated_mlp")
+    _, inputs = _dispatch_inputs(ctx, ex)
+    inputs["routing_weights"] = ctx.cast(np.ones((ex.N, 1)))
+    moe = ctx.call("moe_dispatch", **inputs, weight_on=ex.weight_on)
+    gate_up, down = inputs["gate_up_proj"][0], inputs["down_proj"][0]
+    mlp = ctx.call("gated_mlp", x=inputs["x"], gate_proj=np.ascontiguousarray(gate_up[:ex.I]),
+                   up_proj=np.ascontiguousarray(gate_up[ex.I:]), down_proj=np.ascontiguousarray(down),
+                   hidden_act="silu")
+    ctx.assert_close(moe, mlp, "one expert with weight 1 against gated_mlp of its gate, up and down halves")
+
+
+# MLA: examples and law
+
+@st.composite
+def mla_examples(draw):
+    """An :class:`Example` of DeepSeek-V3 attention sizes and options (widths 1..8, T <= 6)."""
+    return Example(
+        B=draw(st.integers(1, 2)), T=draw(st.integers(1, 6)), M=draw(st.sampled_from((4, 8, 12))),
+        H=draw(st.integers(1, 3)), q_lora_rank=draw(st.sampled_from((None, 3, 6))),
+        kv_lora_rank=draw(st.sampled_from((2, 4, 6))), qk_nope_head_dim=draw(st.sampled_from((1, 2, 4))),
+        qk_rope_head_dim=draw(st.sampled_from((2, 4))), v_head_dim=draw(st.sampled_from((1, 3, 4))),
+        rope_type=draw(st.sampled_from(("default", "yarn"))), rope_interleave=draw(st.booleans()),
+        attention_bias=draw(st.booleans()), offset=draw(st.integers(0, MAX_POSITION)),
+        seed=draw(st.integers(0, 2**32 - 1)),
+    )
+
+
+def _mla_weight_shapes(ex: Example) -> dict[str, tuple[int, ...]]:
+    """``DeepseekV3Attention``'s state-dict names and shapes for ``ex``."""
+    qk = ex.qk_nope_head_dim + ex.qk_rope_head_dim
+    if ex.q_lora_rank is None:
+        shapes = {"q_proj.weight": (ex.H * qk, ex.M)}
+    else:
+        shapes = {"q_a_proj.weight": (ex.q_lora_rank, ex.M), "q_a_layernorm.weight": (ex.q_lora_rank,),
+                  "q_b_proj.weight": (ex.H * qk, ex.q_lora_rank)}
+    shapes.update({
+        "kv_a_proj_with_mqa.weight": (ex.kv_lora_rank + ex.qk_rope_head_dim, ex.M),
+        "kv_a_layernorm.weight": (ex.kv_lora_rank,),
+        "kv_b_proj.weight": (ex.H * (ex.qk_nope_head_dim + ex.v_head_dim), ex.kv_lora_rank),
+        "o_proj.weight": (ex.M, ex.H * ex.v_head_dim),
+    })
+    if ex.attention_bias:
+        if ex.q_lora_rank is not None:
+            shapes["q_a_proj.bias"] = (ex.q_lora_rank,)
+        shapes["kv_a_proj_with_mqa.bias"] = (ex.kv_lora_rank + ex.qk_rope_head_dim,)
+        shapes["o_proj.bias"] = (ex.M,)
+    return shapes
+
+
+def _mla_inputs(ctx: Context, ex: Example) -> dict:
+    """Keyword arguments of the ``mla`` op for ``ex``, without ``form``."""
+    rng = np.random.default_rng(ex.seed)
+    weights = {}
+    for name, shape in _mla_weight_shapes(ex).items():
+        noise = rng.standard_normal(shape)
+        if name.endswith(".bias"):
+            weights[name] = ctx.cast(0.2 * noise)
+        elif len(shape) == 1:
+            weights[name] = ctx.cast(1 + 0.2 * noise)
+        else:
+            weights[name] = ctx.cast(noise / np.sqrt(shape[1]))
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    if ex.rope_type == "yarn":
+        rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
+                "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+    positions = ex.offset + rng.integers(0, 3, (ex.B, 1)) + np.arange(ex.T)[None, :]
+    return {
+        "hidden_states": ctx.cast(rng.standard_normal((ex.B, ex.T, ex.M))), "positions": positions.astype(np.int64),
+        "num_attention_heads": ex.H, "q_lora_rank": ex.q_lora_rank, "kv_lora_rank": ex.kv_lora_rank,
+        "qk_nope_head_dim": ex.qk_nope_head_dim, "qk_rope_head_dim": ex.qk_rope_head_dim,
+        "v_head_dim": ex.v_head_dim, "rope_parameters": rope, "rope_interleave": ex.rope_interleave,
+        "rms_norm_eps": 1e-6, "max_position_embeddings": 128, "attention_bias": ex.attention_bias, **weights,
+    }
+
+
+def mla_absorbed_equals_literal(ctx: Context, ex: Example) -> None:
+    """The absorbed form (W_UK folded into the query, W_UV after attention) equals the literal expansion."""
+    inputs = _mla_inputs(ctx, ex)
+    literal = ctx.call("mla", form="literal", keep_none=("q_lora_rank",), **inputs)
+    absorbed = ctx.call("mla", form="absorbed", keep_none=("q_lora_rank",), **inputs)
+    ctx.assert_close(absorbed, literal, "absorbed MLA against literal MLA")
+
+
 # The registry
 
 def _property(name: str, op: str, description: str, strategy, body: Callable) -> Property:
@@ -887,6 +1275,27 @@ PROPERTIES: dict[str, Property] = {
         _property("soft_cap_bounded", "soft_cap", "|softcap(x)| <= cap", soft_cap_examples(), soft_cap_bounded),
         _property("soft_cap_identity_near_zero", "soft_cap", "softcap(x) ~ x for |x| << cap",
                   soft_cap_examples(), soft_cap_identity_near_zero),
+        *(law for op in ROUTER_OPS for law in (
+            _property(f"{op}_weights", op,
+                      "weights sum to 1 (or routed_scaling_factor) where renormalised and are the chosen "
+                      "probabilities", router_examples(op=op), partial(router_weights, op)),
+            _property(f"{op}_top_k", op, "the chosen experts have the k best selection scores",
+                      router_examples(op=op), partial(router_selects_top_k, op)),
+            _property(f"{op}_permutation", op,
+                      "permuting the experts (logit columns, bias entries) permutes the routing columns alike",
+                      router_examples(op=op), partial(router_permutation, op)),
+        )),
+        _property("sigmoid_group_top_k_group_limit", "sigmoid_group_top_k",
+                  "chosen experts lie in at most topk_group groups, those with the best top-2 sums",
+                  router_examples(op="sigmoid_group_top_k"), group_limit),
+        _property("moe_dispatch_expert_permutation", "moe_dispatch",
+                  "relabelling experts (stacks and indices) and reordering the k slots changes nothing",
+                  dispatch_examples(), moe_dispatch_expert_permutation),
+        _property("moe_dispatch_single_expert", "moe_dispatch",
+                  "one expert with k = 1 and weight 1 equals its dense MLP (gated_mlp)",
+                  dispatch_examples(single=True), moe_dispatch_single_expert),
+        _property("mla_absorbed_equals_literal", "mla", "absorbed MLA equals literal MLA",
+                  mla_examples(), mla_absorbed_equals_literal),
     )
 }
 

@@ -13,9 +13,13 @@ Tie rule
     order; among exactly equal scores the lower expert index comes first (a stable
     sort). Group selection in :func:`sigmoid_group_top_k` follows the same rule over
     group indices. Which expert wins a tie is this rule, not the paper's (the papers
-    leave it open) and not torch's (``torch.topk`` documents no tie order). The
+    leave it open) and not torch's (``torch.topk`` documents no tie order; on the
+    CPU ``torch.topk([1, 1, 1, 0], 2)`` returns indices [1, 2], not [0, 1]). The
     conformance suite compares the chosen *set* of experts per token and its weights;
-    the order of the k slots is never part of the spec.
+    the order of the k slots is never part of the spec. A tie *at the selection
+    boundary* (the k-th and (k+1)-th scores equal) is therefore implementation-defined
+    and not tested: the golden corpus holds only ties entirely inside or entirely
+    outside the chosen set.
 
 Dtype: float64 or float32 logits; every router computes in the dtype of its logits
 (transformers' routers that compute in float32 for a float64 model are float32
@@ -35,7 +39,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import ConfigError, ShapeError
+from .errors import ConfigError, InputError, ShapeError
 from .numerics import as_float_array, check_finite, check_finite_positive
 from .softcap import soft_cap
 
@@ -60,7 +64,7 @@ def _bias(name: str, bias, logits: np.ndarray) -> np.ndarray:
             f"{name}: e_score_correction_bias must have shape ({logits.shape[1]},) (one per expert), got {bias.shape}"
         )
     if bias.dtype != logits.dtype:
-        raise ShapeError(f"{name}: e_score_correction_bias is {bias.dtype}, router_logits {logits.dtype}")
+        raise InputError(f"{name}: e_score_correction_bias is {bias.dtype}, router_logits {logits.dtype}")
     return bias
 
 
@@ -168,7 +172,8 @@ def sigmoid_group_top_k(
         ``(weights (N, k), indices (N, k) int64)``.
 
     Raises:
-        InputError, ShapeError: bad arrays. ConfigError: inconsistent group settings.
+        InputError: not float arrays, or the bias dtype differs from the logits'.
+        ShapeError: logits not (N, E), bias not (E,). ConfigError: inconsistent group settings.
     """
     name = "sigmoid_group_top_k"
     logits = _logits(name, router_logits)

@@ -26,7 +26,9 @@ from conformance.properties import PROPERTIES, Context, OpRaised, PropertyFailur
 from conformance.runner import Status
 from refimpl import ops as ref
 from refimpl.attention import attention, grouped_query_attention
+from refimpl import routers
 from refimpl.rope import RopeLayout, apply_rope, rope_cos_sin, rope_frequencies, rotary_dim
+from refimpl.routers import dense_routing, top_k_indices
 
 REF_OPS = RefimplBackend().ops
 OPS_OF = {op for op in (p.op for p in PROPERTIES.values())}
@@ -73,8 +75,12 @@ def transformers_ops():
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_transformers_passes_every_property(transformers_ops, one_torch_thread, dtype):
-    results = run_properties(transformers_ops, dtype=dtype, profile="quick")
-    _assert_all_passed(results)
+    # transformers has no Grok 2.5 router: every example raises NotImplementedError (checked once, since
+    # hypothesis draws many examples before it gives up on a property whose examples are all skipped).
+    capped = [name for name, p in PROPERTIES.items() if p.op == "soft_capped_softmax_top_k"]
+    results = run_properties(transformers_ops, dtype=dtype, profile="quick",
+                             names=[name for name in PROPERTIES if name not in capped[1:]])
+    _assert_all_passed(results, not_implemented={"soft_capped_softmax_top_k"})
     # Sinks with soft-capping are refused per example (NotImplementedError) and skipped.
     sink = next(r for r in results if r.name == "attention_sink_negative")
     assert sink.rejected > 0 and "skipped" in sink.message
@@ -196,6 +202,147 @@ def _rms_norm_large_eps(x, weight, *, eps, weight_offset=0.0, cast_order=None):
     return (weight + weight_offset) * x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-2)
 
 
+# Wrong MoE routers, dispatches and MLA forms (bug classes MOE-01 .. MOE-05 and relatives)
+
+def _routing_of(weights, indices, num_experts):
+    return {"routing_weights": dense_routing(weights, indices, num_experts),
+            "selected": dense_routing(np.ones(indices.shape, np.int64), indices, num_experts)}
+
+
+def _group_router(name, select, weigh):
+    """A DeepSeek-style router with its selection and weighting steps swapped for wrong ones.
+
+    ``select(scores, bias, n_group, topk_group, top_k) -> indices``;
+    ``weigh(scores, bias, indices, norm_topk_prob, rsf) -> weights``.
+    """
+
+    def op(router_logits, e_score_correction_bias, *, top_k, n_group, topk_group, norm_topk_prob,
+           routed_scaling_factor):
+        scores = 1 / (1 + np.exp(-router_logits))
+        indices = select(scores, e_score_correction_bias, n_group, topk_group, top_k)
+        weights = weigh(scores, e_score_correction_bias, indices, norm_topk_prob, routed_scaling_factor)
+        return _routing_of(weights, indices, router_logits.shape[1])
+
+    op.__name__ = name
+    return op
+
+
+def _select_groups(group_score, fill):
+    def select(scores, bias, n_group, topk_group, top_k):
+        choice = scores + bias
+        grouped = choice.reshape(len(choice), n_group, -1)
+        kept = top_k_indices(group_score(grouped), topk_group)
+        mask = np.zeros(grouped.shape[:2], bool)
+        np.put_along_axis(mask, kept, True, axis=-1)
+        return top_k_indices(np.where(np.repeat(mask, grouped.shape[2], axis=-1), choice, fill), top_k)
+
+    return select
+
+
+def _top2_sum(grouped):
+    return -np.sort(-grouped, axis=-1)[..., :2].sum(axis=-1)
+
+
+def _weigh(scores, bias, indices, norm, rsf):
+    w = np.take_along_axis(scores, indices, axis=-1)
+    return rsf * (w / (w.sum(-1, keepdims=True) + 1e-20) if norm else w)
+
+
+def _weigh_biased(scores, bias, indices, norm, rsf):
+    """MOE-01: the weights gathered from sigmoid + bias."""
+    return _weigh(scores + bias, bias, indices, norm, rsf)
+
+
+def _weigh_scale_only_when_renormalised(scores, bias, indices, norm, rsf):
+    """MOE-05: routed_scaling_factor applied inside the renormalisation branch only."""
+    return _weigh(scores, bias, indices, norm, rsf if norm else 1.0)
+
+
+def _select_strided_groups(scores, bias, n_group, topk_group, top_k):
+    """Expert e taken to be in group e % n_group, not e // (E / n_group)."""
+    experts = scores.shape[1]
+    order = np.argsort(np.arange(experts) % n_group, kind="stable")
+    picked = _select_groups(_top2_sum, -np.inf)(scores[:, order], bias[order], n_group, topk_group, top_k)
+    return order[picked]
+
+
+_biased_weights = _group_router("_biased_weights", _select_groups(_top2_sum, -np.inf), _weigh_biased)
+_zero_group_fill = _group_router("_zero_group_fill", _select_groups(_top2_sum, 0.0), _weigh)  # MOE-02/03
+_group_score_max = _group_router("_group_score_max", _select_groups(lambda g: g.max(axis=-1), -np.inf), _weigh)
+_scale_only_when_renormalised = _group_router("_scale_only_when_renormalised", _select_groups(_top2_sum, -np.inf),
+                                              _weigh_scale_only_when_renormalised)
+_strided_groups = _group_router("_strided_groups", _select_strided_groups, _weigh)
+
+
+def _softmax_top_k_raw_logits(router_logits, *, top_k, norm_topk_prob):
+    """MOE-04: without renormalisation the raw logits become the weights."""
+    weights, indices = routers.softmax_top_k(router_logits, top_k, norm_topk_prob=norm_topk_prob)
+    if not norm_topk_prob:
+        weights = np.take_along_axis(router_logits, indices, axis=-1)
+    return _routing_of(weights, indices, router_logits.shape[1])
+
+
+def _top_k_softmax_over_all(router_logits, *, top_k):
+    """gpt-oss read as softmax over all experts, top-k, not renormalised."""
+    return _routing_of(*routers.softmax_top_k(router_logits, top_k, norm_topk_prob=False), router_logits.shape[1])
+
+
+def _minimax_bias_ignored(router_logits, e_score_correction_bias, *, top_k):
+    return ref.route_sigmoid_bias_top_k(router_logits, np.zeros_like(e_score_correction_bias), top_k=top_k)
+
+
+def _minimax_bias_reversed(router_logits, e_score_correction_bias, *, top_k):
+    """The bias of expert E - 1 - e applied to expert e."""
+    return ref.route_sigmoid_bias_top_k(router_logits, e_score_correction_bias[::-1].copy(), top_k=top_k)
+
+
+def _llama4_softmax(router_logits, *, top_k):
+    """Llama 4 read as a softmax router."""
+    return _routing_of(*routers.softmax_top_k(router_logits, top_k, norm_topk_prob=False), router_logits.shape[1])
+
+
+def _llama4_top_k_ascending(router_logits, *, top_k):
+    """Takes the k smallest logits."""
+    return ref.route_llama4_top_k_sigmoid(-router_logits, top_k=top_k)
+
+
+def _capped_router_cap_ignored(router_logits, *, top_k, router_logit_softcapping):
+    return ref.route_soft_capped_softmax_top_k(router_logits, top_k=top_k, router_logit_softcapping=None)
+
+
+def _dispatch_drops_last_expert(x, routing_weights, indices, gate_up_proj, down_proj, *, weight_on="output"):
+    """Experts 0 .. E-2 only: the last expert's contribution is lost."""
+    keep = indices < gate_up_proj.shape[0] - 1
+    return ref.moe_dispatch(x, np.where(keep, routing_weights, 0), np.where(keep, indices, 0), gate_up_proj,
+                            down_proj, weight_on=weight_on)
+
+
+def _dispatch_first_slot_weight(x, routing_weights, indices, gate_up_proj, down_proj, *, weight_on="output"):
+    """Every slot of a token weighted with its first slot's weight."""
+    first = np.repeat(routing_weights[:, :1], routing_weights.shape[1], axis=1)
+    return ref.moe_dispatch(x, first, indices, gate_up_proj, down_proj, weight_on=weight_on)
+
+
+def _dispatch_up_gate_swapped(x, routing_weights, indices, gate_up_proj, down_proj, *, weight_on="output"):
+    """ACT-04-like: the activation on the up half."""
+    half = gate_up_proj.shape[1] // 2
+    swapped = np.concatenate([gate_up_proj[:, half:], gate_up_proj[:, :half]], axis=1)
+    return ref.moe_dispatch(x, routing_weights, indices, swapped, down_proj, weight_on=weight_on)
+
+
+def _mla_absorbed_other_rope_layout(hidden_states, positions, *, form, rope_interleave, **kw):
+    """The absorbed path rotates the other pairs (interleaved vs half-split)."""
+    flipped = not rope_interleave if form == "absorbed" else rope_interleave
+    return ref.mla(hidden_states, positions, form="literal", rope_interleave=flipped, **kw)
+
+
+def _mla_absorbed_unnormed_latent(hidden_states, positions, *, form, **kw):
+    """The absorbed path forgets kv_a_layernorm's weight."""
+    if form == "absorbed":
+        kw["kv_a_layernorm.weight"] = np.ones_like(kw["kv_a_layernorm.weight"])
+    return ref.mla(hidden_states, positions, form="literal", **kw)
+
+
 WRONG = [
     ("attention_causal", "attention", _attends_every_key),
     ("attention_causal", "attention", _attends_one_future_key),
@@ -221,6 +368,24 @@ WRONG = [
     ("soft_cap_odd", "soft_cap", lambda x, *, cap: cap * np.tanh(np.abs(x) / cap)),
     ("soft_cap_bounded", "soft_cap", lambda x, *, cap: cap * np.sinh(x / cap)),
     ("soft_cap_identity_near_zero", "soft_cap", lambda x, *, cap: cap * np.tanh(x)),
+    ("sigmoid_group_top_k_weights", "sigmoid_group_top_k", _biased_weights),
+    ("sigmoid_group_top_k_weights", "sigmoid_group_top_k", _scale_only_when_renormalised),
+    ("sigmoid_group_top_k_group_limit", "sigmoid_group_top_k", _zero_group_fill),
+    ("sigmoid_group_top_k_group_limit", "sigmoid_group_top_k", _group_score_max),
+    ("sigmoid_group_top_k_permutation", "sigmoid_group_top_k", _strided_groups),
+    ("softmax_top_k_weights", "softmax_top_k", _softmax_top_k_raw_logits),
+    ("top_k_softmax_weights", "top_k_softmax", _top_k_softmax_over_all),
+    ("sigmoid_bias_top_k_top_k", "sigmoid_bias_top_k", _minimax_bias_ignored),
+    ("sigmoid_bias_top_k_permutation", "sigmoid_bias_top_k", _minimax_bias_reversed),
+    ("llama4_top_k_sigmoid_weights", "llama4_top_k_sigmoid", _llama4_softmax),
+    ("llama4_top_k_sigmoid_top_k", "llama4_top_k_sigmoid", _llama4_top_k_ascending),
+    ("soft_capped_softmax_top_k_weights", "soft_capped_softmax_top_k", _capped_router_cap_ignored),
+    ("moe_dispatch_expert_permutation", "moe_dispatch", _dispatch_drops_last_expert),
+    ("moe_dispatch_expert_permutation", "moe_dispatch", _dispatch_first_slot_weight),
+    ("moe_dispatch_single_expert", "moe_dispatch", _dispatch_drops_last_expert),
+    ("moe_dispatch_single_expert", "moe_dispatch", _dispatch_up_gate_swapped),
+    ("mla_absorbed_equals_literal", "mla", _mla_absorbed_other_rope_layout),
+    ("mla_absorbed_equals_literal", "mla", _mla_absorbed_unnormed_latent),
 ]
 
 
