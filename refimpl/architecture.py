@@ -23,6 +23,9 @@ class Architecture:
         weight_init: optional ``(name, shape, rng) -> array or None`` used by the golden
             generator for tensors the default rule draws badly (input-major fused
             experts, correction biases, sinks); None, or a None return, keeps the default.
+        ignored_weights: optional ``config -> tuple of name prefixes``: tensors a published
+            checkpoint carries that the forward does not use (GLM-4.5's multi-token-prediction
+            layer ``model.layers.{L}.*``); dropped unread before the name and shape checks.
     """
 
     name: str
@@ -33,3 +36,4 @@ class Architecture:
     presets: dict[str, dict]
     citations: tuple[str, ...]
     weight_init: Callable | None = None
+    ignored_weights: Callable | None = None

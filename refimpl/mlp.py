@@ -1,7 +1,8 @@
-"""Gated feed-forward blocks: SwiGLU and GeGLU (tanh-approximated GELU).
+"""Gated feed-forward blocks: SwiGLU and GeGLU (exact erf or tanh-approximated GELU).
 
     MLP(x) = W_down ( act(W_gate x) * (W_up x) )
     act = silu(z)              = z * sigmoid(z)                                   hidden_act "silu"
+    act = gelu(z)              = 0.5 z (1 + erf(z / sqrt(2)))                      "gelu" (exact, erf form)
     act = gelu_pytorch_tanh(z) = 0.5 z (1 + tanh( sqrt(2/pi) (z + 0.044715 z^3) ))  "gelu_pytorch_tanh"
 
 Notation: M hidden_size, F intermediate_size.
@@ -9,11 +10,17 @@ Notation: M hidden_size, F intermediate_size.
 Paper: Shazeer, "GLU Variants Improve Transformer", arXiv:2002.05202, eq. 6
 (FFN_SwiGLU, FFN_GEGLU); tanh GELU: Hendrycks & Gimpel, arXiv:1606.08415, sec. 2.
 Checked against: transformers 5.24 ``Qwen3MLP`` (silu) and ``Gemma3MLP``
-(``hidden_activation = "gelu_pytorch_tanh"``, ``activations.PytorchGELUTanh``).
-Plain ``"gelu"`` (the erf form) is a different function and is refused.
+(``hidden_activation = "gelu_pytorch_tanh"``, ``activations.PytorchGELUTanh``);
+``"gelu"`` is transformers' ``ACT2FN["gelu"]`` (``activations.GELUActivation``,
+``torch.nn.functional.gelu`` with ``approximate="none"``) and the activation of
+Grok 2.5's experts and dense MLP on sglang's CUDA path (``gelu_and_mul``). The erf
+and tanh forms differ by up to about 4.7e-4 absolute (near |z| = 2): two functions,
+two names, never substituted for each other.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -38,8 +45,25 @@ def gelu_tanh(z: np.ndarray) -> np.ndarray:
     return z.dtype.type(0.5) * z * (1 + np.tanh(c * (z + z.dtype.type(0.044715) * z * z * z)))
 
 
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def gelu(z: np.ndarray) -> np.ndarray:
+    """Exact GELU ``0.5 z (1 + erf(z / sqrt(2)))`` elementwise, in the dtype of ``z``.
+
+    Dtype: evaluated in float64 with Python's ``math.erf`` (correctly rounded to within
+    an ulp or so of float64; no SciPy needed) and rounded once to the dtype of ``z``.
+    An element-by-element loop: fine for the reference's tiny models, slow for big ones.
+    ``-inf`` gives ``-0.0``, the limit (0.5 z (1 + erf) would be ``-inf * 0``).
+    """
+    wide = np.asarray(z, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        out = 0.5 * wide * (1.0 + _erf(wide / math.sqrt(2.0)))
+    return np.where(np.isneginf(wide), -0.0, out).astype(z.dtype)
+
+
 #: ``hidden_act`` / ``hidden_activation`` names to functions.
-ACTIVATIONS = {"silu": silu, "gelu_pytorch_tanh": gelu_tanh}
+ACTIVATIONS = {"silu": silu, "gelu": gelu, "gelu_pytorch_tanh": gelu_tanh}
 
 
 def activation(name: str):
@@ -63,7 +87,8 @@ def gated_mlp(
         gate_proj: ``(F, M)`` (``mlp.gate_proj.weight``).
         up_proj: ``(F, M)`` (``mlp.up_proj.weight``).
         down_proj: ``(M, F)`` (``mlp.down_proj.weight``).
-        hidden_act: ``"silu"`` (SwiGLU) or ``"gelu_pytorch_tanh"`` (GeGLU).
+        hidden_act: ``"silu"`` (SwiGLU), ``"gelu"`` (GeGLU, exact erf GELU) or
+            ``"gelu_pytorch_tanh"`` (GeGLU, tanh-approximated GELU).
 
     Returns:
         ``(..., M)`` in the dtype of ``x``.

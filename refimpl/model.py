@@ -43,6 +43,8 @@ def _name_list(names, limit: int = 8) -> str:
 def check_weights(arch: Architecture, config, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Return the required tensors of ``weights``, after checking names and shapes.
 
+    Tensors under the architecture's ``ignored_weights`` prefixes are dropped first.
+
     Raises:
         MissingWeightsError: required tensors are absent (they are named).
         UnexpectedWeightsError: tensors the architecture does not use are present.
@@ -51,6 +53,9 @@ def check_weights(arch: Architecture, config, weights: dict[str, np.ndarray]) ->
     """
     shapes = arch.weight_shapes(config)
     optional = arch.optional_weights(config)
+    ignored = tuple(arch.ignored_weights(config)) if arch.ignored_weights is not None else ()
+    if ignored:
+        weights = {name: w for name, w in weights.items() if not name.startswith(ignored)}
     missing = set(shapes) - set(weights)
     if missing:
         raise MissingWeightsError(f"checkpoint lacks {len(missing)} weight(s): {_name_list(missing)}")

@@ -89,6 +89,36 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, *, weight_offset: fl
     return scale * normalised
 
 
+def rms_normalize(x: np.ndarray, eps: float) -> np.ndarray:
+    """Weight-less RMS normalisation ``x / sqrt(mean(x**2, -1) + eps)`` (no gain, no offset).
+
+    Llama 4's QK-norm (transformers calls it ``Llama4TextL2Norm``, but it divides by
+    the root *mean* square, so a normalised head of width D has L2 norm about
+    ``sqrt(D)``, not 1). Applied per head: ``x`` ``(B, T, H, D)``, statistics over D.
+
+    Args:
+        x: ``(..., D)`` activations, float64 or float32.
+        eps: added to the mean square inside the root (Llama 4 passes ``rms_norm_eps``).
+
+    Returns:
+        ``(..., D)``, same dtype as ``x``.
+
+    Dtype: computed entirely in the dtype of ``x``.
+
+    Raises:
+        InputError: ``x`` not a float64 / float32 array with at least one axis; ``eps``
+            not a finite number >= 0.
+
+    Checked against: transformers 5.24 ``models/llama4/modeling_llama4.py``
+    (``Llama4TextL2Norm``, lines 106-118).
+    """
+    x = as_float_array("rms_normalize: x", x)
+    if x.ndim == 0:
+        raise InputError("rms_normalize: x must have at least one axis, got a scalar")
+    eps = check_finite_nonnegative("rms_normalize: eps", eps, dtype=x.dtype)
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
 def rms_norm_low_precision(
     x: np.ndarray, weight: np.ndarray, eps: float, *, weight_offset: float = 0.0,
     cast_order: str = "cast_then_multiply",

@@ -156,6 +156,8 @@ BAD = {
     "mlp-mixed-dtypes": (lambda: gated_mlp(X2.astype(np.float32), np.ones((16, 8)), np.ones((16, 8)),
                                            np.ones((8, 16))), RefimplError, "dtype"),
     "mlp-act-list": (lambda: _mlp(act=["silu"]), ConfigError, "activation"),
+    # "gelu" (exact erf) is supported since Grok 2.5; transformers' other GELU names are not.
+    "mlp-act-gelu-new": (lambda: _mlp(act="gelu_new"), ConfigError, "'gelu_new' is not supported"),
     "linear-int-weight": (lambda: linear(X2, np.ones((3, 8), np.int64)), InputError, "weight must be"),
     "linear-bias-shape": (lambda: linear(X2, np.ones((3, 8)), np.ones(4)), ShapeError, "bias"),
     # soft-cap

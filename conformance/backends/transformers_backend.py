@@ -6,6 +6,8 @@ captured with forward hooks on ``model.model.embed_tokens`` (tap ``"embed"``), e
 ``model.model.layers[i]`` (``"layers.{i}"``; a layer may return a tensor or a
 tuple whose first entry is the hidden state) and ``model.model.norm``
 (``"norm"``). Models laid out differently return logits only.
+Model cases whose architecture is in none of transformers' auto mappings
+(``MODEL_*_MAPPING_NAMES``; e.g. Grok's ``Grok1ForCausalLM``) are "not implemented".
 
 Options (``-o key=value``):
     attn_implementation: passed to ``from_pretrained``; default ``"eager"``, the
@@ -74,6 +76,17 @@ def _to_numpy(tensor) -> np.ndarray:
     return tensor.detach().to(dtype=torch.float64, device="cpu").numpy()
 
 
+def _known_architectures(transformers) -> frozenset[str]:
+    """Every model class name in transformers' auto mappings (``MODEL_*_MAPPING_NAMES``)."""
+    auto = transformers.models.auto.modeling_auto
+    names = set()
+    for key, mapping in vars(auto).items():
+        if key.startswith("MODEL_") and key.endswith("_MAPPING_NAMES") and isinstance(mapping, dict):
+            for value in mapping.values():
+                names.update((value,) if isinstance(value, str) else value)
+    return frozenset(names)
+
+
 def _tap_modules(model) -> dict:
     """``{tap name: module}`` for the decoder layout ``model.model.{embed_tokens, layers, norm}``."""
     inner = getattr(model, "model", None)
@@ -138,7 +151,16 @@ class TransformersBackend:
         self.float32_islands = float32_islands
 
     def supports(self, case: Case, dtype: str) -> bool | str:
-        return True if dtype in DTYPES else f"unknown dtype {dtype}"
+        """True, or why not: an unknown dtype, or a model case whose architecture (the
+        config.json ``architectures`` entry the manifest records) transformers has no
+        class for (Grok's ``Grok1ForCausalLM``; its model_type ``"git"`` would otherwise
+        load an unrelated transformers model)."""
+        if dtype not in DTYPES:
+            return f"unknown dtype {dtype}"
+        if case.level == "model" and case.architecture not in _known_architectures(self.transformers):
+            return (f"transformers {self.transformers.__version__} has no model class "
+                    f"'{case.architecture}' (not in its auto mappings)")
+        return True
 
     def _precision_context(self, dtype: str):
         """A factory of the context that both building and running the model need."""

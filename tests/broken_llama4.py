@@ -1,0 +1,130 @@
+"""Deliberately wrong Llama 4 backends: each is the reference with one mistake engines have made.
+
+Used as ``--backend broken_llama4:<factory>`` (with ``tests/`` on the import path), the
+pattern of ``tests/broken_backends.py``: a component of ``refimpl.models.llama4`` patched
+for the run, the parsed config rewritten, or the loaded weights edited.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from unittest import mock
+
+import numpy as np
+
+from broken_backends import _BrokenBackend, _ConfigEdit
+from refimpl.masks import sliding_window_mask
+from refimpl.models import llama4
+from refimpl.moe import dispatch
+from refimpl.rmsnorm import rms_normalize
+from refimpl.rope import apply_rope_interleaved, apply_rope_rotate_half
+from refimpl.routers import top_k_softmax
+
+_is_llama4 = lambda c: isinstance(c, llama4.Llama4TextConfig)  # noqa: E731
+
+
+def router_weight_on_output() -> _BrokenBackend:
+    """ACT-07/08: ``sum_j s_j * Expert(x)`` (Mixtral style) instead of ``sum_j Expert(s_j * x)``."""
+    def on_output(x, weights, indices, expert, num_experts, *, weight_on="output"):
+        return dispatch(x, weights, indices, expert, num_experts, weight_on="output")
+
+    return _BrokenBackend("broken:ACT-router-weight-on-output",
+                          lambda: mock.patch.object(llama4, "dispatch", on_output))
+
+
+def router_softmax() -> _BrokenBackend:
+    """Router read as Mixtral's: softmax over the top-k logits instead of an unnormalised
+    sigmoid (with top-1 every chosen expert gets weight 1)."""
+    return _BrokenBackend("broken:MOE-llama4-softmax-router",
+                          lambda: mock.patch.object(llama4, "llama4_top_k_sigmoid", top_k_softmax))
+
+
+def shared_expert_dropped() -> _BrokenBackend:
+    """The always-on shared expert left out of every MoE layer (its output zeroed)."""
+    def drop(weights):
+        for name in weights:
+            if name.endswith("feed_forward.shared_expert.down_proj.weight"):
+                weights[name] = np.zeros_like(weights[name])
+
+    return _BrokenBackend("broken:MOE-shared-expert-dropped", edit_weights=drop)
+
+
+def chunk_boundary_off_by_one() -> _BrokenBackend:
+    """Chunks counted from 1-based positions: ``(j + 1) // C == (p + 1) // C``, so every
+    boundary sits one token early (the last token of a chunk starts the next one)."""
+    def shifted(num_queries, num_keys, attention_chunk_size, past_length=0):
+        p = past_length + np.arange(num_queries)[:, None]
+        j = np.arange(num_keys)[None, :]
+        return (j <= p) & ((j + 1) // attention_chunk_size == (p + 1) // attention_chunk_size)
+
+    return _BrokenBackend("broken:CHK-boundary-off-by-one",
+                          lambda: mock.patch.object(llama4, "chunked_attention_mask", shifted))
+
+
+def chunk_as_sliding_window() -> _BrokenBackend:
+    """Chunked attention implemented as a sliding window of C keys (the SWA path reused)."""
+    def window(num_queries, num_keys, attention_chunk_size, past_length=0):
+        return sliding_window_mask(num_queries, num_keys, attention_chunk_size, past_length)
+
+    return _BrokenBackend("broken:CHK-sliding-window",
+                          lambda: mock.patch.object(llama4, "chunked_attention_mask", window))
+
+
+def rope_on_nope_layers() -> _BrokenBackend:
+    """NOPE-01: ``no_rope_layers`` never read; every layer is treated as a RoPE layer
+    (rotated, QK-normed, no temperature), masks still from ``layer_types``."""
+    return _ConfigEdit("broken:NOPE-rope-everywhere", lambda c: dataclasses.replace(
+        c, no_rope_layers=(1,) * c.num_hidden_layers) if _is_llama4(c) else c)
+
+
+def temperature_missing() -> _BrokenBackend:
+    """iRoPE temperature tuning never applied (``attn_temperature_tuning`` ignored)."""
+    return _ConfigEdit("broken:TEMP-missing", lambda c: dataclasses.replace(
+        c, attn_temperature_tuning=False) if _is_llama4(c) else c)
+
+
+def temperature_on_rope_layers() -> _BrokenBackend:
+    """The query temperature applied on RoPE layers as well as on NoPE layers."""
+    original = llama4.rope_layer_qk
+
+    def with_temperature(q, k, cos, sin, config):
+        q, k = original(q, k, cos, sin, config)
+        return llama4.nope_layer_qk(q, k, config)
+
+    return _BrokenBackend("broken:TEMP-on-rope-layers",
+                          lambda: mock.patch.object(llama4, "rope_layer_qk", with_temperature))
+
+
+def qk_norm_before_rope() -> _BrokenBackend:
+    """QK-norm placed before RoPE instead of after (the Qwen3 / GLM order). Weight-less, the
+    norm commutes with a rotation: this is the same function up to rounding."""
+    def norm_then_rope(q, k, cos, sin, config):
+        if config.use_qk_norm:
+            q, k = rms_normalize(q, config.rms_norm_eps), rms_normalize(k, config.rms_norm_eps)
+        return apply_rope_interleaved(q, cos, sin), apply_rope_interleaved(k, cos, sin)
+
+    return _BrokenBackend("broken:QKN-before-rope", lambda: mock.patch.object(llama4, "rope_layer_qk", norm_then_rope))
+
+
+def qk_norm_on_nope_layers() -> _BrokenBackend:
+    """QK-norm applied on every layer when ``use_qk_norm``, NoPE layers included."""
+    original = llama4.nope_layer_qk
+
+    def normed(q, k, config):
+        if config.use_qk_norm:
+            q, k = rms_normalize(q, config.rms_norm_eps), rms_normalize(k, config.rms_norm_eps)
+        return original(q, k, config)
+
+    return _BrokenBackend("broken:QKN-on-nope-layers", lambda: mock.patch.object(llama4, "nope_layer_qk", normed))
+
+
+def qk_norm_dropped() -> _BrokenBackend:
+    """QKN-06: ``use_qk_norm`` ignored; no QK-norm anywhere."""
+    return _ConfigEdit("broken:QKN-dropped", lambda c: dataclasses.replace(
+        c, use_qk_norm=False) if _is_llama4(c) else c)
+
+
+def rotate_half_rope() -> _BrokenBackend:
+    """RoPE pairing channels (i, i + D/2) (NeoX / Llama 3) instead of Llama 4's (2i, 2i + 1)."""
+    return _BrokenBackend("broken:ROPE-rotate-half",
+                          lambda: mock.patch.object(llama4, "apply_rope_interleaved", apply_rope_rotate_half))
