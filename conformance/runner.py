@@ -8,8 +8,11 @@ cast to the run dtype and its keyword parameters, and compare every output. File
 hashes of all selected cases are verified before the first case runs; a mismatch
 stops the whole run.
 
+Integer outputs of an op (``refimpl.ops.Op.integer_outputs``: the experts a router
+selected) are compared exactly, in every dtype; the tolerance applies to the rest.
+
 Statuses:
-    passed           every compared tensor is within its tolerance
+    passed           every compared tensor is within its tolerance (integer outputs: equal)
     failed           some tensor is not; ``first_divergence`` names the first one in
                      forward order (embed, layers.0, ..., norm, logits)
     not implemented  ``supports`` returned a reason, the backend has no such op, or
@@ -197,20 +200,35 @@ def rounding_mismatch(actual: np.ndarray, rounded: np.ndarray) -> float:
     return float(np.mean(actual != rounded))
 
 
+def exact_violations(actual: np.ndarray, expected: np.ndarray) -> list[str]:
+    """Why an integer output (e.g. the experts a router selected) is not equal to the expected one; empty if equal."""
+    if actual.shape != expected.shape:
+        return [f"shape {actual.shape} != expected {expected.shape}"]
+    differ = int(np.count_nonzero(actual != expected))
+    if not differ:
+        return []
+    first = tuple(int(i) for i in np.argwhere(actual != expected)[0])
+    return [f"{differ} of {actual.size} elements differ (integer output, compared exactly; first at {first}: "
+            f"{actual[first]:g} != expected {expected[first]:g})"]
+
+
 def judge_op(
     result: CaseResult, actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], tolerance: Tolerance,
-    rounded: dict[str, np.ndarray] | None = None,
+    rounded: dict[str, np.ndarray] | None = None, exact: tuple[str, ...] = (),
 ) -> CaseResult:
     """Fill ``result`` from an op's outputs; a missing output fails the case.
 
     ``rounded`` holds the reference's result in the run dtype for outputs that have
     one; more than :data:`MAX_ROUNDING_MISMATCH` of differing elements fails.
+    Outputs named in ``exact`` (integer outputs, such as a router's ``selected``)
+    must equal the expected values element for element, whatever the dtype.
     """
     missing = sorted(set(expected) - set(actual))
     got = f" (the op returned {', '.join(sorted(actual)) or 'nothing'})"
     result.comparisons = {name: compare(actual[name], expected[name]) for name in expected if name in actual}
     result.uncompared = sorted(set(actual) - set(expected))
-    failures = {name: violations(c, tolerance) for name, c in result.comparisons.items()}
+    failures = {name: (exact_violations(actual[name], expected[name]) if name in exact else violations(c, tolerance))
+                for name, c in result.comparisons.items()}
     failures.update({name: ["output missing" + got] for name in missing})
     for name, exact in (rounded or {}).items():
         if name in actual:
@@ -271,7 +289,7 @@ def run_op_case(backend: Backend, case: Case, golden_dir: Path, dtype: str) -> C
         expected = {k: v for k, v in data.expected.items() if "@" not in k}
         rounded = {k.split("@")[0]: v for k, v in data.expected.items() if k.endswith(f"@{dtype}")}
         actual = op_outputs(fn(**inputs, **data.params), tuple(expected))
-        judge_op(result, actual, expected, result.tolerance, rounded)
+        judge_op(result, actual, expected, result.tolerance, rounded, exact=_integer_outputs(case.op))
     except NotImplementedError as exc:
         result.status = Status.NOT_IMPLEMENTED
         result.message = one_line(str(exc) or f"backend {backend.name} does not implement these parameters")
@@ -282,6 +300,13 @@ def run_op_case(backend: Backend, case: Case, golden_dir: Path, dtype: str) -> C
     finally:
         result.seconds = time.perf_counter() - start
     return result
+
+
+def _integer_outputs(op_name: str) -> tuple[str, ...]:
+    """The outputs of op ``op_name`` that are integers and so compared exactly (``refimpl.ops.OPS``)."""
+    from refimpl.ops import OPS
+
+    return OPS[op_name].integer_outputs
 
 
 def _not_implemented_reason(backend: Backend, case: Case, dtype: str) -> str | None:

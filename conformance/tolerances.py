@@ -48,6 +48,27 @@ Op classes (one component on its own, inputs cast to the run dtype; argmax unuse
 * ``op_rope_long``: positions up to 131071, where that float32 angle error reaches
   7.8e-3 radians; in float64 the angle error is ``p * 2^-53`` (1.5e-11).
 
+* ``op_routing``: MoE routers (softmax / sigmoid of the router logits, top-k,
+  renormalisation, scaling). The routing weights are one smooth function of
+  inputs rounded once to the run dtype, like ``op_exact``, and take its bounds.
+  The chosen experts (output ``selected``) are an integer output, compared
+  exactly in every dtype (:mod:`conformance.runner`): a rounding error that flips
+  an expert is a different computation, not a small error, so the corpus draws
+  router logits whose selection margins exceed what float16 / bfloat16 rounding
+  can move (``tools/golden_cases/moe_ops.py``) instead of allowing any flip.
+* ``op_moe``: experts, dispatch and whole MoE blocks: two or three chained
+  products per expert plus the weighted sum over k experts (and a shared
+  expert); a few units of the dtype's epsilon of the output's scale.
+* ``op_mla``: multi-head latent attention: five projections, two RMSNorms, RoPE
+  and a softmax in a chain; bounds like ``op_attention``.
+
+For these three classes the bounds are 2-4x the worst error of transformers 5.24
+(``tools/golden_cases/moe_ops.py`` cases, rel RMS / max abs): routing float32
+9.2e-8 / 1.1e-7, float16 4.9e-4 / 5.1e-4, bfloat16 3.3e-3 / 4.5e-3; MoE float32
+3.1e-7 / 3.9e-7, float16 1.5e-3 / 1.8e-3, bfloat16 1.1e-2 / 8.4e-3; MLA float32
+2.8e-7 / 3.6e-7, float16 9.8e-4 / 1.1e-3, bfloat16 7.8e-3 / 8.6e-3; float64
+(float32 islands lifted) at most 6.7e-16 everywhere.
+
 transformers 5.24 on corpus 0.5.0, worst tensor (rel RMS / max abs), against the bounds:
 
 ============  =====================  =====================  =====================
@@ -101,6 +122,12 @@ _OP_BOUNDS = {
                 "bfloat16": (2.5e-2, 5e-2)},
     "op_rope_long": {"float64": (1e-10, 1e-9), "float32": (2e-3, 1e-2), "float16": (3e-3, 6e-3),
                      "bfloat16": (2.5e-2, 5e-2)},
+    "op_routing": {"float64": (1e-12, 1e-11), "float32": (1e-6, 1e-5), "float16": (2e-3, 4e-3),
+                   "bfloat16": (1.6e-2, 3e-2)},
+    "op_moe": {"float64": (1e-12, 1e-11), "float32": (1e-6, 5e-6), "float16": (4e-3, 6e-3),
+               "bfloat16": (3e-2, 2.5e-2)},
+    "op_mla": {"float64": (1e-12, 1e-11), "float32": (1e-6, 5e-6), "float16": (3e-3, 4e-3),
+               "bfloat16": (2.5e-2, 3e-2)},
 }
 TOLERANCES.update({
     (cls, dtype): Tolerance(rel_rms=rel, max_abs_rel=mx, argmax_margin=0.0)

@@ -5,22 +5,58 @@ with exactly the arguments the reference function below takes (array inputs by
 name, then keyword parameters) and compares the result with the golden output.
 Each op is a thin adapter over the component modules; the math lives there.
 
-=================  ===========================================================  ==============
-op                 arguments                                                    returns
-=================  ===========================================================  ==============
-attention          q (B,T,H,D), k (B,S,Hkv,D), v (B,S,Hkv,Dv); scaling,         (B,T,H,Dv)
-                   sliding_window, attention_chunk_size, sinks (H,),
-                   attn_logit_softcapping
-rope               x (B,T,H,D), positions (B,T) int64; rope_parameters,         (B,T,H,D)
-                   partial_rotary_factor, max_position_embeddings, layout
-rope_frequencies   rope_parameters, head_dim, partial_rotary_factor,            {"inv_freq" (Dr/2,),
-                   max_position_embeddings                                       "attention_scaling" ()}
-rms_norm           x (..., M), weight (M,); eps, weight_offset, cast_order      (..., M)
-gated_mlp          x (..., M), gate_proj (F,M), up_proj (F,M), down_proj (M,F);  (..., M)
-                   hidden_act
-embedding          input_ids (B,T) int64, weight (V,M); embed_scale             (B,T,M)
-soft_cap           x (any); cap                                                 same shape
-=================  ===========================================================  ==============
+=========================  ==============================================================  ========================
+op                         arguments                                                       returns
+=========================  ==============================================================  ========================
+attention                  q (B,T,H,D), k (B,S,Hkv,D), v (B,S,Hkv,Dv); scaling,            (B,T,H,Dv)
+                           sliding_window, attention_chunk_size, sinks (H,),
+                           attn_logit_softcapping
+rope                       x (B,T,H,D), positions (B,T) int64; rope_parameters,            (B,T,H,D)
+                           partial_rotary_factor, max_position_embeddings, layout
+rope_frequencies           rope_parameters, head_dim, partial_rotary_factor,               {"inv_freq" (Dr/2,),
+                           max_position_embeddings                                          "attention_scaling" ()}
+rms_norm                   x (..., M), weight (M,); eps, weight_offset, cast_order         (..., M)
+gated_mlp                  x (..., M), gate_proj (F,M), up_proj (F,M), down_proj (M,F);    (..., M)
+                           hidden_act
+embedding                  input_ids (B,T) int64, weight (V,M); embed_scale                (B,T,M)
+soft_cap                   x (any); cap                                                    same shape
+softmax_top_k              router_logits (N,E); top_k, norm_topk_prob                      routing (below)
+top_k_softmax              router_logits (N,E); top_k                                      routing
+sigmoid_group_top_k        router_logits (N,E), e_score_correction_bias (E,); top_k,       routing
+                           n_group, topk_group, norm_topk_prob, routed_scaling_factor
+sigmoid_bias_top_k         router_logits (N,E), e_score_correction_bias (E,); top_k        routing
+llama4_top_k_sigmoid       router_logits (N,E); top_k                                      routing
+soft_capped_softmax_top_k  router_logits (N,E); top_k, router_logit_softcapping            routing
+swiglu_expert              x (n,M), gate_up_proj (2I,M), down_proj (M,I); hidden_act       (n,M)
+input_major_swiglu_expert  x (n,M), gate_up_proj (M,2I), down_proj (I,M)                   (n,M)
+clamped_swiglu_expert      x (n,M), gate_up_proj (M,2I) gate/up interleaved,               (n,M)
+                           gate_up_proj_bias (2I,), down_proj (I,M), down_proj_bias (M,);
+                           swiglu_limit, alpha
+moe_dispatch               x (N,M), routing_weights (N,k), indices (N,k) int64,            (N,M)
+                           gate_up_proj (E,2I,M), down_proj (E,M,I); weight_on
+mla                        hidden_states (B,T,M), positions (B,T) int64, the attention     (B,T,M)
+                           weights by name; form, num_attention_heads, q_lora_rank,
+                           kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim,
+                           rope_parameters, rope_interleave, rms_norm_eps,
+                           max_position_embeddings, attention_bias
+moe_block                  hidden_states (B,T,M), the MoE block's weights by name;         (B,T,M)
+                           config (a complete config.json dict)
+=========================  ==============================================================  ========================
+
+Routing ops return ``{"routing_weights": (N,E), "selected": (N,E) int64}``: the
+dense routing matrix (the weight of each chosen expert, 0 elsewhere) and the
+0/1 choice, so neither depends on the order of the k slots. ``selected`` is an
+integer output and is compared exactly: a backend must choose the same experts
+for every token. Among exactly equal scores the reference picks the lower
+expert index (:mod:`refimpl.routers`); a tie *at the selection boundary* (the
+k-th and (k+1)-th scores equal) is implementation-defined -- ``torch.topk`` on
+the CPU returns indices [1, 2] for ``topk([1, 1, 1, 0], 2)`` -- so the corpus
+holds ties only entirely inside or entirely outside the chosen set.
+
+Weights by name (``mla``, ``moe_block``) use the module-relative names of the
+transformers module's state dict: ``DeepseekV3Attention`` (``q_a_proj.weight``,
+``kv_b_proj.weight``, ...) and each model's MoE block (``gate.weight``,
+``experts.gate_up_proj``, ``shared_experts.up_proj.weight``, ...).
 
 Array inputs arrive in the run's dtype (float64, float32, or float16 / bfloat16 as
 NumPy or ``ml_dtypes`` arrays); integer inputs stay int64. An op returns one array,
@@ -47,10 +83,13 @@ from typing import Callable
 
 import numpy as np
 
+from . import routers
 from .attention import attention
 from .embedding import scaled_embed_tokens
-from .errors import ShapeError
+from .errors import ConfigError, ShapeError
+from .experts import clamped_swiglu_expert, input_major_swiglu_expert, swiglu_expert
 from .mlp import gated_mlp
+from .moe import dispatch
 from .numerics import COMPUTE_DTYPES, FLOAT_DTYPES, as_float_array, as_integer_array
 from .rmsnorm import check_cast_order, rms_norm, rms_norm_low_precision
 from .rope import apply_rope, rope_cos_sin, rope_frequencies, rope_layout
@@ -145,6 +184,153 @@ def softcap(x: np.ndarray, *, cap: float) -> np.ndarray:
     return soft_cap(x, cap)
 
 
+def _routing(weights: np.ndarray, indices: np.ndarray, num_experts: int) -> dict[str, np.ndarray]:
+    """A router's ``(weights, indices)`` as the order-free routing outputs of the table above."""
+    return {
+        "routing_weights": routers.dense_routing(weights, indices, num_experts),
+        "selected": routers.dense_routing(np.ones(indices.shape, dtype=np.int64), indices, num_experts),
+    }
+
+
+def route_softmax_top_k(router_logits: np.ndarray, *, top_k: int, norm_topk_prob: bool) -> dict[str, np.ndarray]:
+    """:func:`refimpl.routers.softmax_top_k` (Qwen3-MoE) as dense routing outputs."""
+    weights, indices = routers.softmax_top_k(router_logits, top_k, norm_topk_prob=norm_topk_prob)
+    return _routing(weights, indices, np.shape(router_logits)[1])
+
+
+def route_top_k_softmax(router_logits: np.ndarray, *, top_k: int) -> dict[str, np.ndarray]:
+    """:func:`refimpl.routers.top_k_softmax` (gpt-oss) as dense routing outputs."""
+    weights, indices = routers.top_k_softmax(router_logits, top_k)
+    return _routing(weights, indices, np.shape(router_logits)[1])
+
+
+def route_sigmoid_group_top_k(
+    router_logits: np.ndarray, e_score_correction_bias: np.ndarray, *, top_k: int, n_group: int, topk_group: int,
+    norm_topk_prob: bool, routed_scaling_factor: float,
+) -> dict[str, np.ndarray]:
+    """:func:`refimpl.routers.sigmoid_group_top_k` (DeepSeek-V3, Kimi K2, GLM-4.5) as dense routing outputs."""
+    weights, indices = routers.sigmoid_group_top_k(
+        router_logits, e_score_correction_bias, top_k=top_k, n_group=n_group, topk_group=topk_group,
+        norm_topk_prob=norm_topk_prob, routed_scaling_factor=routed_scaling_factor,
+    )
+    return _routing(weights, indices, np.shape(router_logits)[1])
+
+
+def route_sigmoid_bias_top_k(
+    router_logits: np.ndarray, e_score_correction_bias: np.ndarray, *, top_k: int
+) -> dict[str, np.ndarray]:
+    """:func:`refimpl.routers.sigmoid_bias_top_k` (MiniMax-M2) as dense routing outputs."""
+    weights, indices = routers.sigmoid_bias_top_k(router_logits, e_score_correction_bias, top_k)
+    return _routing(weights, indices, np.shape(router_logits)[1])
+
+
+def route_llama4_top_k_sigmoid(router_logits: np.ndarray, *, top_k: int) -> dict[str, np.ndarray]:
+    """:func:`refimpl.routers.llama4_top_k_sigmoid` as dense routing outputs (the weights scale expert inputs)."""
+    weights, indices = routers.llama4_top_k_sigmoid(router_logits, top_k)
+    return _routing(weights, indices, np.shape(router_logits)[1])
+
+
+def route_soft_capped_softmax_top_k(
+    router_logits: np.ndarray, *, top_k: int, router_logit_softcapping: float | None
+) -> dict[str, np.ndarray]:
+    """:func:`refimpl.routers.soft_capped_softmax_top_k` (Grok 2.5) as dense routing outputs."""
+    weights, indices = routers.soft_capped_softmax_top_k(
+        router_logits, top_k, router_logit_softcapping=router_logit_softcapping
+    )
+    return _routing(weights, indices, np.shape(router_logits)[1])
+
+
+def moe_dispatch(
+    x: np.ndarray, routing_weights: np.ndarray, indices: np.ndarray, gate_up_proj: np.ndarray,
+    down_proj: np.ndarray, *, weight_on: str = "output",
+) -> np.ndarray:
+    """:func:`refimpl.moe.dispatch` over SwiGLU experts with concatenated gate|up rows.
+
+    Args:
+        x: ``(N, M)``. routing_weights, indices: ``(N, k)`` (indices int64, distinct per row).
+        gate_up_proj: ``(E, 2I, M)``; down_proj: ``(E, M, I)`` (expert e is
+            :func:`refimpl.experts.swiglu_expert` on ``gate_up_proj[e]``, ``down_proj[e]``).
+        weight_on: ``"output"`` (``w * Expert(x)``) or ``"input"`` (``Expert(w * x)``, Llama 4).
+
+    Raises:
+        ShapeError: the expert stacks are not 3-D with one expert count; else as
+            :func:`refimpl.moe.dispatch` and :func:`refimpl.experts.swiglu_expert`.
+    """
+    indices = as_integer_array("moe_dispatch: indices", indices, ndim=2)
+    gate_up = as_float_array("moe_dispatch: gate_up_proj", gate_up_proj, ndim=3)
+    down = as_float_array("moe_dispatch: down_proj", down_proj, ndim=3)
+    if gate_up.shape[0] != down.shape[0]:
+        raise ShapeError(f"moe_dispatch: gate_up_proj {gate_up.shape} and down_proj {down.shape} hold different "
+                         "numbers of experts")
+
+    def expert(e: int, rows: np.ndarray) -> np.ndarray:
+        return swiglu_expert(rows, gate_up[e], down[e])
+
+    return dispatch(x, routing_weights, indices, expert, gate_up.shape[0], weight_on=weight_on)
+
+
+_MLA_FORMS = ("literal", "absorbed")
+
+
+def mla(
+    hidden_states: np.ndarray, positions: np.ndarray, *, form: str, num_attention_heads: int,
+    q_lora_rank: int | None, kv_lora_rank: int, qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int,
+    rope_parameters: dict, rope_interleave: bool, rms_norm_eps: float, max_position_embeddings: int | None,
+    attention_bias: bool, **weights: np.ndarray,
+) -> np.ndarray:
+    """DeepSeek-V3 multi-head latent attention, causal, no cache: :func:`refimpl.mla.mla_literal`
+    (``form="literal"``, the expansion transformers runs) or :func:`refimpl.mla.mla_absorbed`
+    (``form="absorbed"``, ``W_UK`` folded into the query and ``W_UV`` applied after the attention).
+
+    The two forms compute one function; ``form`` only chooses which reference code
+    produces the result. The attention weights arrive as further keywords named as in
+    ``DeepseekV3Attention``'s state dict (``q_a_proj.weight``, ``kv_b_proj.weight``, ...).
+
+    Raises:
+        ConfigError: unknown ``form``; else as ``mla_literal`` / ``mla_absorbed``.
+    """
+    from . import mla as mla_module
+
+    if form not in _MLA_FORMS:
+        raise ConfigError(f"mla: form must be one of {_MLA_FORMS}, got {form!r}")
+    function = mla_module.mla_literal if form == "literal" else mla_module.mla_absorbed
+    return function(
+        hidden_states, positions, weights, num_attention_heads=num_attention_heads, q_lora_rank=q_lora_rank,
+        kv_lora_rank=kv_lora_rank, qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim,
+        v_head_dim=v_head_dim, rope_parameters=rope_parameters, rope_interleave=rope_interleave,
+        rms_norm_eps=rms_norm_eps, max_position_embeddings=max_position_embeddings, attention_bias=attention_bias,
+    )
+
+
+def moe_block(hidden_states: np.ndarray, *, config: dict, **weights: np.ndarray) -> np.ndarray:
+    """One MoE layer's sparse block (router, routed experts, shared expert or dense MLP where
+    the model has one) of the architecture named by ``config["architectures"][0]``.
+
+    Dispatches through :mod:`refimpl.registry` to ``moe_block(hidden_states, weights, config)``
+    of that architecture's model module, the function its decoder layers use.
+
+    Raises:
+        UnknownArchitectureError: the config names no registered architecture.
+        ConfigError: the architecture has no MoE block; else as that ``moe_block``.
+    """
+    return moe_block_function(config)(hidden_states, weights, config)
+
+
+def moe_block_function(config: dict) -> Callable:
+    """``moe_block`` of the model module registered for ``config["architectures"][0]``."""
+    import importlib
+
+    from . import registry
+
+    if not isinstance(config, dict):
+        raise ConfigError(f"moe_block: config must be a config.json dict, got {type(config).__name__}")
+    arch = registry.get_architecture(config)
+    module = importlib.import_module(arch.forward.__module__)
+    if not callable(getattr(module, "moe_block", None)):
+        raise ConfigError(f"moe_block: architecture {arch.name} has no MoE block")
+    return module.moe_block
+
+
 @dataclass(frozen=True)
 class Op:
     """One named op.
@@ -154,12 +340,17 @@ class Op:
         function: the reference implementation (the signature backends implement).
         integer_inputs: array inputs that are integer (not cast to the run dtype).
         outputs: names of the outputs; ``("output",)`` for a single array.
+        integer_outputs: outputs that are integer (stored as int64, compared exactly).
     """
 
     name: str
     function: Callable
     integer_inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ("output",)
+    integer_outputs: tuple[str, ...] = ()
+
+
+_ROUTING = {"outputs": ("routing_weights", "selected"), "integer_outputs": ("selected",)}
 
 
 OPS: dict[str, Op] = {
@@ -172,5 +363,17 @@ OPS: dict[str, Op] = {
         Op("gated_mlp", mlp),
         Op("embedding", embedding, integer_inputs=("input_ids",)),
         Op("soft_cap", softcap),
+        Op("softmax_top_k", route_softmax_top_k, **_ROUTING),
+        Op("top_k_softmax", route_top_k_softmax, **_ROUTING),
+        Op("sigmoid_group_top_k", route_sigmoid_group_top_k, **_ROUTING),
+        Op("sigmoid_bias_top_k", route_sigmoid_bias_top_k, **_ROUTING),
+        Op("llama4_top_k_sigmoid", route_llama4_top_k_sigmoid, **_ROUTING),
+        Op("soft_capped_softmax_top_k", route_soft_capped_softmax_top_k, **_ROUTING),
+        Op("swiglu_expert", swiglu_expert),
+        Op("input_major_swiglu_expert", input_major_swiglu_expert),
+        Op("clamped_swiglu_expert", clamped_swiglu_expert),
+        Op("moe_dispatch", moe_dispatch, integer_inputs=("indices",)),
+        Op("mla", mla, integer_inputs=("positions",)),
+        Op("moe_block", moe_block),
     )
 }

@@ -41,7 +41,7 @@ except ImportError as exc:
 
 GENERATOR_VERSION = 1
 #: Bumped whenever cases are added, removed or changed.
-CORPUS_VERSION = "0.5.0"
+CORPUS_VERSION = "0.6.0"
 #: Largest relative RMS difference allowed between stored and regenerated outputs.
 CHECK_REL_RMS = 1e-12
 
@@ -130,13 +130,19 @@ def _round_to(array: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def _float64_outputs(value, names) -> dict[str, np.ndarray]:
+    """An op's outputs as float64 arrays; integer outputs (a router's ``selected``) stay int64."""
+
+    def stored(v):
+        v = np.asarray(v)
+        return v.astype(np.int64) if v.dtype.kind in "iu" else v.astype(np.float64)
+
     if isinstance(value, dict):
-        return {k: np.asarray(v).astype(np.float64) for k, v in value.items()}
-    return {names[0]: np.asarray(value).astype(np.float64)}
+        return {k: stored(v) for k, v in value.items()}
+    return {names[0]: stored(value)}
 
 
 def build_op_case(case: OpCase) -> dict[str, bytes]:
-    """The data file of one op case: inputs, float64 expected outputs, params in metadata."""
+    """The data file of one op case: inputs, float64 expected outputs (int64 integer outputs), params in metadata."""
     from refimpl.ops import OPS
 
     op = OPS[case.op]

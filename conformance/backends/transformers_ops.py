@@ -23,6 +23,36 @@ soft_cap           the three tensor operations of ``Gemma3ForCausalLM.forward``
                    (transformers has no function for it)
 =================  ===================================================================
 
+MoE and MLA ops (a router's linear becomes the identity, ``F.linear(logits, I)``,
+which is exact, so the router module sees the case's logits):
+
+=========================  ==========================================================
+op                         transformers 5.24 code it runs
+=========================  ==========================================================
+softmax_top_k              ``Qwen3MoeTopKRouter`` (softmax over all, top-k, optional
+                           renormalisation)
+top_k_softmax              ``GptOssTopKRouter`` (router bias 0)
+sigmoid_group_top_k        ``DeepseekV3TopkRouter`` (``e_score_correction_bias`` buffer)
+sigmoid_bias_top_k         ``MiniMaxM2TopKRouter`` with the block's correction bias
+llama4_top_k_sigmoid       ``Llama4Router`` (its dense scores; chosen = score > 0)
+soft_capped_softmax_top_k  not implemented: transformers has no Grok model
+swiglu_expert              ``DeepseekV3Experts`` with one expert, weight 1
+input_major_swiglu_expert  ``Llama4TextExperts`` with one expert
+clamped_swiglu_expert      ``GptOssExperts`` with one expert, weight 1
+moe_dispatch               ``DeepseekV3Experts`` (weight on output); ``Llama4TextMoe``
+                           with the routing given and no shared expert (weight on
+                           input; the stacks transposed to its input-major layout)
+mla                        ``DeepseekV3Attention`` with ``DeepseekV3RotaryEmbedding`` and
+                           the causal additive mask (both forms: transformers has one)
+moe_block                  the MoE module of the architecture (``DeepseekV3MoE``,
+                           ``Glm4MoeMoE``, ``Qwen3MoeSparseMoeBlock``,
+                           ``MiniMaxM2SparseMoeBlock``, ``Llama4TextMoe``, ``GptOssMLP``)
+                           built from the case's config; Grok 2.5: not implemented
+=========================  ==========================================================
+
+Routing outputs are made dense by scattering the router's ``(N, k)`` weights and
+indices into ``(N, E)`` (the comparison is then independent of the slot order).
+
 Inputs arrive as NumPy arrays in the run dtype (bfloat16 as ``ml_dtypes``) and are
 converted to torch tensors of that dtype; modules are built with torch's default
 dtype set to the run dtype, as ``from_pretrained(dtype=...)`` does. At float64 with
@@ -49,6 +79,13 @@ class TransformersOps:
             "attention": self.attention, "rope": self.rope, "rope_frequencies": self.rope_frequencies,
             "rms_norm": self.rms_norm, "gated_mlp": self.gated_mlp, "embedding": self.embedding,
             "soft_cap": self.soft_cap,
+            "softmax_top_k": self.softmax_top_k, "top_k_softmax": self.top_k_softmax,
+            "sigmoid_group_top_k": self.sigmoid_group_top_k, "sigmoid_bias_top_k": self.sigmoid_bias_top_k,
+            "llama4_top_k_sigmoid": self.llama4_top_k_sigmoid,
+            "soft_capped_softmax_top_k": self.soft_capped_softmax_top_k,
+            "swiglu_expert": self.swiglu_expert, "input_major_swiglu_expert": self.input_major_swiglu_expert,
+            "clamped_swiglu_expert": self.clamped_swiglu_expert, "moe_dispatch": self.moe_dispatch,
+            "mla": self.mla, "moe_block": self.moe_block,
         }
 
     # -- plumbing
@@ -190,3 +227,226 @@ class TransformersOps:
         with self._running(self._dtype_name(x)):
             logits = self._tensor(x)
             return self.torch.tanh(logits / cap) * cap
+
+    # -- MoE routers
+    def _identity_router(self, module, logits):
+        """``logits`` as a tensor, with ``module``'s router weight set to the identity (and any
+        router bias to 0) so that the router's linear returns them unchanged."""
+        tl = self._tensor(logits)
+        module.weight.data = self.torch.eye(tl.shape[1], dtype=tl.dtype)
+        if getattr(module, "bias", None) is not None:
+            module.bias.data = self.torch.zeros(tl.shape[1], dtype=tl.dtype)
+        return tl
+
+    def _dense_routing(self, weights, indices, num_experts):
+        torch = self.torch
+        rows = weights.shape[0]
+        dense = torch.zeros(rows, num_experts, dtype=weights.dtype).scatter(1, indices, weights)
+        selected = torch.zeros(rows, num_experts, dtype=torch.int64).scatter(1, indices, 1)
+        return {"routing_weights": dense, "selected": selected}
+
+    def softmax_top_k(self, router_logits, *, top_k, norm_topk_prob):
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
+
+        num_experts = router_logits.shape[1]
+        with self._running(self._dtype_name(router_logits)):
+            router = Qwen3MoeTopKRouter(SimpleNamespace(num_experts_per_tok=top_k, num_experts=num_experts,
+                                                        norm_topk_prob=norm_topk_prob, hidden_size=num_experts))
+            _, weights, indices = router(self._identity_router(router, router_logits))
+            return self._dense_routing(weights, indices, num_experts)
+
+    def top_k_softmax(self, router_logits, *, top_k):
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
+
+        num_experts = router_logits.shape[1]
+        with self._running(self._dtype_name(router_logits)):
+            router = GptOssTopKRouter(SimpleNamespace(num_experts_per_tok=top_k, num_local_experts=num_experts,
+                                                      hidden_size=num_experts))
+            _, weights, indices = router(self._identity_router(router, router_logits))
+            return self._dense_routing(weights, indices, num_experts)
+
+    def sigmoid_group_top_k(self, router_logits, e_score_correction_bias, *, top_k, n_group, topk_group,
+                            norm_topk_prob, routed_scaling_factor):
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+        num_experts = router_logits.shape[1]
+        with self._running(self._dtype_name(router_logits)):
+            router = DeepseekV3TopkRouter(SimpleNamespace(
+                num_experts_per_tok=top_k, num_local_experts=num_experts, hidden_size=num_experts,
+                routed_scaling_factor=routed_scaling_factor, n_group=n_group, topk_group=topk_group,
+                norm_topk_prob=norm_topk_prob))
+            logits = self._identity_router(router, router_logits)
+            router.e_score_correction_bias.data = self._tensor(e_score_correction_bias)
+            _, weights, indices = router(logits)
+            return self._dense_routing(weights, indices, num_experts)
+
+    def sigmoid_bias_top_k(self, router_logits, e_score_correction_bias, *, top_k):
+        from transformers.models.minimax_m2.modeling_minimax_m2 import MiniMaxM2TopKRouter
+
+        num_experts = router_logits.shape[1]
+        with self._running(self._dtype_name(router_logits)):
+            router = MiniMaxM2TopKRouter(SimpleNamespace(num_experts_per_tok=top_k, num_local_experts=num_experts,
+                                                         hidden_size=num_experts))
+            logits = self._identity_router(router, router_logits)
+            _, weights, indices = router(logits, self._tensor(e_score_correction_bias))
+            return self._dense_routing(weights, indices, num_experts)
+
+    def llama4_top_k_sigmoid(self, router_logits, *, top_k):
+        from transformers.models.llama4.modeling_llama4 import Llama4Router
+
+        num_experts = router_logits.shape[1]
+        with self._running(self._dtype_name(router_logits)):
+            router = Llama4Router(SimpleNamespace(hidden_size=num_experts, num_local_experts=num_experts,
+                                                  num_experts_per_tok=top_k))
+            # Llama4Router returns dense scores, sigmoid(-inf) = 0 where not chosen.
+            scores, _ = router(self._identity_router(router, router_logits))
+            return {"routing_weights": scores, "selected": (scores > 0).long()}
+
+    def soft_capped_softmax_top_k(self, router_logits, *, top_k, router_logit_softcapping):
+        raise NotImplementedError("transformers has no Grok 2.5 model (its router runs in sglang)")
+
+    # -- experts and dispatch
+    def _experts(self, cls, **config):
+        return cls(SimpleNamespace(_experts_implementation="eager", **config))
+
+    def _assign(self, module, **arrays):
+        for name, array in arrays.items():
+            getattr(module, name).data = self._tensor(array)
+        return module
+
+    def swiglu_expert(self, x, gate_up_proj, down_proj, *, hidden_act="silu"):
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts
+
+        torch = self.torch
+        with self._running(self._dtype_name(x)):
+            experts = self._experts(DeepseekV3Experts, num_local_experts=1, hidden_size=x.shape[1],
+                                    moe_intermediate_size=gate_up_proj.shape[0] // 2, hidden_act=hidden_act)
+            self._assign(experts, gate_up_proj=gate_up_proj[None], down_proj=down_proj[None])
+            tx = self._tensor(x)
+            rows = tx.shape[0]
+            return experts(tx, torch.zeros(rows, 1, dtype=torch.int64), torch.ones(rows, 1, dtype=tx.dtype))
+
+    def input_major_swiglu_expert(self, x, gate_up_proj, down_proj):
+        from transformers.models.llama4.modeling_llama4 import Llama4TextExperts
+
+        with self._running(self._dtype_name(x)):
+            experts = Llama4TextExperts(SimpleNamespace(num_local_experts=1, intermediate_size=down_proj.shape[0],
+                                                        hidden_size=x.shape[1], hidden_act="silu"))
+            self._assign(experts, gate_up_proj=gate_up_proj[None], down_proj=down_proj[None])
+            return experts(self._tensor(x))
+
+    def clamped_swiglu_expert(self, x, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, *,
+                              swiglu_limit, alpha=1.702):
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+        torch = self.torch
+        with self._running(self._dtype_name(x)):
+            experts = self._experts(GptOssExperts, intermediate_size=down_proj.shape[0], num_local_experts=1,
+                                    hidden_size=x.shape[1], swiglu_alpha=alpha, swiglu_limit=swiglu_limit)
+            self._assign(experts, gate_up_proj=gate_up_proj[None], gate_up_proj_bias=gate_up_proj_bias[None],
+                         down_proj=down_proj[None], down_proj_bias=down_proj_bias[None])
+            tx = self._tensor(x)
+            rows = tx.shape[0]
+            return experts(tx, torch.zeros(rows, 1, dtype=torch.int64), torch.ones(rows, 1, dtype=tx.dtype))
+
+    def moe_dispatch(self, x, routing_weights, indices, gate_up_proj, down_proj, *, weight_on="output"):
+        num_experts, two_i, hidden = gate_up_proj.shape
+        with self._running(self._dtype_name(x)):
+            tx, tw, ti = self._tensor(x), self._tensor(routing_weights), self._tensor(indices)
+            if weight_on == "output":
+                from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts
+
+                experts = self._experts(DeepseekV3Experts, num_local_experts=num_experts, hidden_size=hidden,
+                                        moe_intermediate_size=two_i // 2, hidden_act="silu")
+                self._assign(experts, gate_up_proj=gate_up_proj, down_proj=down_proj)
+                return experts(tx, ti, tw)
+            if weight_on == "input":
+                return self._llama4_weight_on_input(tx, tw, ti, gate_up_proj, down_proj)
+            raise ValueError(f"unknown weight_on {weight_on!r}")
+
+    def _llama4_weight_on_input(self, tx, tw, ti, gate_up_proj, down_proj):
+        """``Llama4TextMoe.forward`` with the given routing as its router's dense scores and no shared expert."""
+        from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
+
+        torch = self.torch
+        num_experts, two_i, hidden = gate_up_proj.shape
+        moe = Llama4TextMoe(SimpleNamespace(num_experts_per_tok=ti.shape[1], hidden_size=hidden,
+                                            num_local_experts=num_experts, intermediate_size=two_i // 2,
+                                            hidden_act="silu"))
+        # Llama 4 stores the stacks input-major: (E, M, 2I) and (E, I, M).
+        self._assign(moe.experts, gate_up_proj=np.ascontiguousarray(gate_up_proj.transpose(0, 2, 1)),
+                     down_proj=np.ascontiguousarray(down_proj.transpose(0, 2, 1)))
+        scores = torch.zeros(tx.shape[0], num_experts, dtype=tx.dtype).scatter(1, ti, tw)
+
+        class GivenRouting(torch.nn.Module):
+            def forward(self, hidden_states):
+                return scores, None
+
+        class NoSharedExpert(torch.nn.Module):
+            def forward(self, hidden_states):
+                return torch.zeros_like(hidden_states)
+
+        moe.router, moe.shared_expert = GivenRouting(), NoSharedExpert()
+        out, _ = moe(tx)
+        return out
+
+    # -- MLA
+    def mla(self, hidden_states, positions, *, form, num_attention_heads, q_lora_rank, kv_lora_rank,
+            qk_nope_head_dim, qk_rope_head_dim, v_head_dim, rope_parameters, rope_interleave, rms_norm_eps,
+            max_position_embeddings, attention_bias, **weights):
+        if form not in ("literal", "absorbed"):
+            raise ValueError(f"unknown MLA form {form!r}")
+        from transformers.models.deepseek_v3 import configuration_deepseek_v3, modeling_deepseek_v3
+
+        batch, length, hidden = hidden_states.shape
+        with self._running(self._dtype_name(hidden_states)):
+            extra = {} if max_position_embeddings is None else {"max_position_embeddings": max_position_embeddings}
+            config = configuration_deepseek_v3.DeepseekV3Config(
+                hidden_size=hidden, num_attention_heads=num_attention_heads, num_key_value_heads=num_attention_heads,
+                q_lora_rank=q_lora_rank, kv_lora_rank=kv_lora_rank, qk_nope_head_dim=qk_nope_head_dim,
+                qk_rope_head_dim=qk_rope_head_dim, v_head_dim=v_head_dim, rope_parameters=dict(rope_parameters),
+                rope_interleave=rope_interleave, rms_norm_eps=rms_norm_eps, attention_bias=attention_bias,
+                attention_dropout=0.0, **extra)
+            config._attn_implementation = "eager"
+            attention = modeling_deepseek_v3.DeepseekV3Attention(config, layer_idx=0).eval()
+            state = {name: self._tensor(array) for name, array in weights.items()}
+            attention.load_state_dict(state, strict=True, assign=True)
+            rotary = modeling_deepseek_v3.DeepseekV3RotaryEmbedding(config)
+            tx = self._tensor(hidden_states)
+            cos_sin = rotary(tx, self._tensor(positions))
+            mask = self._mask(batch, length, length, None, None, tx.dtype)
+            out, _ = attention(tx, cos_sin, mask)
+            return out
+
+    # -- MoE block
+    #: architectures entry -> (transformers model package, MoE module class)
+    MOE_BLOCKS = {
+        "DeepseekV3ForCausalLM": ("deepseek_v3", "DeepseekV3MoE"),
+        "Glm4MoeForCausalLM": ("glm4_moe", "Glm4MoeMoE"),
+        "Qwen3MoeForCausalLM": ("qwen3_moe", "Qwen3MoeSparseMoeBlock"),
+        "MiniMaxM2ForCausalLM": ("minimax_m2", "MiniMaxM2SparseMoeBlock"),
+        "Llama4ForCausalLM": ("llama4", "Llama4TextMoe"),
+        "GptOssForCausalLM": ("gpt_oss", "GptOssMLP"),
+    }
+
+    def moe_block(self, hidden_states, *, config, **weights):
+        import importlib
+
+        architecture = (config.get("architectures") or [None])[0]
+        if architecture not in self.MOE_BLOCKS:
+            raise NotImplementedError(f"transformers has no MoE block for architecture {architecture!r}")
+        package, class_name = self.MOE_BLOCKS[architecture]
+        with self._running(self._dtype_name(hidden_states)):
+            settings = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
+            hf_config = self.transformers.AutoConfig.for_model(config["model_type"], **settings)
+            hf_config._experts_implementation = "eager"
+            hf_config._attn_implementation = "eager"
+            modeling = importlib.import_module(f"transformers.models.{package}.modeling_{package}")
+            block = getattr(modeling, class_name)(hf_config).eval()
+            state = {name: self._tensor(array) for name, array in weights.items()}
+            block.load_state_dict(state, strict=True, assign=True)
+            tx = self._tensor(hidden_states)
+            out = block(tx)
+            # Llama 4 and gpt-oss return (output, router scores or logits); Llama 4 flattens the tokens.
+            out = out[0] if isinstance(out, tuple) else out
+            return out.reshape(tx.shape)
