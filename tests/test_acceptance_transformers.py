@@ -1,5 +1,5 @@
 """Acceptance: the transformers backend passes every golden case (model and op) at float32
-and float64; the torch backend passes every attention op case and reports the rest
+and float64, except Grok 2.5's, which it reports not implemented; the torch backend passes every attention op case and reports the rest
 as not implemented."""
 
 import json
@@ -27,9 +27,15 @@ def test_cli_transformers_passes_golden_corpus(tmp_path, dtype):
     cases = json.loads((ROOT / "golden" / "MANIFEST.json").read_text())["cases"]
     assert {c["level"] for c in cases} == {"model", "op"}
     assert [r["case_id"] for r in doc["results"]] == [c["id"] for c in cases]
-    assert {r["status"] for r in doc["results"]} == {"passed"}
+    # Grok 2.5 is the one architecture transformers lacks: its model cases, its router
+    # and its MoE block are "not implemented"; every other case passes.
+    grok = {c["id"] for c in cases if c["id"].startswith(("grok2/", "op/soft_capped_softmax_top_k/"))
+            or c["id"] == "op/moe_block/grok2"}
+    assert len(grok) >= 6
+    assert {r["case_id"]: r["status"] for r in doc["results"]} == {
+        c["id"]: "not implemented" if c["id"] in grok else "passed" for c in cases}
     assert doc["meta"]["package_versions"]["transformers"] == "5.24.0"
-    assert f"{len(cases)} passed, 0 failed, 0 not implemented" in result.stdout
+    assert f"{len(cases) - len(grok)} passed, 0 failed, {len(grok)} not implemented" in result.stdout
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
