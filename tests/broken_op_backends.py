@@ -64,6 +64,27 @@ def swa_window_plus_one_at_decode():
     return _BrokenOps("broken:SWA-window+1-at-decode", attention=wrong)
 
 
+def mla05_value_rows_stepped_by_key_width():
+    """MLA-05: a kernel that walks the cached keys in blocks of 64 rows and steps its value pointer by
+    the *key* row width Dk over a value buffer whose rows are Dv wide: from the second block on it reads
+    value rows that belong to other keys (rows past the end read as 0). Only visible when Dk != Dv."""
+
+    def wrong(q, k, v, **kwargs):
+        dk, dv, s = k.shape[-1], v.shape[-1], v.shape[1]
+        if dk == dv:
+            return attention(q, k, v, **kwargs)
+        flat = np.moveaxis(v, 1, -2).reshape(*v.shape[:1], v.shape[2], s * dv)  # (B, Hkv, S*Dv) per head
+        read = np.zeros_like(np.moveaxis(v, 1, -2))
+        block = 64
+        for j in range(s):
+            start = j * dv if j < block else (j // block) * block * dk + (j % block) * dv
+            if start + dv <= s * dv:
+                read[..., j, :] = flat[..., start:start + dv]
+        return attention(q, k, np.moveaxis(read, -2, 1), **kwargs)
+
+    return _BrokenOps("broken:MLA-05-value-stride", attention=wrong)
+
+
 def swa_ignored():
     """PAT-05 / SWA: window dropped (sliding layers run as full attention)."""
     return _BrokenOps("broken:SWA-ignored", attention=_attention_with(sliding_window=lambda kw, q: None))

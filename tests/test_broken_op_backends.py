@@ -36,6 +36,7 @@ EXPECTED = {
     "nrm_embed_scale_ignored": ("NRM", {"op/embedding/gemma-scale"}),
     "qkn_norm_over_all_heads": ("QKN", {"op/rms_norm/per-head"}),
     "swiglu_gate_up_swapped": ("MLP", {"op/gated_mlp/swiglu", "op/gated_mlp/geglu-tanh"}),
+    "mla05_value_rows_stepped_by_key_width": ("MLA-05", {"op/attention/mla-absorbed-decode-shape"}),
 }
 
 

@@ -114,6 +114,13 @@ ATTENTION = [
     _attention_case("op/attention/scale-not-head-dim", "SCL-01: scaling 224^-0.5 (query_pre_attn_scalar) with D=16; "
            "an engine using D^-0.5 fails", 516,
            "attention", _attn(scaling=224 ** -0.5), _qkv(1, 6, 6, 2, 1, 16, q_scale=4.0)),
+    _attention_case("op/attention/mla-absorbed-decode-shape", "MLA-05: absorbed-MLA decode shape: one query, 4 heads "
+           "sharing one latent key/value head, Dk = 576 (kv_lora_rank 512 + rope 64), Dv = 512, 300 cached keys; a "
+           "kernel stepping key rows by Dk and value rows by Dv reads the wrong rows after the first block", 519,
+           "attention", _attn(scaling=192 ** -0.5), _qkv(1, 1, 300, 4, 1, 576, dv=512)),
+    _attention_case("op/attention/mla-extend-after-cache", "MLA-08: a 4-token continuation against 64 cached keys "
+           "with MLA's literal head sizes (Dk = 192 = 128 + 64, Dv = 128), MHA H=Hkv=4", 520,
+           "attention", _attn(scaling=192 ** -0.5), _qkv(1, 4, 68, 4, 4, 192, dv=128)),
 ]
 
 
