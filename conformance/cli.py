@@ -71,14 +71,15 @@ def select_cases(cases: list[Case], globs: tuple[str, ...]) -> list[Case]:
     """Cases whose id matches any glob (all when none is given), in manifest order.
 
     Raises:
-        ConformanceError: a glob matches no case (the known ids are listed).
+        ConformanceError: a glob matches no case (the case families are listed).
     """
     if not globs:
         return list(cases)
     for pattern in globs:
         if not any(fnmatch.fnmatchcase(case.id, pattern) for case in cases):
-            known = ", ".join(case.id for case in cases)
-            raise ConformanceError(f"--case '{pattern}' matches no case; known: {known}")
+            families = sorted({case.id.rsplit("/", 1)[0] + "/*" for case in cases})
+            raise ConformanceError(f"--case '{pattern}' matches no case; case families: {', '.join(families)} "
+                                   "(llm-conformance list shows every id)")
     return [case for case in cases if any(fnmatch.fnmatchcase(case.id, p) for p in globs)]
 
 
@@ -201,7 +202,7 @@ def list_command(golden_dir):
               help="Check only this property; repeatable (default: all).")
 @_input_errors_as_one_line
 def properties_command(backend, options, dtype, profile, property_names):
-    """Check laws of the math (causality, GQA, RoPE, RMSNorm, soft-cap) on a backend's ops.
+    """Check laws of the math (causality, GQA, RoPE, RMSNorm, soft-cap, MoE routers and dispatch, MLA) on a backend's ops.
 
     Exit status: 0 when no property failed or errored and at least one passed, 1
     otherwise, 2 for input errors. See ``conformance.properties``.

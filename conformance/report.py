@@ -53,8 +53,10 @@ MAX_NOTE = 200
 
 def _row(result: CaseResult) -> list[Text]:
     """Table cells as Text, so that brackets in messages are not read as rich markup."""
-    # The headline tensor: the logits of a model case, the first output of an op case.
-    logits = result.comparisons.get("logits") or next(iter(result.comparisons.values()), None)
+    # The headline tensor: the logits of a model case; for an op case the output with the
+    # largest relative error (so a router's weights, not its exactly-equal expert set).
+    logits = result.comparisons.get("logits") or max(
+        result.comparisons.values(), key=lambda c: (c.nonfinite > 0, c.rel_rms), default=None)
     if logits is None:
         numbers = ["", ""]
     elif logits.nonfinite:

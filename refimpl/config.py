@@ -39,9 +39,12 @@ def get_field(raw: dict, key: str, kind: type, default: Any = REQUIRED, *, nulla
     """Return ``raw[key]`` checked to be of JSON kind ``kind`` (int, float, bool, str).
 
     Ints are accepted where floats are expected; bools are never accepted as numbers.
+    An int above :data:`MAX_COUNT` (count keys) or :data:`MAX_SIZE` (any other key) is
+    refused before anything is sized by it.
 
     Raises:
-        ConfigError: the key is missing and has no default, or has the wrong type.
+        ConfigError: the key is missing and has no default, has the wrong type, or is an
+            implausibly large integer.
     """
     if key not in raw:
         if default is REQUIRED:
@@ -55,11 +58,30 @@ def get_field(raw: dict, key: str, kind: type, default: Any = REQUIRED, *, nulla
         ok, value = True, float(value)
     if not ok:
         raise ConfigError(f"config.json field '{key}' must be {_KINDS[kind]}, got {value!r}")
+    if kind is int:
+        limit = MAX_COUNT if key in _COUNT_KEYS else MAX_SIZE
+        if value > limit:
+            raise ConfigError(f"config.json field '{key}' is {value}, above the largest this reference accepts "
+                              f"({limit}); no published model comes close")
     return value
 
 
+#: Largest count (layers, heads, experts, groups) a config may ask for: far above any
+#: published model, low enough that a typo or a hostile file fails here with a message
+#: instead of exhausting memory while the weight table is built.
+MAX_COUNT = 1 << 16
+#: Largest size (widths, vocabulary, positions) a config may ask for, for the same reason.
+MAX_SIZE = 1 << 24
+_COUNT_KEYS = frozenset({
+    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "n_routed_experts", "num_experts",
+    "num_local_experts", "n_shared_experts", "num_experts_per_tok", "experts_per_token", "n_group", "topk_group",
+    "first_k_dense_replace", "decoder_sparse_step", "interleave_moe_layer_step", "num_nextn_predict_layers",
+})
+
+
 def get_positive_int(raw: dict, key: str, default: Any = REQUIRED) -> int:
-    """Like :func:`get_field` for an int that must be >= 1."""
+    """Like :func:`get_field` for an int that must be >= 1 and at most :data:`MAX_COUNT`
+    (counts: layers, heads, experts, groups) or :data:`MAX_SIZE` (everything else)."""
     value = get_field(raw, key, int, default)
     if value < 1:
         raise ConfigError(f"config.json field '{key}' must be a positive integer, got {value}")

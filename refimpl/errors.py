@@ -43,5 +43,10 @@ class InputError(RefimplError):
     parameter (NaN, infinite or out of range eps, scale, cap, embed scale)."""
 
 
+class RoutingTieWarning(UserWarning):
+    """A router met exactly equal scores at its top-k boundary: which expert it chose is the
+    documented tie rule (lower index), and other implementations may choose another."""
+
+
 class ShapeError(RefimplError):
     """A component received arrays whose shapes do not fit together."""

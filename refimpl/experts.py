@@ -109,6 +109,8 @@ def clamped_swiglu(gate: np.ndarray, up: np.ndarray, *, swiglu_limit: float, alp
     ``swiglu_limit`` (7.0 in gpt-oss). Other clamp forms (DeepSeek-V4's, Ling's) are
     different functions (bug classes ACT-02/03/05).
     """
+    check_finite_positive("clamped_swiglu: swiglu_limit", swiglu_limit, error=ConfigError)
+    check_finite_positive("clamped_swiglu: alpha", alpha, error=ConfigError)
     g = np.minimum(gate, gate.dtype.type(swiglu_limit))
     u = np.clip(up, up.dtype.type(-swiglu_limit), up.dtype.type(swiglu_limit))
     with np.errstate(over="ignore"):

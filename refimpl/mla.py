@@ -304,6 +304,8 @@ def _prepare(hidden_states, positions, weights, params: dict):
             raise ConfigError(f"mla: {flag} must be true or false, got {params[flag]!r}")
     check_finite_nonnegative("mla: rms_norm_eps", params["rms_norm_eps"], error=ConfigError)
     x = as_float_array("mla: hidden_states", hidden_states, ndim=3)
+    if 0 in x.shape:
+        raise ShapeError(f"mla: hidden_states {x.shape} is empty (need at least one row, token and channel)")
     positions = as_integer_array("mla: positions", positions)
     if positions.shape not in (x.shape[:2], x.shape[1:2]):
         raise ShapeError(f"mla: positions {positions.shape} must be (B, T) or (T,) of hidden_states {x.shape}")

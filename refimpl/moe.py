@@ -30,8 +30,8 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import ConfigError, ShapeError
-from .numerics import as_float_array
+from .errors import ConfigError, InputError, ShapeError
+from .numerics import as_float_array, check_same_dtype
 from .routers import dense_routing
 
 #: ``expert(e, rows) -> outputs``: expert ``e`` applied to ``rows`` ``(n, M)``, giving ``(n, M)``.
@@ -43,9 +43,12 @@ _WEIGHT_ON = ("output", "input")
 def _check(name, x, weights, indices, num_experts, weight_on):
     x = as_float_array(f"{name}: x", x, ndim=2)
     weights = as_float_array(f"{name}: weights", weights, ndim=2)
+    check_same_dtype(x=x, weights=weights)
     indices = np.asarray(indices)
     if indices.dtype.kind not in "iu":
-        raise ShapeError(f"{name}: indices must be integers, got {indices.dtype}")
+        raise InputError(f"{name}: indices must be integers, got {indices.dtype}")
+    if isinstance(num_experts, bool) or not isinstance(num_experts, (int, np.integer)) or num_experts < 1:
+        raise ConfigError(f"{name}: num_experts must be a positive integer, got {num_experts!r}")
     if weights.shape != indices.shape or weights.shape[0] != x.shape[0]:
         raise ShapeError(f"{name}: x {x.shape}, weights {weights.shape} and indices {indices.shape} do not fit "
                          "(need x (N, M), weights and indices (N, k))")
@@ -53,7 +56,17 @@ def _check(name, x, weights, indices, num_experts, weight_on):
         raise ConfigError(f"{name}: weight_on must be one of {_WEIGHT_ON}, got {weight_on!r}")
     if indices.size and (indices.min() < 0 or indices.max() >= num_experts):
         raise ShapeError(f"{name}: expert indices must lie in [0, {num_experts}), got {indices.min()}..{indices.max()}")
-    return x, weights.astype(x.dtype, copy=False), indices
+    if indices.shape[1] > 1 and (np.diff(np.sort(indices, axis=-1), axis=-1) == 0).any():
+        raise ShapeError(f"{name}: a token names the same expert twice in indices (routers choose distinct experts)")
+    return x, weights, indices
+
+
+def _apply(name: str, expert: Expert, e: int, rows: np.ndarray) -> np.ndarray:
+    out = expert(e, rows)
+    if not isinstance(out, np.ndarray) or out.shape != rows.shape:
+        shape = getattr(out, "shape", type(out).__name__)
+        raise ShapeError(f"{name}: expert {e} returned {shape} for rows {rows.shape}; it must return the rows' shape")
+    return out
 
 
 def dispatch(
@@ -74,8 +87,10 @@ def dispatch(
         Experts are visited in index order and each adds its contribution.
 
     Raises:
-        InputError, ShapeError: bad arrays or indices outside ``[0, E)``.
-        ConfigError: unknown ``weight_on``.
+        InputError: ``x`` / ``weights`` not float64/float32 of one dtype, ``indices`` not integers.
+        ShapeError: shapes that do not fit, indices outside ``[0, E)``, an expert named twice
+            in one row, or an expert returning a shape other than its rows'.
+        ConfigError: unknown ``weight_on``, ``num_experts`` not a positive integer.
     """
     x, weights, indices = _check("dispatch", x, weights, indices, num_experts, weight_on)
     out = np.zeros_like(x)
@@ -85,9 +100,9 @@ def dispatch(
             continue
         w = weights[rows, slots][:, None]
         if weight_on == "output":
-            contribution = w * expert(e, x[rows])
+            contribution = w * _apply("dispatch", expert, e, x[rows])
         else:
-            contribution = expert(e, w * x[rows])
+            contribution = _apply("dispatch", expert, e, w * x[rows])
         np.add.at(out, rows, contribution)
     return out
 
@@ -109,9 +124,9 @@ def dense_mixture(
     for e in range(num_experts):
         g = gates[:, e:e + 1]
         if weight_on == "output":
-            out = out + g * expert(e, x)
+            out = out + g * _apply("dense_mixture", expert, e, x)
         else:
-            out = out + np.where(chosen[:, e:e + 1], expert(e, g * x), 0)
+            out = out + np.where(chosen[:, e:e + 1], _apply("dense_mixture", expert, e, g * x), 0)
     return out
 
 

@@ -14,12 +14,17 @@ Tie rule
     sort). Group selection in :func:`sigmoid_group_top_k` follows the same rule over
     group indices. Which expert wins a tie is this rule, not the paper's (the papers
     leave it open) and not torch's (``torch.topk`` documents no tie order; on the
-    CPU ``torch.topk([1, 1, 1, 0], 2)`` returns indices [1, 2], not [0, 1]). The
-    conformance suite compares the chosen *set* of experts per token and its weights;
+    CPU ``torch.topk([1, 1, 1, 0], 2)`` returns indices [1, 2], not [0, 1]). When
+    such a tie decides the chosen set, a :class:`refimpl.errors.RoutingTieWarning`
+    says so (an all-zero router, duplicated router rows). The conformance suite compares the chosen *set* of experts per token and its weights;
     the order of the k slots is never part of the spec. A tie *at the selection
     boundary* (the k-th and (k+1)-th scores equal) is therefore implementation-defined
     and not tested: the golden corpus holds only ties entirely inside or entirely
     outside the chosen set.
+
+NaN in the logits or the correction bias is refused (``InputError``): which expert
+a NaN score selects is undefined, and engines differ (NumPy's sort puts NaN last,
+``torch.topk`` treats it as the largest). Infinite logits are not special-cased.
 
 Dtype: float64 or float32 logits; every router computes in the dtype of its logits
 (transformers' routers that compute in float32 for a float64 model are float32
@@ -37,9 +42,11 @@ from transformers 5.24 unless named otherwise.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
-from .errors import ConfigError, InputError, ShapeError
+from .errors import ConfigError, InputError, RoutingTieWarning, ShapeError
 from .numerics import as_float_array, check_finite, check_finite_positive
 from .softcap import soft_cap
 
@@ -54,6 +61,9 @@ def _logits(name: str, router_logits) -> np.ndarray:
     logits = as_float_array(f"{name}: router_logits", router_logits, ndim=2)
     if logits.shape[1] == 0:
         raise ShapeError(f"{name}: router_logits has no experts (shape {logits.shape})")
+    if np.isnan(logits).any():
+        raise InputError(f"{name}: router_logits contain NaN; top-k selection over NaN is undefined "
+                         "(a sort puts it last, torch.topk first), so it is refused instead of guessed")
     return logits
 
 
@@ -63,6 +73,8 @@ def _bias(name: str, bias, logits: np.ndarray) -> np.ndarray:
         raise ShapeError(
             f"{name}: e_score_correction_bias must have shape ({logits.shape[1]},) (one per expert), got {bias.shape}"
         )
+    if np.isnan(bias).any():
+        raise InputError(f"{name}: e_score_correction_bias contains NaN")
     if bias.dtype != logits.dtype:
         raise InputError(f"{name}: e_score_correction_bias is {bias.dtype}, router_logits {logits.dtype}")
     return bias
@@ -82,9 +94,20 @@ def top_k_indices(scores: np.ndarray, top_k: int) -> np.ndarray:
     """Indices ``(N, k)`` int64 of the ``top_k`` largest entries of each row of ``scores`` ``(N, E)``.
 
     Descending by score; exactly equal scores keep ascending index order (the
-    module's tie rule). ``-inf`` entries sort last.
+    module's tie rule). ``-inf`` entries sort last. When the k-th and (k+1)-th
+    scores of a row are exactly equal (and finite) the chosen *set* depends on the
+    tie rule, so a :class:`refimpl.errors.RoutingTieWarning` names how many rows.
     """
-    return np.argsort(-scores, axis=-1, kind="stable")[:, :top_k].astype(np.int64)
+    order = np.argsort(-scores, axis=-1, kind="stable")
+    if top_k < scores.shape[-1]:
+        kth = np.take_along_axis(scores, order[:, top_k - 1:top_k + 1], axis=-1)
+        tied = (kth[:, 0] == kth[:, 1]) & np.isfinite(kth[:, 0])
+        if tied.any():
+            warnings.warn(
+                f"{int(tied.sum())} of {len(tied)} token(s) have exactly equal scores at the top-{top_k} boundary; "
+                "the lower expert index was chosen (refimpl's tie rule; torch.topk and engines may choose "
+                "another)", RoutingTieWarning, stacklevel=3)
+    return order[:, :top_k].astype(np.int64)
 
 
 def softmax_top_k(router_logits: np.ndarray, top_k: int, *, norm_topk_prob: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -189,7 +212,10 @@ def sigmoid_group_top_k(
     if topk_group > n_group:
         raise ConfigError(f"{name}: topk_group {topk_group} exceeds n_group {n_group}")
     per_group = num_experts // n_group
-    k = _check_top_k(name, top_k, topk_group * per_group)
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= topk_group * per_group:
+        raise ConfigError(f"{name}: top_k must be an integer in [1, {topk_group * per_group}] (the experts in the "
+                          f"{topk_group} kept group(s) of {per_group}), got {top_k!r}")
+    k = int(top_k)
     if not isinstance(norm_topk_prob, (bool, np.bool_)):
         raise ConfigError(f"{name}: norm_topk_prob must be a bool, got {norm_topk_prob!r}")
     check_finite_positive(f"{name}: routed_scaling_factor", routed_scaling_factor, error=ConfigError)
@@ -293,11 +319,14 @@ def dense_routing(weights: np.ndarray, indices: np.ndarray, num_experts: int) ->
     different slot order give the same matrix.
 
     Raises:
+        InputError: ``indices`` not integers.
         ShapeError: ``weights`` and ``indices`` differ in shape, an index is outside
             ``[0, num_experts)``, or a row names an expert twice.
     """
     weights = np.asarray(weights)
     indices = np.asarray(indices)
+    if indices.dtype.kind not in "iu":
+        raise InputError(f"dense_routing: indices must be integers, got {indices.dtype}")
     if weights.shape != indices.shape or weights.ndim != 2:
         raise ShapeError(f"dense_routing: weights {weights.shape} and indices {indices.shape} must be equal (N, k)")
     if indices.size and (indices.min() < 0 or indices.max() >= num_experts):

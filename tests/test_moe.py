@@ -221,7 +221,7 @@ ERRORS = [
     (lambda f: f(np.ones(3), W, IDX, _square, 3), ShapeError, "x"),
     (lambda f: f(X, np.ones((2, 3)), IDX, _square, 3), ShapeError, r"weights \(2, 3\) and indices \(2, 2\)"),
     (lambda f: f(X, np.ones((3, 2)), np.zeros((3, 2), np.int64), _square, 3), ShapeError, "do not fit"),
-    (lambda f: f(X, W, IDX.astype(float), _square, 3), ShapeError, "indices must be integers"),
+    (lambda f: f(X, W, IDX.astype(float), _square, 3), InputError, "indices must be integers"),
     (lambda f: f(X, W, np.array([[0, 3], [1, 2]]), _square, 3), ShapeError, r"\[0, 3\)"),
     (lambda f: f(X, W, np.array([[0, -1], [1, 2]]), _square, 3), ShapeError, r"\[0, 3\)"),
     (lambda f: f(X, W, IDX, _square, 3, weight_on="both"), ConfigError, "weight_on must be one of"),

@@ -24,7 +24,7 @@ from conformance.runner import CaseResult, Status, judge_op
 from conformance.tolerances import get_tolerance
 from conftest import ROOT
 from refimpl import ops
-from refimpl.errors import ConfigError, UnknownArchitectureError
+from refimpl.errors import ConfigError, RoutingTieWarning, UnknownArchitectureError
 
 ROUTING_OPS = [name for name, op in ops.OPS.items() if op.integer_outputs]
 
@@ -143,7 +143,8 @@ def test_torch_topk_breaks_boundary_ties_differently():
     # index ([0, 1]); torch.topk on the CPU returns [1, 2].
     torch = pytest.importorskip("torch")
     assert torch.topk(torch.tensor([1.0, 1.0, 1.0, 0.0]), 2).indices.tolist() == [1, 2]
-    _, indices = ops.routers.softmax_top_k(np.array([[1.0, 1.0, 1.0, 0.0]]), 2, norm_topk_prob=True)
+    with pytest.warns(RoutingTieWarning):
+        _, indices = ops.routers.softmax_top_k(np.array([[1.0, 1.0, 1.0, 0.0]]), 2, norm_topk_prob=True)
     assert indices.tolist() == [[0, 1]]
 
 

@@ -12,11 +12,12 @@ lifted) and compare the chosen expert *sets* and their weights through the dense
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
 
-from refimpl.errors import ConfigError, InputError, RefimplError, ShapeError
+from refimpl.errors import ConfigError, InputError, RefimplError, RoutingTieWarning, ShapeError
 from refimpl.routers import (
     dense_routing, llama4_top_k_sigmoid, sigmoid_bias_top_k, sigmoid_group_top_k, soft_capped_softmax_top_k,
     softmax_top_k, top_k_indices, top_k_softmax,
@@ -96,7 +97,8 @@ def test_topk_group_two_of_four_groups():
     # 8 experts in 4 groups of 2; scores + bias per group: [1.9, 0] [1.0, 1.0] [0.4, 0.4] [1.2, 1.2]:
     # group sums 1.9, 2.0, 0.8, 2.4 keep groups 3 and 1; top-3 there: 6, 7 (1.2) then 2 or 3 (1.0, tie -> 2).
     bias = np.array([1.4, -0.5, 0.5, 0.5, -0.1, -0.1, 0.7, 0.7])
-    weights, indices = group_route(np.zeros((1, 8)), bias, top_k=3, n_group=4, topk_group=2)
+    with pytest.warns(RoutingTieWarning, match="1 of 1 token"):
+        weights, indices = group_route(np.zeros((1, 8)), bias, top_k=3, n_group=4, topk_group=2)
     assert as_sets(indices) == [{6, 7, 2}]
     chosen_groups = {int(i) // 2 for i in indices[0]}
     assert chosen_groups == {1, 3}
@@ -137,7 +139,8 @@ def test_moe05_scaling_with_renormalisation_sums_to_the_factor():
 
 def test_group_router_renormalisation_epsilon_is_1e_20():
     # sigmoid(-800) underflows to 0: the weights are 0 / (0 + 1e-20) = 0, not NaN.
-    weights, _ = group_route(np.full((1, 4), -800.0), np.zeros(4), top_k=2)
+    with pytest.warns(RoutingTieWarning):  # every score is exactly 0
+        weights, _ = group_route(np.full((1, 4), -800.0), np.zeros(4), top_k=2)
     np.testing.assert_array_equal(weights, [[0.0, 0.0]])
 
 
@@ -186,8 +189,17 @@ TIE_ROUTERS = {
 
 @pytest.mark.parametrize("name", TIE_ROUTERS)
 def test_ties_go_to_the_lowest_index(name):
-    _, indices = TIE_ROUTERS[name](np.array([[1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]]), 2)
+    with pytest.warns(RoutingTieWarning, match="2 of 2 token"):
+        _, indices = TIE_ROUTERS[name](np.array([[1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]]), 2)
     assert indices.tolist() == [[0, 1], [0, 1]]
+
+
+def test_ties_inside_or_outside_the_chosen_set_do_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, indices = softmax_top_k(np.array([[1.0, 1.0, 0.0, 0.0]]), 2, norm_topk_prob=True)
+        top_k_indices(np.array([[3.0, 1.0, 1.0, -np.inf, -np.inf]]), 3)
+    assert indices.tolist() == [[0, 1]]
 
 
 def test_top_k_indices_descending_then_by_index():
@@ -197,7 +209,8 @@ def test_top_k_indices_descending_then_by_index():
 
 def test_group_ties_go_to_the_lowest_group():
     # Four groups with equal scores, keep one: group 0.
-    _, indices = group_route(np.zeros((1, 8)), np.zeros(8), top_k=2, n_group=4)
+    with pytest.warns(RoutingTieWarning):
+        _, indices = group_route(np.zeros((1, 8)), np.zeros(8), top_k=2, n_group=4)
     assert indices.tolist() == [[0, 1]]
 
 
@@ -208,7 +221,8 @@ def test_torch_topk_breaks_ties_otherwise():
     """
     torch = pytest.importorskip("torch")
     assert torch.topk(torch.tensor([1.0, 1.0, 1.0, 0.0]), 2).indices.tolist() == [1, 2]
-    assert top_k_indices(np.array([[1.0, 1.0, 1.0, 0.0]]), 2).tolist() == [[0, 1]]
+    with pytest.warns(RoutingTieWarning):
+        assert top_k_indices(np.array([[1.0, 1.0, 1.0, 0.0]]), 2).tolist() == [[0, 1]]
 
 
 # Awkward sizes: k = 1 and k = E, one token, float32

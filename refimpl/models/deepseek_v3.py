@@ -80,8 +80,11 @@ NAME = "DeepseekV3ForCausalLM"
 
 #: config.json keys deliberately without effect here.
 IGNORED_KEYS = frozenset({
-    # Overwritten by DeepseekV3Config.__post_init__ (head_dim = qk_rope_head_dim,
-    # qk_head_dim = qk_nope_head_dim + qk_rope_head_dim); never read from config.json.
+    # Derived by DeepseekV3Config.__post_init__ (head_dim = qk_rope_head_dim,
+    # qk_head_dim = qk_nope_head_dim + qk_rope_head_dim). A value in config.json replaces
+    # it when transformers loads the file, and its RoPE then takes head_dim as the rotary
+    # width: from_dict refuses a head_dim other than qk_rope_head_dim (and a qk_head_dim
+    # other than the sum) instead of computing something transformers would not.
     "head_dim", "qk_head_dim",
     # Training-time or bookkeeping fields of the DeepSeek / Kimi configs.
     "output_router_logits", "pretraining_tp", "aux_loss_alpha", "seq_aux", "ep_size",
@@ -166,6 +169,13 @@ class DeepseekV3Config:
             "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "n_shared_experts",
             "n_routed_experts", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim", "n_group",
             "topk_group", "num_experts_per_tok", "max_position_embeddings")}
+        for key, derived in (("head_dim", ints["qk_rope_head_dim"]),
+                             ("qk_head_dim", ints["qk_nope_head_dim"] + ints["qk_rope_head_dim"])):
+            if key in raw and raw[key] is not None and raw[key] != derived:
+                raise ConfigError(
+                    f"config.json field '{key}' is {raw[key]!r}, but DeepSeek-V3 derives it as {derived} from "
+                    "qk_rope_head_dim / qk_nope_head_dim; transformers would then use the stored value as the RoPE "
+                    "width, which no released model does; refused")
         config = cls(
             **ints,
             num_hidden_layers=layers,

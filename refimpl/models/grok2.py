@@ -123,6 +123,17 @@ _CHECKED_KEYS = frozenset({
 _PLAIN_ROPE_TYPES = (None, "original")
 
 
+def _cap_on(key: str, value: float) -> bool:
+    """Whether a soft-cap value turns the cap on (> 0; sglang reads <= 0 as "no cap").
+
+    Raises:
+        ConfigError: the value is NaN or infinite (which would silently mean "no cap").
+    """
+    if not np.isfinite(value):
+        raise ConfigError(f"config.json field '{key}' must be a finite number (<= 0 means no cap), got {value!r}")
+    return value > 0
+
+
 @dataclass(frozen=True)
 class Grok2Config:
     """Grok 2.5 hyper-parameters; field names are the config.json keys.
@@ -192,11 +203,12 @@ class Grok2Config:
             residual_moe=get_field(raw, "residual_moe", bool, False),
             rope_theta=_rope_theta(raw),
             rope_type=get_field(raw, "rope_type", str, None, nullable=True),
-            attn_logit_softcapping=attn_cap if attn_cap > 0 else None,
+            attn_logit_softcapping=attn_cap if _cap_on("attn_logit_softcapping", attn_cap) else None,
             attn_logit_softcapping_method=get_field(raw, "attn_logit_softcapping_method", str, "tanh"),
             attn_temperature_len=get_field(raw, "attn_temperature_len", int, -1),
             router_logit_softcapping=get_field(raw, "router_logit_softcapping", float, SGLANG_ROUTER_CAP),
-            final_logit_softcapping=final_cap if final_cap is not None and final_cap > 0 else None,
+            final_logit_softcapping=final_cap if final_cap is not None and _cap_on("final_logit_softcapping", final_cap)
+            else None,
         )
         config._validate()
         _check_unsupported(raw)
