@@ -9,6 +9,7 @@ as ``--backend broken_deepseek_v3:<factory>`` with ``tests/`` on the import path
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from unittest import mock
 
@@ -18,6 +19,7 @@ from broken_backends import _BrokenBackend
 from refimpl import mla
 from refimpl.attention import grouped_query_attention
 from refimpl.masks import causal_mask
+from refimpl.model import check_weights
 from refimpl.models import deepseek_v3
 from refimpl.rope import apply_rope_rotate_half
 
@@ -160,3 +162,67 @@ def absorbed_w_uv_wrong_head() -> _BrokenBackend:
     """Absorbed MLA applying head h's latent output through W^UV of head H-1-h (a head-sharding slip)."""
     return _BrokenBackend("broken:mla-absorbed-w-uv-wrong-head", lambda: mock.patch.object(
         deepseek_v3, "mla_literal", _absorbed_attention(lambda h: np.arange(h)[::-1])))
+
+
+class _RawConfigEdit(_BrokenBackend):
+    """The reference with its parsed config rewritten by ``edit(config, raw config.json)``: a
+    mistake in reading config.json that depends on which keys the file holds. The checkpoint
+    is then checked against the layers that config builds, as loading it would."""
+
+    def __init__(self, name, edit):
+        super().__init__(name)
+        self._edit = edit
+
+    def load_model(self, checkpoint_dir, dtype):
+        model = super().load_model(checkpoint_dir, dtype)
+        raw = json.loads((checkpoint_dir / "config.json").read_text())
+        inner = model.model
+        if isinstance(inner.config, deepseek_v3.DeepseekV3Config):
+            inner.config = self._edit(inner.config, raw)
+            check_weights(inner.architecture, inner.config, inner.weights)
+        return model
+
+
+def softmax_scale_from_rope_head_dim() -> _BrokenBackend:
+    """MLA softmax scale (2 Dr)^-1/2 (with the YaRN m^2): the qk width taken as twice transformers'
+    ``head_dim`` (= qk_rope_head_dim) instead of Dn + Dr; right only where Dn == Dr."""
+    scale = mla.mla_softmax_scale
+
+    class ScaleFromRopeDim(_BrokenBackend):
+        def load_model(self, checkpoint_dir, dtype):
+            model = super().load_model(checkpoint_dir, dtype)
+            dr = model.model.config.qk_rope_head_dim
+            model._patch = lambda: mock.patch.object(mla, "mla_softmax_scale", lambda _, rope: scale(2 * dr, rope))
+            return model
+    return ScaleFromRopeDim("broken:mla-scale-from-2-dr")
+
+
+def q_lora_rank_null_as_default() -> _BrokenBackend:
+    """``config.get("q_lora_rank") or 1536``: an explicit null read as the default, so the model is built with
+    q_a_proj / q_b_proj and a checkpoint with q_proj cannot load."""
+    def edit(config, raw):
+        return config if config.q_lora_rank is not None else dataclasses.replace(config, q_lora_rank=1536)
+    return _RawConfigEdit("broken:q-lora-null-as-1536", edit)
+
+
+def mscale_all_dim_defaults_to_one() -> _BrokenBackend:
+    """MLA-02: a YaRN config without ``mscale_all_dim`` read as mscale_all_dim 1, so the softmax gets
+    m(factor, 1)^2 (and cos/sin keep m(factor, 1) as mscale is absent): the rope scores scaled twice."""
+    def edit(config, raw):
+        rope = config.rope_parameters
+        if rope.get("rope_type") != "yarn" or "mscale_all_dim" in rope:
+            return config
+        return dataclasses.replace(config, rope_parameters={**rope, "mscale_all_dim": 1.0})
+    return _RawConfigEdit("broken:mla-mscale-all-dim-default-1", edit)
+
+
+def routed_scaling_default_one() -> _BrokenBackend:
+    """``config.get("routed_scaling_factor", 1.0)``: an absent factor taken as 1, not DeepSeek-V3's 2.5."""
+    return _RawConfigEdit("broken:rsf-default-1", lambda c, raw: c if "routed_scaling_factor" in raw
+                          else dataclasses.replace(c, routed_scaling_factor=1.0))
+
+
+def group_limit_default_off() -> _BrokenBackend:
+    """``n_group`` / ``topk_group`` absent read as 1 / 1 (no group limit), not DeepSeek-V3's 8 / 4."""
+    return _RawConfigEdit("broken:groups-default-1", lambda c, raw: dataclasses.replace(
+        c, n_group=raw.get("n_group", 1), topk_group=raw.get("topk_group", 1)))

@@ -178,3 +178,15 @@ def plain_rope_for_yarn() -> _BrokenBackend:
 def yarn_truncated() -> _BrokenBackend:
     """``truncate: false`` ignored: the correction range floored / ceiled as by default."""
     return _ConfigEdit("broken:yarn-truncate-ignored", _rope_edit(lambda p: {**p, "truncate": True}))
+
+
+def _transpose_square_down_proj(weights):
+    """A loader that tells the expert down_proj orientation by its shape: (M, I) is out-major and gets
+    transposed, (I, M) is kept; a square stack (I == M) is taken as out-major and transposed."""
+    for name, w in weights.items():
+        if name.endswith("experts.down_proj") and w.shape[-1] == w.shape[-2]:
+            weights[name] = np.ascontiguousarray(np.swapaxes(w, -1, -2))
+
+
+def down_proj_orientation_from_shape() -> _BrokenBackend:
+    return _BrokenBackend("broken:down-proj-orientation-from-shape", edit_weights=_transpose_square_down_proj)

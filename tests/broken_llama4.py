@@ -128,3 +128,12 @@ def rotate_half_rope() -> _BrokenBackend:
     """RoPE pairing channels (i, i + D/2) (NeoX / Llama 3) instead of Llama 4's (2i, 2i + 1)."""
     return _BrokenBackend("broken:ROPE-rotate-half",
                           lambda: mock.patch.object(llama4, "apply_rope_interleaved", apply_rope_rotate_half))
+
+
+def qk_norm_fixed_eps() -> _BrokenBackend:
+    """The weight-less QK-norm with a fixed eps 1e-6 (Llama 4's L2Norm default) instead of ``rms_norm_eps``
+    (transformers builds ``Llama4TextL2Norm(config.rms_norm_eps)``)."""
+    def fixed(x, eps):
+        return rms_normalize(x, 1e-6)
+
+    return _BrokenBackend("broken:QKN-eps-1e-6", lambda: mock.patch.object(llama4, "rms_normalize", fixed))

@@ -236,3 +236,49 @@ def mla_absorbed_scale_from_latent_width():
 
     return _BrokenOps("broken:MLA-absorbed-scale-latent-width", mla=_mla_with_scale(scale))
 
+
+
+def mla_scale_from_rope_head_dim():
+    """The MLA softmax scale (2 Dr)^-1/2 (times the YaRN m^2): the qk width taken as twice transformers'
+    ``head_dim`` (which DeepseekV3Config sets to qk_rope_head_dim), right only where Dn == Dr."""
+    original = mla_module.mla_softmax_scale
+
+    def scale(params):
+        return lambda qk_head_dim, rope_parameters: original(2 * params["qk_rope_head_dim"], rope_parameters)
+
+    return _BrokenOps("broken:MLA-scale-2-Dr", mla=_mla_with_scale(scale))
+
+
+def mla_mscale_all_dim_defaults_to_one():
+    """MLA-02: a YaRN config without ``mscale_all_dim`` read as mscale_all_dim 1: the softmax gets
+    m(factor, 1)^2 on top of the cos/sin magnitude m(factor, 1) that transformers applies."""
+
+    def wrong(hidden_states, positions, *, rope_parameters, **params):
+        if rope_parameters.get("rope_type") == "yarn" and "mscale_all_dim" not in rope_parameters:
+            rope_parameters = {**rope_parameters, "mscale_all_dim": 1.0}
+        return ref.mla(hidden_states, positions, rope_parameters=rope_parameters, **params)
+
+    return _BrokenOps("broken:MLA-02-mscale-all-dim-default-1", mla=wrong)
+
+
+def _square_transposed(w: np.ndarray) -> np.ndarray:
+    return w.T if w.shape[0] == w.shape[1] else w
+
+
+def expert_down_orientation_from_shape():
+    """An expert loader that tells down_proj's orientation by its shape: the expected shape is used as is,
+    the transposed one is transposed back, and a square matrix (I == M) is taken for the transposed one.
+    Right for every non-square expert; wrong for every square one, whatever the layout."""
+
+    def concatenated(x, gate_up_proj, down_proj, *, hidden_act="silu"):
+        return swiglu_expert(x, gate_up_proj, _square_transposed(down_proj), hidden_act)
+
+    def input_major(x, gate_up_proj, down_proj):
+        return input_major_swiglu_expert(x, gate_up_proj, _square_transposed(down_proj))
+
+    def clamped(x, gate_up_proj, gate_up_proj_bias, down_proj, down_proj_bias, **kw):
+        return clamped_swiglu_expert(x, gate_up_proj, gate_up_proj_bias, _square_transposed(down_proj),
+                                     down_proj_bias, **kw)
+
+    return _BrokenOps("broken:expert-down-orientation-from-shape", swiglu_expert=concatenated,
+                      input_major_swiglu_expert=input_major, clamped_swiglu_expert=clamped)

@@ -172,3 +172,18 @@ def minimax_rotary_dim_first() -> _BrokenBackend:
             return model
 
     return RotaryDimFirst("broken:rotary-dim-first")
+
+
+def qwen3_moe_norm_topk_default_true() -> _BrokenBackend:
+    """``config.get("norm_topk_prob", True)``: an absent key read as true (every released Qwen3-MoE sets it),
+    where transformers' Qwen3MoeConfig defaults to false."""
+    class DefaultTrue(_BrokenBackend):
+        def load_model(self, checkpoint_dir, dtype):
+            model = super().load_model(checkpoint_dir, dtype)
+            raw = json.loads((checkpoint_dir / "config.json").read_text())
+            config = model.model.config
+            if isinstance(config, qwen3_moe.Qwen3MoeConfig) and "norm_topk_prob" not in raw:
+                model.model.config = dataclasses.replace(config, norm_topk_prob=True)
+            return model
+
+    return DefaultTrue("broken:norm-topk-default-true")

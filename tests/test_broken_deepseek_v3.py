@@ -22,8 +22,11 @@ from refimpl.models import deepseek_v3
 from refimpl.routers import sigmoid_group_top_k
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = ("group-limited-routing", "no-renorm-scaled", "yarn-mscale-differs", "kimi-k2-like", "legacy-config-all-moe")
+CASES = ("group-limited-routing", "no-renorm-scaled", "yarn-mscale-differs", "kimi-k2-like", "legacy-config-all-moe",
+         "mla-widths-distinct", "yarn-without-mscale-keys", "router-defaults", "latent-norm-eps-visible")
 ALL = {f"deepseek_v3/{c}" for c in CASES}
+WIDTHS, NO_MSCALE = "deepseek_v3/mla-widths-distinct", "deepseek_v3/yarn-without-mscale-keys"
+DEFAULTS, LATENT_EPS = "deepseek_v3/router-defaults", "deepseek_v3/latent-norm-eps-visible"
 
 
 @pytest.fixture(scope="session")
@@ -54,16 +57,37 @@ MISTAKES = {
     "shared_expert_scaled": ("MOE-09", ALL, "moe"),
     # Only where mscale != mscale_all_dim.
     "softmax_scale_from_mscale": ("MLA-03", {"deepseek_v3/yarn-mscale-differs"}, "layers.0"),
-    "yarn_magnitude_dropped": ("RSC-12", {"deepseek_v3/yarn-mscale-differs"}, "layers.0"),
-    # Every YaRN case (m(factor, mscale_all_dim)^2 != 1); the default-RoPE case has no correction.
-    "no_softmax_mscale": ("MLA-02", ALL - {"deepseek_v3/no-renorm-scaled"}, "layers.0"),
+    # ... and where the magnitude is m(factor, 1) because both keys are absent.
+    "yarn_magnitude_dropped": ("RSC-12", {"deepseek_v3/yarn-mscale-differs", NO_MSCALE}, "layers.0"),
+    # Every YaRN case with mscale_all_dim (m(factor, mscale_all_dim)^2 != 1); the default-RoPE case and the
+    # YaRN case without mscale keys have no correction.
+    "no_softmax_mscale": ("MLA-02", ALL - {"deepseek_v3/no-renorm-scaled", NO_MSCALE}, "layers.0"),
     # Every case with rope_interleave true.
     "rope_interleave_ignored": ("RoPE layout", ALL - {"deepseek_v3/no-renorm-scaled"}, "layers.0"),
     "absorbed_w_uv_wrong_head": ("absorbed MLA", ALL, "layers.0"),
 }
 
 
-def _first_layer(case_id, where):
+#: Gap-closing mistakes, each caught by one case only (at float32 and float64): factory -> (bug class, case, layer).
+DEFAULT_AND_WIDTH_MISTAKES = {
+    # Dn 16 != Dr 8: (2 Dr)^-1/2 is 16^-1/2, not 24^-1/2; every other case has Dn == Dr.
+    "softmax_scale_from_rope_head_dim": ("MLA scale width", WIDTHS, "layers.0"),
+    # YaRN without mscale keys: a default mscale_all_dim of 1 adds m(40, 1)^2 to the softmax.
+    "mscale_all_dim_defaults_to_one": ("MLA-02", NO_MSCALE, "layers.0"),
+    # Absent routed_scaling_factor / n_group / topk_group: defaults 2.5 / 8 / 4, not 1 / 1 / 1.
+    "routed_scaling_default_one": ("rsf default", DEFAULTS, "layers.1"),
+    "group_limit_default_off": ("group default", DEFAULTS, "layers.1"),
+    # Latent mean squares near rms_norm_eps 1e-3: eps 1e-3 instead of 1e-6 shrinks c_q, c_kv by ~0.7.
+    "latent_norm_eps_from_config": ("latent eps", LATENT_EPS, "layers.0"),
+}
+
+#: Where a routing mistake first acts, when not in the first MoE layer.
+_LATER = {("group_mask_zero_fill", LATENT_EPS): "layers.2"}
+
+
+def _first_layer(case_id, where, factory=None):
+    if (factory, case_id) in _LATER:
+        return _LATER[factory, case_id]
     if where != "moe":
         return where
     return "layers.0" if case_id == "deepseek_v3/legacy-config-all-moe" else "layers.1"
@@ -77,15 +101,42 @@ def test_mistake_fails_where_it_shows(ds_golden, tmp_path, factory):
     assert set(by_case) == ALL
     failed = {c for c, e in by_case.items() if e["status"] == "failed"}
     assert failed == must_fail, f"{bug_class}: failed {sorted(failed)}"
-    assert {c: by_case[c]["first_divergence"] for c in failed} == {c: _first_layer(c, where) for c in failed}
+    assert {c: by_case[c]["first_divergence"] for c in failed} == {c: _first_layer(c, where, factory) for c in failed}
 
 
-def test_latent_norm_eps_from_config_is_caught_at_float64(ds_golden, tmp_path):
-    # Only the Kimi-like case has rms_norm_eps (1e-5) != 1e-6; the effect is ~1e-6 relative.
-    result, by_case = run(ds_golden, tmp_path, "broken_deepseek_v3:latent_norm_eps_from_config", "float64")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("factory", sorted(DEFAULT_AND_WIDTH_MISTAKES))
+def test_default_and_width_mistakes_fail_their_case(ds_golden, tmp_path, factory, dtype):
+    bug_class, case, where = DEFAULT_AND_WIDTH_MISTAKES[factory]
+    result, by_case = run(ds_golden, tmp_path, f"broken_deepseek_v3:{factory}", dtype)
+    assert result.exit_code == 1, f"{bug_class}: {factory} passed every case"
+    failed = {c: e["first_divergence"] for c, e in by_case.items() if e["status"] == "failed"}
+    # Kimi-like's rms_norm_eps 1e-5 differs from 1e-6 too, by ~1e-6 relative: float64 only.
+    extra = {"deepseek_v3/kimi-k2-like": "layers.0"} if (factory, dtype) == ("latent_norm_eps_from_config",
+                                                                          "float64") else {}
+    assert failed == {case: where, **extra}
+    assert {e["status"] for c, e in by_case.items() if c not in failed} == {"passed"}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_null_q_lora_rank_read_as_default_cannot_load_the_q_proj_case(ds_golden, tmp_path, dtype):
+    # config.json says "q_lora_rank": null; an engine taking null for the default 1536 builds q_a_proj /
+    # q_b_proj and finds q_proj instead.
+    result, by_case = run(ds_golden, tmp_path, "broken_deepseek_v3:q_lora_rank_null_as_default", dtype)
     assert result.exit_code == 1
-    assert {c for c, e in by_case.items() if e["status"] == "failed"} == {"deepseek_v3/kimi-k2-like"}
-    assert by_case["deepseek_v3/kimi-k2-like"]["first_divergence"] == "layers.0"
+    broken = by_case.pop("deepseek_v3/no-renorm-scaled")
+    assert broken["status"] == "error"
+    assert "MissingWeightsError" in broken["message"] and "q_a_proj" in broken["message"]
+    assert {e["status"] for e in by_case.values()} == {"passed"}
+
+
+def test_no_renorm_case_writes_an_explicit_null_q_lora_rank(ds_golden):
+    config = json.loads((ds_golden / "deepseek_v3/no-renorm-scaled/checkpoint/config.json").read_text())
+    assert "q_lora_rank" in config and config["q_lora_rank"] is None
+    defaults = json.loads((ds_golden / "deepseek_v3/router-defaults/checkpoint/config.json").read_text())
+    assert not {"routed_scaling_factor", "n_group", "topk_group"} & set(defaults)
+    no_mscale = json.loads((ds_golden / "deepseek_v3/yarn-without-mscale-keys/checkpoint/config.json").read_text())
+    assert not {"mscale", "mscale_all_dim"} & set(no_mscale["rope_parameters"])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -22,7 +22,8 @@ CLAMP = "gpt_oss/swiglu-clamp-engaged"
 TOP1 = "gpt_oss/top-1-full-first-mqa"
 ALL_E = "gpt_oss/top-k-all-experts-tied"
 SINGLE = "gpt_oss/single-token"
-CASES = (RELEASED, CLAMP, TOP1, ALL_E, SINGLE)
+SQUARE = "gpt_oss/square-experts"
+CASES = (RELEASED, CLAMP, TOP1, ALL_E, SINGLE, SQUARE)
 
 
 @pytest.fixture(scope="session")
@@ -58,11 +59,11 @@ L0 = "layers.0"
 MISTAKES = {
     # The clamp only matters where pre-activations pass the limit: only the clamp case sees it.
     "clamp_dropped": ("ACT-02", "float32", {RELEASED: "passed", CLAMP: L0, TOP1: "passed", ALL_E: "passed",
-                                            SINGLE: "passed"}),
+                                            SINGLE: "passed", SQUARE: "passed"}),
     # min(silu_1.702(g), 7) vs silu_1.702(min(g, 7)): 7 against 7 sigmoid(11.9) = 6.99995 on clamped gates,
     # about 4e-6 relative on the layer output: float64 sees it, float32's 2e-5 bound does not.
     "clamp_after_activation": ("ACT-02", "float64", {RELEASED: "passed", CLAMP: L0, TOP1: "passed",
-                                                     ALL_E: "passed", SINGLE: "passed"}),
+                                                     ALL_E: "passed", SINGLE: "passed", SQUARE: "passed"}),
     "gate_up_concatenated": ("ACT-04", "float32", dict.fromkeys(CASES, L0)),
     "missing_plus_one": ("ACT (+1)", "float32", dict.fromkeys(CASES, L0)),
     "alpha_one": ("ACT (alpha)", "float32", dict.fromkeys(CASES, L0)),
@@ -72,7 +73,7 @@ MISTAKES = {
     "window_on_wrong_layers": ("PAT-05", "float32", {**dict.fromkeys(CASES, L0), SINGLE: "passed"}),
     # The full-first case has its first sliding layer at index 1.
     "window_plus_one": ("SWA-01", "float32", {RELEASED: L0, CLAMP: L0, TOP1: "layers.1", ALL_E: L0,
-                                              SINGLE: "passed"}),
+                                              SINGLE: "passed", SQUARE: L0}),
     # With k = E the top-k softmax is the softmax over all experts: identical on that case only.
     "router_softmax_over_all": ("MOE (softmax after top-k)", "float32", {**dict.fromkeys(CASES, L0),
                                                                          ALL_E: "passed"}),
@@ -84,6 +85,11 @@ MISTAKES = {
     # Only the released RoPE (original context 4096) has a correction range that floor / ceil moves;
     # with an original context of 16 it is clipped at pair 0 either way, and the k = E case truncates anyway.
     "yarn_truncated": ("RoPE (truncate)", "float32", {**dict.fromkeys(CASES, "passed"), RELEASED: L0}),
+    # A square down_proj (I == M) read as out-major and transposed: only the square case can tell, in both dtypes.
+    "down_proj_orientation_from_shape": ("expert orientation", "float32", {**dict.fromkeys(CASES, "passed"),
+                                                                          SQUARE: L0}),
+    "down_proj_orientation_from_shape@float64": ("expert orientation", "float64",
+                                                 {**dict.fromkeys(CASES, "passed"), SQUARE: L0}),
     # With k = 1 the weight is 1 and the down bias is scaled by 1 either way.
     "down_bias_unweighted": ("MOE (bias in the weighted sum)", "float32", {**dict.fromkeys(CASES, L0),
                                                                           TOP1: "passed"}),
@@ -93,7 +99,7 @@ MISTAKES = {
 @pytest.mark.parametrize("factory", sorted(MISTAKES))
 def test_gpt_oss_mistakes_are_caught_where_they_first_act(gpt_oss_golden, tmp_path, factory):
     bug_class, dtype, expected = MISTAKES[factory]
-    result, by_case = run(gpt_oss_golden, tmp_path, f"broken_gpt_oss:{factory}", dtype)
+    result, by_case = run(gpt_oss_golden, tmp_path, f"broken_gpt_oss:{factory.split('@')[0]}", dtype)
     assert result.exit_code == 1, f"{bug_class}: {factory} passed every gpt-oss case"
     assert outcome(by_case) == expected
 

@@ -23,28 +23,35 @@ MAVERICK = "llama4/maverick-interleaved-dense-moe"   # MoE layers 1, 3; no QK-no
 TOP2 = "llama4/top2-explicit-schedules-bias"         # NoPE layers 0, 3; MoE layers 0, 2; T=17, C=6
 NO_CHUNK = "llama4/no-chunk-top-all-tied"            # no chunking, k = E, NoPE layer 1 without temperature
 SINGLE = "llama4/single-token"                       # T=1: position 0, one key per query
+EPS = "llama4/qk-norm-eps-visible"                   # RoPE + QK-norm layer 0, NoPE layer 1 (no temperature); q, k
+                                                     # mean squares near rms_norm_eps 1e-3; all MoE; T=9, C=5
 
 MISTAKES = {
     # MoE: every case routes; the first MoE layer is 0, except Maverick's (1).
     "router_weight_on_output": {SCOUT: "layers.0", MAVERICK: "layers.1", TOP2: "layers.0", NO_CHUNK: "layers.0",
-                                SINGLE: "layers.0"},
+                                SINGLE: "layers.0", EPS: "layers.0"},
     "router_softmax": {SCOUT: "layers.0", MAVERICK: "layers.1", TOP2: "layers.0", NO_CHUNK: "layers.0",
-                       SINGLE: "layers.0"},
+                       SINGLE: "layers.0", EPS: "layers.0"},
     "shared_expert_dropped": {SCOUT: "layers.0", MAVERICK: "layers.1", TOP2: "layers.0", NO_CHUNK: "layers.0",
-                              SINGLE: "layers.0"},
+                              SINGLE: "layers.0", EPS: "layers.0"},
     # Masks: only cases with chunked layers and T > C; the first chunked layer of TOP2 is 1.
-    "chunk_boundary_off_by_one": {SCOUT: "layers.0", MAVERICK: "layers.0", TOP2: "layers.1"},
-    "chunk_as_sliding_window": {SCOUT: "layers.0", MAVERICK: "layers.0", TOP2: "layers.1"},
+    "chunk_boundary_off_by_one": {SCOUT: "layers.0", MAVERICK: "layers.0", TOP2: "layers.1", EPS: "layers.0"},
+    "chunk_as_sliding_window": {SCOUT: "layers.0", MAVERICK: "layers.0", TOP2: "layers.1", EPS: "layers.0"},
     # NoPE layers: the first NoPE layer; at T = 1 position 0 makes RoPE the identity and one key takes all weight.
-    "rope_on_nope_layers": {SCOUT: "layers.3", MAVERICK: "layers.3", TOP2: "layers.0", NO_CHUNK: "layers.1"},
-    # Temperature: NoPE layers with tuning on and positions >= floor_scale - 1.
+    "rope_on_nope_layers": {SCOUT: "layers.3", MAVERICK: "layers.3", TOP2: "layers.0", NO_CHUNK: "layers.1",
+                            EPS: "layers.1"},
+    # Temperature: NoPE layers with tuning on and positions >= floor_scale - 1 (EPS has tuning off).
     "temperature_missing": {SCOUT: "layers.3", MAVERICK: "layers.3", TOP2: "layers.0"},
     "temperature_on_rope_layers": {SCOUT: "layers.0", MAVERICK: "layers.0", TOP2: "layers.1"},
     # QK-norm: only where use_qk_norm is true and T > 1.
-    "qk_norm_on_nope_layers": {SCOUT: "layers.3", TOP2: "layers.0", NO_CHUNK: "layers.1"},
-    "qk_norm_dropped": {SCOUT: "layers.0", TOP2: "layers.1", NO_CHUNK: "layers.0"},
+    "qk_norm_on_nope_layers": {SCOUT: "layers.3", TOP2: "layers.0", NO_CHUNK: "layers.1", EPS: "layers.1"},
+    "qk_norm_dropped": {SCOUT: "layers.0", TOP2: "layers.1", NO_CHUNK: "layers.0", EPS: "layers.0"},
+    # QK-norm eps 1e-6 instead of rms_norm_eps: at float32 only where q, k mean squares are near eps (1e-3);
+    # at float64 also the other QK-norm cases (eps 1e-5 against mean squares near 1: ~1e-6 relative).
+    "qk_norm_fixed_eps": {EPS: "layers.0"},
     # RoPE layout: the first RoPE layer of every multi-token case.
-    "rotate_half_rope": {SCOUT: "layers.0", MAVERICK: "layers.0", TOP2: "layers.1", NO_CHUNK: "layers.0"},
+    "rotate_half_rope": {SCOUT: "layers.0", MAVERICK: "layers.0", TOP2: "layers.1", NO_CHUNK: "layers.0",
+                         EPS: "layers.0"},
 }
 
 
@@ -65,7 +72,7 @@ def run(golden_dir, tmp_path, backend, dtype="float32"):
 
 def test_the_scratch_corpus_holds_the_llama4_cases(llama4_golden):
     ids = [c["id"] for c in json.loads((llama4_golden / "MANIFEST.json").read_text())["cases"]]
-    assert ids == [SCOUT, MAVERICK, TOP2, NO_CHUNK, SINGLE]
+    assert ids == [SCOUT, MAVERICK, TOP2, NO_CHUNK, SINGLE, EPS]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -82,6 +89,13 @@ def test_mistake_fails_exactly_where_expected(llama4_golden, tmp_path, factory):
     failed = {c: e["first_divergence"] for c, e in by_case.items() if e["status"] == "failed"}
     assert failed == MISTAKES[factory]
     assert {e["status"] for c, e in by_case.items() if c not in failed} <= {"passed"}
+
+
+def test_qk_norm_fixed_eps_fails_every_qk_norm_case_at_float64(llama4_golden, tmp_path):
+    result, by_case = run(llama4_golden, tmp_path, "broken_llama4:qk_norm_fixed_eps", "float64")
+    assert result.exit_code == 1
+    failed = {c: e["first_divergence"] for c, e in by_case.items() if e["status"] == "failed"}
+    assert failed == {SCOUT: "layers.0", TOP2: "layers.1", NO_CHUNK: "layers.0", EPS: "layers.0"}
 
 
 def test_qk_norm_before_rope_is_the_same_function(llama4_golden, tmp_path):

@@ -36,12 +36,31 @@ EXPECTED = {
                                         "op/mla/absorbed-kimi-offsets"}),
     "mla03_mscale_not_all_dim": ("MLA-03", {"op/mla/literal-mscale-differs", "op/mla/absorbed-mscale-differs"}),
     "mla_absorbed_scale_from_latent_width": ("absorbed MLA", {"op/mla/absorbed-yarn", "op/mla/absorbed-no-q-lora",
-                                                             "op/mla/absorbed-kimi-offsets"}),
+                                                             "op/mla/absorbed-kimi-offsets",
+                                                             "op/mla/absorbed-widths-distinct",
+                                                             "op/mla/absorbed-yarn-no-mscale-keys"}),
+    "mla_scale_from_rope_head_dim": ("MLA scale width", {"op/mla/literal-widths-distinct",
+                                                         "op/mla/absorbed-widths-distinct"}),
+    "mla_mscale_all_dim_defaults_to_one": ("MLA-02", {"op/mla/literal-yarn-no-mscale-keys",
+                                                      "op/mla/absorbed-yarn-no-mscale-keys"}),
+    "expert_down_orientation_from_shape": ("expert orientation", {"op/swiglu_expert/square-down",
+                                                                  "op/input_major_swiglu_expert/square-down",
+                                                                  "op/clamped_swiglu_expert/square-down"}),
 }
 #: cases a broken backend must still pass although they use the op it breaks (the mistake is invisible there)
 MUST_PASS = {
     "moe08_scale_applied_twice": {"op/sigmoid_group_top_k/moe01-probe"},  # routed_scaling_factor 1
-    "mla03_mscale_not_all_dim": {"op/mla/literal-yarn"},  # mscale == mscale_all_dim
+    # mscale == mscale_all_dim, or neither key
+    "mla03_mscale_not_all_dim": {"op/mla/literal-yarn", "op/mla/literal-yarn-no-mscale-keys"},
+    # no softmax correction without mscale_all_dim
+    "mla02_mscale_ignored": {"op/mla/literal-yarn-no-mscale-keys", "op/mla/absorbed-yarn-no-mscale-keys"},
+    # Dn == Dr everywhere else
+    "mla_scale_from_rope_head_dim": {"op/mla/literal-yarn", "op/mla/absorbed-yarn", "op/mla/literal-no-q-lora"},
+    # mscale_all_dim present
+    "mla_mscale_all_dim_defaults_to_one": {"op/mla/literal-yarn", "op/mla/literal-mscale-differs"},
+    # non-square experts
+    "expert_down_orientation_from_shape": {"op/swiglu_expert/odd-sizes", "op/swiglu_expert/one-row",
+                                           "op/clamped_swiglu_expert/gpt-oss-random"},
     "mla_absorbed_scale_from_latent_width": {"op/mla/literal-yarn", "op/mla/literal-no-q-lora"},
     "act07_weight_on_output": {"op/moe_dispatch/weight-on-output"},
 }

@@ -15,7 +15,7 @@ from conformance.cli import cli
 from conftest import ROOT
 
 QWEN3_MOE = {"qwen3_moe/renorm-top2-of-6", "qwen3_moe/no-renorm-sparse-step-2", "qwen3_moe/mlp-only-top1-no-renorm",
-             "qwen3_moe/top-k-equals-e", "qwen3_moe/sliding-window-all-layers"}
+             "qwen3_moe/top-k-equals-e", "qwen3_moe/sliding-window-all-layers", "qwen3_moe/norm-topk-prob-absent"}
 MINIMAX = {"minimax_m2/gqa-partial-rotary", "minimax_m2/top-k-equals-e", "minimax_m2/mqa-top1-3-layers",
            "minimax_m2/partial-factor-beats-rotary-dim"}
 
@@ -54,10 +54,13 @@ MISTAKES = {
     # Softmax only inside the renormalise branch: without norm_topk_prob the raw logits weigh the experts.
     "qwen3_moe_raw_logits_without_renorm": ("MOE-04", {
         "qwen3_moe/no-renorm-sparse-step-2": "layers.1", "qwen3_moe/mlp-only-top1-no-renorm": "layers.1",
-        "qwen3_moe/top-k-equals-e": "layers.0"}),
+        "qwen3_moe/top-k-equals-e": "layers.0", "qwen3_moe/norm-topk-prob-absent": "layers.0"}),
     # norm_topk_prob unread, always renormalised: top-k = E cannot tell (the full softmax already sums to 1).
     "qwen3_moe_always_renormalise": ("norm_topk_prob", {
-        "qwen3_moe/no-renorm-sparse-step-2": "layers.1", "qwen3_moe/mlp-only-top1-no-renorm": "layers.1"}),
+        "qwen3_moe/no-renorm-sparse-step-2": "layers.1", "qwen3_moe/mlp-only-top1-no-renorm": "layers.1",
+        "qwen3_moe/norm-topk-prob-absent": "layers.0"}),
+    # An absent norm_topk_prob read as true: only the case that omits the key (transformers' default is false).
+    "qwen3_moe_norm_topk_default_true": ("norm_topk_prob default", {"qwen3_moe/norm-topk-prob-absent": "layers.0"}),
     "qwen3_moe_never_renormalise": ("norm_topk_prob", {
         "qwen3_moe/renorm-top2-of-6": "layers.0", "qwen3_moe/sliding-window-all-layers": "layers.0"}),
     # QK-norm statistics per head instead of over all heads: every MiniMax case, MHA included.
@@ -82,6 +85,15 @@ def test_mistake_fails_where_it_first_diverges(moe_golden, tmp_path, factory):
     failed = {c: e["first_divergence"] for c, e in by_case.items() if e["status"] == "failed"}
     assert failed == must_fail
     assert {e["status"] for c, e in by_case.items() if c not in must_fail} == {"passed"}
+
+
+def test_norm_topk_default_true_fails_at_float64(moe_golden, tmp_path):
+    result, by_case = run(moe_golden, tmp_path, "broken_qwen3_moe_minimax:qwen3_moe_norm_topk_default_true", "float64")
+    assert result.exit_code == 1
+    failed = {c: e["first_divergence"] for c, e in by_case.items() if e["status"] == "failed"}
+    assert failed == {"qwen3_moe/norm-topk-prob-absent": "layers.0"}
+    config = json.loads((moe_golden / "qwen3_moe/norm-topk-prob-absent/checkpoint/config.json").read_text())
+    assert "norm_topk_prob" not in config
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

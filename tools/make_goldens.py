@@ -35,13 +35,13 @@ try:
     from safetensors.numpy import load, save
 
     import refimpl
-    from golden_cases import ModelCase, OpCase, all_cases
+    from golden_cases import JSON_NULL, ModelCase, OpCase, all_cases
 except ImportError as exc:
     sys.exit(f"make_goldens: {exc}; install the project first: pip install -e . (see README.md)")
 
 GENERATOR_VERSION = 1
 #: Bumped whenever cases are added, removed or changed.
-CORPUS_VERSION = "0.6.0"
+CORPUS_VERSION = "0.7.0"
 #: Largest relative RMS difference allowed between stored and regenerated outputs.
 CHECK_REL_RMS = 1e-12
 
@@ -50,7 +50,8 @@ CASES = all_cases()
 
 
 def _clean_config(config: dict) -> dict:
-    return {k: v for k, v in config.items() if v is not None}
+    """config.json's content: keys set to None left out, keys set to ``JSON_NULL`` written as null."""
+    return {k: None if v is JSON_NULL else v for k, v in config.items() if v is not None}
 
 
 def random_weights(case: ModelCase) -> dict[str, np.ndarray]:

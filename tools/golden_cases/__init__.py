@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-from .common import ModelCase, OpCase
+from .common import JSON_NULL, ModelCase, OpCase
 
 _MODULES = ("qwen3", "olmo2", "mistral", "smollm3", "gemma3", "gpt_oss", "glm4_moe", "llama4", "qwen3_moe", "minimax_m2", "grok2", "deepseek_v3", "moe_ops", "ops")
 
@@ -25,4 +25,4 @@ def all_cases() -> list:
     return cases
 
 
-__all__ = ["ModelCase", "OpCase", "all_cases"]
+__all__ = ["JSON_NULL", "ModelCase", "OpCase", "all_cases"]

@@ -6,6 +6,19 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 
+class _JsonNull:
+    """The type of :data:`JSON_NULL` (one instance)."""
+
+    def __repr__(self) -> str:
+        return "JSON_NULL"
+
+
+#: A config value written to config.json as an explicit ``null``. A plain None leaves
+#: the key out (the architecture's default applies); ``JSON_NULL`` keeps the key with
+#: value null (e.g. DeepSeek's ``q_lora_rank: null`` means q_proj, absent means 1536).
+JSON_NULL = _JsonNull()
+
+
 @dataclass(frozen=True)
 class ModelCase:
     """One model-level golden case: a config, a seed and an input shape."""

@@ -30,6 +30,7 @@ _RELEASED_YARN = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_
 _YARN = {**_RELEASED_YARN, "original_max_position_embeddings": 16}
 
 
+
 def _gpt_oss(**overrides) -> dict:
     base = {
         "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "vocab_size": 128,
@@ -102,5 +103,14 @@ CASES = [
         seed=759,
         config=_gpt_oss(),
         batch=3, seq=1,
+    ),
+    ModelCase(
+        "gpt_oss/square-experts",
+        "intermediate_size == hidden_size == 48 (as released: 2880 == 2880): every expert down_proj (I, M) is "
+        "square, so only the input-major reading h @ down_proj is right; a loader guessing the orientation "
+        "from the shape (transposing a square matrix) is caught; W=4, length 9",
+        seed=784,
+        config=_gpt_oss(hidden_size=48, intermediate_size=48),
+        batch=2, seq=9,
     ),
 ]

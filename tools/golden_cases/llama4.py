@@ -17,6 +17,7 @@ from __future__ import annotations
 from .common import ModelCase
 
 
+
 def _llama4(**overrides) -> dict:
     base = {
         "architectures": ["Llama4ForCausalLM"], "model_type": "llama4_text", "vocab_size": 128,
@@ -80,5 +81,16 @@ CASES = [
         "llama4/single-token",
         "one token per row (T=1): position 0, where RoPE is the identity and tau = 1; batch 3, 2 layers",
         seed=727, config=_llama4(num_hidden_layers=2, no_rope_layer_interval=2), batch=3, seq=1,
+    ),
+    ModelCase(
+        "llama4/qk-norm-eps-visible",
+        "rms_norm_eps 1e-3 with q_proj and k_proj weights x 0.03, so q and k per head have mean squares near "
+        "1e-3: the weight-less QK-norm uses rms_norm_eps (not a fixed 1e-6) and shrinks them by about 0.7, "
+        "visible at float32; 2 layers (RoPE + QK-norm, then NoPE without temperature tuning: with q this small "
+        "its effect would sit at the float32 bound), chunk 5 over 9 tokens",
+        seed=729,
+        config=_llama4(num_hidden_layers=2, no_rope_layer_interval=2, rms_norm_eps=1e-3, attn_temperature_tuning=False),
+        batch=2, seq=9,
+        weight_scales={"q_proj": 0.03, "k_proj": 0.03},
     ),
 ]

@@ -1,13 +1,14 @@
 """Mistral model-level golden cases (seeds 201-299).
 
-A key set to None is left out of config.json (``make_goldens`` drops None values),
-so an explicit ``"sliding_window": null`` cannot be written here; the transformers
-agreement tests (``tests/test_hf_agreement_mistral.py``) cover explicit null.
+A key set to None is left out of config.json (the default applies: ``sliding_window``
+4096); a key set to ``JSON_NULL`` is written as an explicit ``null`` (no window:
+transformers keeps None and builds a plain causal mask), as in
+``mistral/window-explicit-null``.
 """
 
 from __future__ import annotations
 
-from .common import ModelCase
+from .common import JSON_NULL, ModelCase
 
 
 def _mistral(**overrides) -> dict:
@@ -56,5 +57,11 @@ CASES = [
         seed=205,
         config=_mistral(vocab_size=256, num_hidden_layers=4, num_attention_heads=8, head_dim=8, sliding_window=16),
         batch=1, seq=40,
+    ),
+    ModelCase(
+        "mistral/window-explicit-null",
+        "config.json says \"sliding_window\": null: no window at all (transformers keeps None, every layer full "
+        "causal), unlike an absent key (4096); a loader that rejects null or reads it as 0 fails; length 13",
+        seed=206, config=_mistral(sliding_window=JSON_NULL), batch=2, seq=13,
     ),
 ]

@@ -308,6 +308,17 @@ EXPERTS = [
     _moe_case("op/clamped_swiglu_expert/gpt-oss-random", "gpt-oss expert: interleaved gate/up columns (ACT-04), "
               "biases, limit 7, alpha 1.702; inputs scaled so about a third of gates exceed the limit", 1093,
               "clamped_swiglu_expert", {"swiglu_limit": 7.0, "alpha": 1.702}, _clamped_random(6, 16, 9, 12.0)),
+    # Square experts: I == M (released gpt-oss: 2880 == 2880) makes down_proj square, so its orientation
+    # cannot be guessed from its shape.
+    _moe_case("op/swiglu_expert/square-down", "I == M = 12: down_proj (M, I) is square and used as h @ W.T; a "
+              "kernel guessing the orientation from the shape (transposing a square matrix) is caught", 1074,
+              "swiglu_expert", {"hidden_act": "silu"}, _expert_inputs(5, 12, 12, layout="concatenated")),
+    _moe_case("op/input_major_swiglu_expert/square-down", "input-major with I == M = 10: down_proj (I, M) is "
+              "square and used as h @ W, not transposed", 1083, "input_major_swiglu_expert", {},
+              _expert_inputs(5, 10, 10, layout="input_major", x_scale=2.0)),
+    _moe_case("op/clamped_swiglu_expert/square-down", "gpt-oss expert with I == M = 12 (as released, 2880 == "
+              "2880): down_proj (I, M) square, used as h @ W; biases, limit 7, some gates clamped", 1094,
+              "clamped_swiglu_expert", {"swiglu_limit": 7.0, "alpha": 1.702}, _clamped_random(6, 12, 12, 6.0)),
 ]
 
 # -- dispatch --------------------------------------------------------------------------------------
@@ -385,6 +396,10 @@ YARN_MSCALE_DIFFERS = {**YARN_V3, "factor": 16.0, "mscale": 0.707, "mscale_all_d
                        "original_max_position_embeddings": 40}
 KIMI_YARN = {**YARN_V3, "rope_theta": 50000.0, "factor": 32.0, "beta_fast": 1.0, "beta_slow": 1.0,
              "original_max_position_embeddings": 20}
+#: YaRN without mscale / mscale_all_dim: no softmax correction, cos/sin magnitude m(40, 1) = 1.369.
+YARN_NO_MSCALE = {k: v for k, v in YARN_V3.items() if k not in ("mscale", "mscale_all_dim")}
+#: Dn 16, Dr 8 (V3's 2:1), Dv 12, Dc 20: every width distinct, so (Dn + Dr), 2 Dr, 2 Dn and Dc + Dr all differ.
+WIDTHS_DISTINCT = {"qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 12, "kv_lora_rank": 20}
 NO_Q_LORA = {"q_lora_rank": None, "attention_bias": True, "rope_interleave": False,
              "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
 
@@ -413,6 +428,18 @@ MLA = [
     _mla_case("op/mla/absorbed-kimi-offsets", "Kimi K2 YaRN (theta 5e4, factor 32, beta 1/1), absorbed form, rows "
               "at positions 0.. and 600.. (a long cache before them)", 1114, _mla(form="absorbed",
               rope_parameters=KIMI_YARN), _mla_inputs(_mla(), 2, 6, positions=[np.arange(6), 600 + np.arange(6)])),
+    _mla_case("op/mla/literal-widths-distinct", "Dn 16, Dr 8, Dv 12, Dc 20: softmax scale (Dn + Dr)^-1/2 = "
+              "24^-1/2 (times m(40, 1)^2), not (2 Dr)^-1/2 (transformers' head_dim is Dr); batch 2, T=6", 1116,
+              _mla(**WIDTHS_DISTINCT), _mla_inputs(_mla(**WIDTHS_DISTINCT), 2, 6)),
+    _mla_case("op/mla/absorbed-widths-distinct", "the distinct-widths case in the absorbed form (keys Dc + Dr = 28 "
+              "wide, scale still (Dn + Dr)^-1/2)", 1116, _mla(form="absorbed", **WIDTHS_DISTINCT),
+              _mla_inputs(_mla(**WIDTHS_DISTINCT), 2, 6)),
+    _mla_case("op/mla/literal-yarn-no-mscale-keys", "MLA-02 / RSC-12: YaRN factor 40 whose rope_parameters lack "
+              "mscale and mscale_all_dim: softmax scale (Dn + Dr)^-1/2 with no correction, cos/sin magnitude "
+              "m(40, 1) = 1.369 (a default mscale_all_dim of 1 would move m^2 into the softmax); T=8", 1117,
+              _mla(rope_parameters=YARN_NO_MSCALE), _mla_inputs(_mla(), 1, 8)),
+    _mla_case("op/mla/absorbed-yarn-no-mscale-keys", "the YaRN-without-mscale case in the absorbed form", 1117,
+              _mla(form="absorbed", rope_parameters=YARN_NO_MSCALE), _mla_inputs(_mla(), 1, 8)),
     _mla_case("op/mla/literal-one-token", "T=1 (each row attends to itself only) at positions 5 and 300", 1115,
               _mla(), _mla_inputs(_mla(), 2, 1, positions=[[5], [300]])),
 ]

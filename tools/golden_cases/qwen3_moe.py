@@ -10,6 +10,7 @@ from __future__ import annotations
 from .common import ModelCase
 
 
+
 def _qwen3_moe(**overrides) -> dict:
     base = {
         "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 128,
@@ -64,5 +65,14 @@ CASES = [
         seed=674,
         config=_qwen3_moe(use_sliding_window=True, sliding_window=3, max_window_layers=1),
         batch=1, seq=8,
+    ),
+    ModelCase(
+        "qwen3_moe/norm-topk-prob-absent",
+        "norm_topk_prob absent from config.json: transformers' Qwen3MoeConfig default false applies (weights are "
+        "the top-k softmax probabilities, not renormalised; Qwen3-MoE checkpoints all set true explicitly); "
+        "top-2 of 6, batch 2, length 6",
+        seed=662,
+        config=_qwen3_moe(norm_topk_prob=None),
+        batch=2, seq=6,
     ),
 ]
