@@ -67,7 +67,9 @@ of the wrong dtype (integers, bools, complex), a NaN, infinite or out-of-range
 parameter (eps, scaling, caps, sinks, embed scale, RoPE theta and factors) or an
 unknown name (layout, cast order, activation) raises a one-line ``RefimplError``
 (``InputError``, ``ShapeError``, ``ConfigError``) naming the argument. NaN and inf
-inside the data arrays (x, q, k, v, weights) are not checked: they propagate.
+inside the data arrays (x, q, k, v, weights) are not checked: they propagate. The
+one exception is routing: NaN router logits or correction biases are refused
+(``InputError``), because which expert a NaN score selects is undefined.
 
 A case may also carry the reference's result in a low-precision dtype, rounded as
 its named variant rounds (``outputs.<name>@bfloat16``; RMSNorm cast orders): a run
