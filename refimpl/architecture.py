@@ -26,6 +26,13 @@ class Architecture:
         ignored_weights: optional ``config -> tuple of name prefixes``: tensors a published
             checkpoint carries that the forward does not use (GLM-4.5's multi-token-prediction
             layer ``model.layers.{L}.*``); dropped unread before the name and shape checks.
+        convert_weights: optional ``(config, weights) -> weights``: rewrites another saved
+            layout of the same tensors into the names of ``weight_shapes``, after
+            ``ignored_weights`` and before the name and shape checks (transformers' fused
+            expert stacks, ``save_pretrained(save_original_format=False)``, into the
+            per-expert tensors of published checkpoints). Exact (slicing and renaming only),
+            returns a checkpoint already in the ``weight_shapes`` layout unchanged, and
+            raises a CheckpointError (naming the layer) for a layout it cannot convert.
     """
 
     name: str
@@ -37,3 +44,4 @@ class Architecture:
     citations: tuple[str, ...]
     weight_init: Callable | None = None
     ignored_weights: Callable | None = None
+    convert_weights: Callable | None = None

@@ -43,19 +43,24 @@ def _name_list(names, limit: int = 8) -> str:
 def check_weights(arch: Architecture, config, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Return the required tensors of ``weights``, after checking names and shapes.
 
-    Tensors under the architecture's ``ignored_weights`` prefixes are dropped first.
+    Tensors under the architecture's ``ignored_weights`` prefixes are dropped first; then
+    its ``convert_weights`` (if any) rewrites another saved layout into the names of
+    ``weight_shapes`` (transformers' fused expert stacks into per-expert tensors).
 
     Raises:
         MissingWeightsError: required tensors are absent (they are named).
         UnexpectedWeightsError: tensors the architecture does not use are present.
         WeightShapeError: a tensor's shape does not match the config.
-        CheckpointError: a tensor holds NaN or Inf.
+        CheckpointError: a tensor holds NaN or Inf, or ``convert_weights`` refuses the
+            layout (a MoE layer mixing fused and per-expert tensors).
     """
     shapes = arch.weight_shapes(config)
     optional = arch.optional_weights(config)
     ignored = tuple(arch.ignored_weights(config)) if arch.ignored_weights is not None else ()
     if ignored:
         weights = {name: w for name, w in weights.items() if not name.startswith(ignored)}
+    if arch.convert_weights is not None:
+        weights = arch.convert_weights(config, weights)
     missing = set(shapes) - set(weights)
     if missing:
         raise MissingWeightsError(f"checkpoint lacks {len(missing)} weight(s): {_name_list(missing)}")

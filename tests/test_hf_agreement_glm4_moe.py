@@ -224,7 +224,7 @@ def test_rope_tables_match_transformers_inv_freq():
     ({"n_group": 4, "topk_group": 1, "num_experts_per_tok": 3}, "num_experts_per_tok"),
     ({"routed_scaling_factor": 0.0}, "routed_scaling_factor"),
     ({"routed_scaling_factor": float("nan")}, "routed_scaling_factor"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"hidden_act": "relu"}, "hidden_act"),
     ({"first_k_dense_replace": -1}, "first_k_dense_replace"),
     ({"num_key_value_heads": 3}, "num_key_value_heads"),
     ({"num_nextn_predict_layers": 1, "num_mtp_layers": 2}, "disagree"),

@@ -136,7 +136,7 @@ def _raw(**overrides):
     ({"no_rope_layers": [1, 1, 2, 0]}, "no_rope_layers"),
     ({"moe_layers": [0, 4]}, "moe_layers"),
     ({"attention_chunk_size": None, "layer_types": ["chunked_attention"] * 4}, "attention_chunk_size"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"hidden_act": "relu"}, "hidden_act"),
     ({"num_experts_per_tok": 5}, "num_experts_per_tok"),
     ({"num_key_value_heads": 3}, "num_key_value_heads"),
     # the Scout hard switch still validates the other llama3 keys

@@ -26,6 +26,9 @@ Checkpoint layout: routed experts are stored one matrix per expert,
 published checkpoints and as transformers' ``save_pretrained`` writes them;
 transformers stacks them on load into ``experts.gate_up_proj`` (E, 2I, M) (gate rows
 first) and ``experts.down_proj`` (E, M, I), the layout :func:`moe_block` takes.
+``save_pretrained(dir, save_original_format=False)`` writes those stacks as
+``mlp.experts.gate_up_proj`` / ``mlp.experts.down_proj``; :func:`convert_weights` splits
+them back (exactly) into the per-expert names of :func:`weight_shapes`, layer by layer.
 Multi-token-prediction layers (``model.layers.{L + d}.*`` for
 ``d < num_nextn_predict_layers``; DeepSeek-V3 ships one at layer 61) are accepted and
 ignored: they are not part of the logits (MTP itself: a later issue).
@@ -72,6 +75,7 @@ from ..numerics import as_float_array, check_finite_positive
 from ..rmsnorm import rms_norm
 from ..routers import sigmoid_group_top_k
 from ..rope import rope_frequencies
+from ._expert_layout import MLP_EXPERTS, split_fused_experts
 from ._llama_like import (
     ROPE_KEYS, num_key_value_heads, resolve_rope_parameters, run_decoder,
 )
@@ -320,6 +324,14 @@ def ignored_weights(config: DeepseekV3Config) -> tuple[str, ...]:
     return tuple(f"model.layers.{config.num_hidden_layers + d}." for d in range(config.num_nextn_predict_layers))
 
 
+def convert_weights(config: DeepseekV3Config, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``weights`` with MoE layers saved in transformers' fused layout split into per-expert tensors
+    (:func:`refimpl.models._expert_layout.split_fused_experts`; CheckpointError for a mixed layer)."""
+    layers = [layer for layer, moe in enumerate(config.moe_layers) if moe]
+    shape = (config.n_routed_experts, config.moe_intermediate_size, config.hidden_size)
+    return split_fused_experts(weights, layers, MLP_EXPERTS, shape)
+
+
 def weight_init(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray | None:
     """Golden-generator draws for what the default rule draws badly.
 
@@ -503,4 +515,5 @@ ARCHITECTURE = Architecture(
     ),
     weight_init=weight_init,
     ignored_weights=ignored_weights,
+    convert_weights=convert_weights,
 )

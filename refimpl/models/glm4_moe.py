@@ -23,7 +23,10 @@ The router is DeepSeek-V3's "noaux_tc" (:func:`refimpl.routers.sigmoid_group_top
 sigmoid affinities, the correction bias steers selection only, group-limited top-k
 (released GLM configs have one group), renormalised with ``+1e-20``, then times
 ``routed_scaling_factor`` exactly once (2.5 for GLM-4.5, 1.0 for GLM-4.5-Air;
-bug class MOE-09). The shared expert is always on, unweighted.
+bug class MOE-09). The shared expert is always on, unweighted. "SwiGLU" is the
+gated MLP with ``act = hidden_act``: silu in both releases; transformers applies
+``config.hidden_act`` in the dense MLPs, the shared expert and the routed experts
+alike (``Glm4MoeMLP``, ``Glm4MoeExperts``), so gelu and gelu_pytorch_tanh are accepted too.
 
 Notation:
     paper symbol                code name                                   shape
@@ -88,12 +91,13 @@ from ..errors import ConfigError, InputError, ShapeError
 from ..experts import swiglu_expert
 from ..linear import linear
 from ..masks import causal_mask
-from ..mlp import gated_mlp
+from ..mlp import ACTIVATIONS, gated_mlp
 from ..moe import dispatch, first_k_dense_schedule
 from ..numerics import as_float_array, check_finite_positive, check_same_dtype
 from ..rmsnorm import rms_norm
 from ..rope import apply_rope_rotate_half, rope_cos_sin, rope_frequencies
 from ..routers import sigmoid_group_top_k
+from ._expert_layout import MLP_EXPERTS, split_fused_experts
 from ._llama_like import (
     ROPE_KEYS, attention_weight_shapes, implicit_head_dim, num_key_value_heads, projection, resolve_rope_parameters,
     run_decoder, tied_head,
@@ -163,7 +167,7 @@ class Glm4MoeConfig:
             ConfigError: missing, mistyped or out-of-range fields; heads that do not
                 divide; a rotary width that is odd or zero; expert groups that do not
                 divide the experts or leave fewer than ``num_experts_per_tok`` experts
-                to choose from; an activation other than silu; a RoPE type
+                to choose from; a ``hidden_act`` not in :data:`refimpl.mlp.ACTIVATIONS`; a RoPE type
                 :func:`refimpl.rope.rope_frequencies` does not implement.
         """
         d = cls.__dataclass_fields__
@@ -213,8 +217,9 @@ class Glm4MoeConfig:
         if not np.isfinite(self.rms_norm_eps) or self.rms_norm_eps < 0:
             raise ConfigError(f"{NAME}: rms_norm_eps must be a finite number >= 0, got {self.rms_norm_eps}")
         check_finite_positive(f"{NAME}: routed_scaling_factor", self.routed_scaling_factor, error=ConfigError)
-        if self.hidden_act != "silu":
-            raise ConfigError(f"{NAME}: hidden_act={self.hidden_act!r} is not supported (GLM-4.5 uses 'silu')")
+        # transformers applies hidden_act in the dense MLPs, the shared expert and the routed experts.
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"{NAME}: hidden_act={self.hidden_act!r} is not supported; known: {sorted(ACTIVATIONS)}")
         # Refuses an odd or zero rotary width and unsupported RoPE types at load time.
         rope_frequencies(self.rope_parameters, self.head_dim, max_position_embeddings=self.max_position_embeddings)
         e, groups, kept, k = self.n_routed_experts, self.n_group, self.topk_group, self.num_experts_per_tok
@@ -290,7 +295,8 @@ def checkpoint_moe_shapes(config: Glm4MoeConfig) -> dict[str, tuple[int, ...]]:
     One ``experts.{e}.{gate,up,down}_proj.weight`` triple per routed expert (the layout of
     zai-org/GLM-4.5 and of transformers' ``save_pretrained``, which splits its fused stacks
     back on saving; ``conversion_mapping.py`` "glm4_moe" -> "qwen2_moe"). :func:`fuse_experts`
-    turns them into the stacks of :func:`moe_weight_shapes`.
+    turns them into the stacks of :func:`moe_weight_shapes`; :func:`convert_weights` turns
+    a checkpoint saved with those stacks (``save_original_format=False``) into these names.
     """
     m, i = config.hidden_size, config.moe_intermediate_size
     fused = moe_weight_shapes(config)
@@ -299,6 +305,14 @@ def checkpoint_moe_shapes(config: Glm4MoeConfig) -> dict[str, tuple[int, ...]]:
         shapes.update({f"experts.{e}.gate_proj.weight": (i, m), f"experts.{e}.up_proj.weight": (i, m),
                        f"experts.{e}.down_proj.weight": (m, i)})
     return shapes
+
+
+def convert_weights(config: Glm4MoeConfig, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``weights`` with MoE layers saved in transformers' fused layout split into per-expert tensors
+    (:func:`refimpl.models._expert_layout.split_fused_experts`; CheckpointError for a mixed layer)."""
+    layers = [layer for layer, kind in enumerate(config.mlp_layer_types) if kind == "sparse"]
+    shape = (config.n_routed_experts, config.moe_intermediate_size, config.hidden_size)
+    return split_fused_experts(weights, layers, MLP_EXPERTS, shape)
 
 
 def fuse_experts(p: dict[str, np.ndarray], num_experts: int) -> dict[str, np.ndarray]:
@@ -565,4 +579,5 @@ ARCHITECTURE = Architecture(
     ),
     weight_init=weight_init,
     ignored_weights=mtp_weight_prefixes,
+    convert_weights=convert_weights,
 )

@@ -20,6 +20,8 @@ Forward pass, pre-norm, per layer l (weights under ``model.layers.{l}.``)::
     MoE layer   (l in moe_layers):  h = h + SharedSwiGLU(x) + sum_{e in top-k(r)} Expert_e(sigmoid(r_e) * x)
                                     r = x W_router^T; the weight scales the expert *input*
     dense layer (otherwise):        h = h + SwiGLU(x) with width intermediate_size_mlp
+    SwiGLU: down( act(gate x) * up x ), act = hidden_act (silu in the releases; transformers
+            applies config.hidden_act to the dense MLP, the shared and the routed experts alike)
     logits = RMSNorm(h_L; norm) W_lm^T             (W_lm = E when tie_word_embeddings)
 
 Notation:
@@ -88,10 +90,10 @@ from ..architecture import Architecture
 from ..attention import grouped_query_attention
 from ..config import check_known_keys, get_field, get_positive_int
 from ..errors import ConfigError, MissingWeightsError, ShapeError, UnexpectedWeightsError, WeightShapeError
-from ..experts import input_major_swiglu_expert
+from ..experts import swiglu_expert
 from ..linear import linear
 from ..masks import causal_mask, chunked_attention_mask
-from ..mlp import swiglu_mlp
+from ..mlp import ACTIVATIONS, gated_mlp
 from ..moe import dispatch, interleaved_schedule
 from ..numerics import as_float_array
 from ..rmsnorm import rms_normalize, rms_norm
@@ -165,8 +167,8 @@ class Llama4TextConfig:
                 must be a bool, ``floor_scale`` an integer, as transformers requires), heads
                 that do not divide, malformed ``no_rope_layers`` / ``moe_layers`` /
                 ``layer_types``, a chunked layer without ``attention_chunk_size``, top-k
-                above the expert count, an activation other than silu, or a RoPE type
-                this version does not implement.
+                above the expert count, a ``hidden_act`` not in :data:`refimpl.mlp.ACTIVATIONS`,
+                or a RoPE type this version does not implement.
         """
         layers = get_positive_int(raw, "num_hidden_layers", 48)
         heads = get_positive_int(raw, "num_attention_heads", 40)
@@ -222,8 +224,9 @@ class Llama4TextConfig:
                 raise ConfigError(f"{NAME}: {key} must be a finite number >= 0, got {value}")
         if self.attention_chunk_size is not None and self.attention_chunk_size < 1:
             raise ConfigError(f"{NAME}: attention_chunk_size must be >= 1 or null, got {self.attention_chunk_size}")
-        if self.hidden_act != "silu":
-            raise ConfigError(f"{NAME}: hidden_act={self.hidden_act!r} is not supported (Llama 4 uses 'silu')")
+        # transformers applies hidden_act in the dense MLPs, the shared expert and the routed experts.
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"{NAME}: hidden_act={self.hidden_act!r} is not supported; known: {sorted(ACTIVATIONS)}")
         # Refuses an unsupported or malformed RoPE scaling at load time, naming the key.
         rope_inv_freq(self)
 
@@ -427,13 +430,25 @@ def _check_moe_weights(weights: dict, config: Llama4TextConfig) -> dict[str, np.
     return {name: as_float_array(f"Llama 4 moe_block: {name}", weights[name]) for name in shapes}
 
 
+def routed_expert(x: np.ndarray, gate_up_proj: np.ndarray, down_proj: np.ndarray, hidden_act: str) -> np.ndarray:
+    """One routed expert on Llama 4's input-major weights, ``(act(x G) * (x U)) D``, rows ``x`` ``(n, M)``.
+
+    ``gate_up_proj`` ``(M, 2I)`` (gate columns first) and ``down_proj`` ``(I, M)`` are
+    ``Llama4TextExperts``' slices for one expert. :func:`refimpl.experts.swiglu_expert` on
+    their transposed views computes exactly ``x @ gate_up_proj`` and ``h @ down_proj``: for
+    silu, bitwise :func:`refimpl.experts.input_major_swiglu_expert`; ``act`` is ``hidden_act``
+    (transformers' ``Llama4TextExperts.act_fn``).
+    """
+    return swiglu_expert(x, gate_up_proj.T, down_proj.T, hidden_act)
+
+
 def moe_block(hidden_states: np.ndarray, weights: dict[str, np.ndarray], config) -> np.ndarray:
     """Llama 4's MoE feed-forward: shared expert plus routed experts with the weight on the input.
 
     ``r = x W_router^T``; ``(s, e) = top-k(r)`` with ``s = sigmoid(r_e)`` unnormalised
     (:func:`refimpl.routers.llama4_top_k_sigmoid`); ``y = SwiGLU_shared(x) + sum_j
     Expert_{e_j}(s_j * x)`` (:func:`refimpl.moe.dispatch` with ``weight_on="input"``,
-    experts :func:`refimpl.experts.input_major_swiglu_expert`).
+    experts :func:`routed_expert`).
 
     Args:
         hidden_states: ``(B, T, M)`` post-attention-normalised activations.
@@ -463,10 +478,10 @@ def moe_block(hidden_states: np.ndarray, weights: dict[str, np.ndarray], config)
     rows = x.reshape(-1, config.hidden_size)
     scores, chosen = llama4_top_k_sigmoid(linear(rows, w["router.weight"]), config.num_experts_per_tok)
     gate_up, down = w["experts.gate_up_proj"], w["experts.down_proj"]
-    routed = dispatch(rows, scores, chosen, lambda e, xe: input_major_swiglu_expert(xe, gate_up[e], down[e]),
+    routed = dispatch(rows, scores, chosen, lambda e, xe: routed_expert(xe, gate_up[e], down[e], config.hidden_act),
                       config.num_local_experts, weight_on="input")
-    shared = swiglu_mlp(rows, w["shared_expert.gate_proj.weight"], w["shared_expert.up_proj.weight"],
-                        w["shared_expert.down_proj.weight"])
+    shared = gated_mlp(rows, w["shared_expert.gate_proj.weight"], w["shared_expert.up_proj.weight"],
+                       w["shared_expert.down_proj.weight"], config.hidden_act)
     return (shared + routed).reshape(x.shape)
 
 
@@ -517,7 +532,7 @@ def feed_forward(x: np.ndarray, p: dict[str, np.ndarray], config: Llama4TextConf
     ffn = {name[len("feed_forward."):]: w for name, w in p.items() if name.startswith("feed_forward.")}
     if config.is_moe_layer[layer]:
         return moe_block(x, ffn, config)
-    return swiglu_mlp(x, ffn["gate_proj.weight"], ffn["up_proj.weight"], ffn["down_proj.weight"])
+    return gated_mlp(x, ffn["gate_proj.weight"], ffn["up_proj.weight"], ffn["down_proj.weight"], config.hidden_act)
 
 
 def decoder_layer(

@@ -36,6 +36,9 @@ Checkpoint layout: published checkpoints and transformers' ``save_pretrained`` s
 down (M, I)); transformers renames them on load to ``mlp.gate.weight``,
 ``mlp.e_score_correction_bias`` and the fused ``mlp.experts.gate_up_proj`` (E, 2I, M),
 ``mlp.experts.down_proj`` (E, M, I), the names :func:`moe_block` takes.
+``save_pretrained(dir, save_original_format=False)`` writes the layer in those renamed,
+fused names; :func:`convert_weights` turns them back (exactly) into the published names
+of :func:`weight_shapes`, layer by layer.
 
 Dtype: computed in the dtype of the weights (float64 or float32). transformers takes
 the sigmoid in float32 (a float32 island at float64).
@@ -66,6 +69,7 @@ from ..moe import dispatch
 from ..rmsnorm import rms_norm
 from ..rope import apply_rope_rotate_half, rope_cos_sin, rope_frequencies
 from ..routers import sigmoid_bias_top_k
+from ._expert_layout import ExpertLayout, split_fused_experts
 from ._llama_like import attention_weight_shapes, decoder_weight_shapes, projection, run_decoder, tied_head, \
     validate_common
 from .qwen3_moe import check_moe_weights
@@ -233,6 +237,22 @@ def weight_shapes(config: MiniMaxM2Config) -> dict[str, tuple[int, ...]]:
     return decoder_weight_shapes(config, per_layer)
 
 
+#: transformers' fused MiniMax-M2 layer (``mlp.*``) against the published one (``block_sparse_moe.*``).
+EXPERT_LAYOUT = ExpertLayout(
+    gate_up="mlp.experts.gate_up_proj", down="mlp.experts.down_proj",
+    per_expert=("block_sparse_moe.experts.{e}.w1.weight", "block_sparse_moe.experts.{e}.w3.weight",
+                "block_sparse_moe.experts.{e}.w2.weight"),
+    renames=(("mlp.gate.weight", "block_sparse_moe.gate.weight"),
+             ("mlp.e_score_correction_bias", "block_sparse_moe.e_score_correction_bias")))
+
+
+def convert_weights(config: MiniMaxM2Config, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``weights`` with layers saved in transformers' fused ``mlp.*`` layout rewritten into the published
+    ``block_sparse_moe.*`` tensors (:func:`refimpl.models._expert_layout.split_fused_experts`)."""
+    shape = (config.num_local_experts, config.intermediate_size, config.hidden_size)
+    return split_fused_experts(weights, list(range(config.num_hidden_layers)), EXPERT_LAYOUT, shape)
+
+
 def fuse_experts(p: dict[str, np.ndarray], num_experts: int) -> dict[str, np.ndarray]:
     """One layer's checkpoint tensors in transformers' ``MiniMaxM2SparseMoeBlock`` layout
     (``gate_up_proj[e] = [w1_e; w3_e]``, gate rows first; ``down_proj[e] = w2_e``)."""
@@ -354,6 +374,7 @@ ARCHITECTURE = Architecture(
     forward=forward,
     weight_shapes=weight_shapes,
     optional_weights=tied_head,
+    convert_weights=convert_weights,
     presets=PRESETS,
     citations=(
         "MiniMaxAI/MiniMax-M2 config.json and model card",

@@ -36,7 +36,10 @@ Checkpoint layout: the published checkpoints and transformers' ``save_pretrained
 store one matrix per expert, ``mlp.experts.{e}.{gate,up,down}_proj.weight`` (I, M),
 (I, M), (M, I); transformers fuses them on load into ``experts.gate_up_proj`` (E, 2I, M)
 (gate rows first) and ``experts.down_proj`` (E, M, I), the names :func:`moe_block`
-takes. The router is ``mlp.gate.weight`` (E, M).
+takes. The router is ``mlp.gate.weight`` (E, M). ``save_pretrained(dir,
+save_original_format=False)`` writes the fused stacks as ``mlp.experts.gate_up_proj`` /
+``mlp.experts.down_proj``; :func:`convert_weights` splits them back (exactly) into the
+per-expert names of :func:`weight_shapes`, layer by layer.
 
 Attention is :func:`refimpl.models.qwen3.attention_block` (it reads only ``head_dim`` and
 ``rms_norm_eps`` from the config).
@@ -69,6 +72,7 @@ from ..numerics import as_float_array
 from ..rmsnorm import rms_norm
 from ..routers import softmax_top_k
 from . import qwen3
+from ._expert_layout import MLP_EXPERTS, split_fused_experts
 from ._llama_like import (
     ROPE_KEYS, attention_weight_shapes, decoder_weight_shapes, gated_mlp_block, implicit_head_dim,
     mlp_weight_shapes, resolve_rope_parameters, rope_tables, run_decoder, tied_head, validate_common,
@@ -237,6 +241,14 @@ def weight_shapes(config: Qwen3MoeConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def convert_weights(config: Qwen3MoeConfig, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``weights`` with MoE layers saved in transformers' fused layout split into per-expert tensors
+    (:func:`refimpl.models._expert_layout.split_fused_experts`; CheckpointError for a mixed layer)."""
+    layers = [layer for layer, moe in enumerate(config.is_moe) if moe]
+    shape = (config.num_experts, config.moe_intermediate_size, config.hidden_size)
+    return split_fused_experts(weights, layers, MLP_EXPERTS, shape)
+
+
 def fuse_experts(p: dict[str, np.ndarray], num_experts: int, prefix: str = "mlp.") -> dict[str, np.ndarray]:
     """The per-expert checkpoint matrices of one layer in transformers' fused module layout.
 
@@ -362,6 +374,7 @@ ARCHITECTURE = Architecture(
     forward=forward,
     weight_shapes=weight_shapes,
     optional_weights=tied_head,
+    convert_weights=convert_weights,
     presets=PRESETS,
     citations=(
         "Qwen3 Technical Report, arXiv:2505.09388",
