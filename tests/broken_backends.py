@@ -199,3 +199,36 @@ def olmo2_qk_norm_per_head() -> _BrokenBackend:
             return original(h, p, config, *args, **kwargs)
 
     return _BrokenBackend("broken:QKN-olmo2-per-head", lambda: mock.patch.object(olmo2, "attention_block", per_head_block))
+
+
+class _DefaultEps(_ConfigEdit):
+    """``rms_norm_eps`` never read: every norm of a ``config_class`` model (QK-norms too) runs at the
+    engine's fixed ``eps``; other architectures are left alone."""
+
+    def __init__(self, name, config_class, eps):
+        super().__init__(name, lambda c: dataclasses.replace(c, rms_norm_eps=eps) if isinstance(c, config_class) else c)
+
+
+class _FinalNormEps(_BrokenBackend):
+    """The final norm of a ``config_class`` model run at a fixed ``eps`` (the engine's own final-norm
+    module not given the config's); every other norm reads ``rms_norm_eps``; other architectures are left alone.
+
+    ``module`` is the one whose ``rms_norm`` global computes the final norm; that norm is told
+    apart from the layer norms computed there too by its weight, the array ``model.norm.weight``.
+    """
+
+    def __init__(self, name, config_class, module, eps):
+        super().__init__(name)
+        self._config_class, self._module, self._eps = config_class, module, eps
+
+    def load_model(self, checkpoint_dir, dtype):
+        loaded = super().load_model(checkpoint_dir, dtype)
+        if not isinstance(loaded.model.config, self._config_class):
+            return loaded
+        final, fixed = loaded.model.weights["model.norm.weight"], self._eps
+
+        def norm(x, weight, eps, *args, **kwargs):
+            return rms_norm(x, weight, fixed if weight is final else eps, *args, **kwargs)
+
+        loaded._patch = lambda: mock.patch.object(self._module, "rms_norm", norm)
+        return loaded

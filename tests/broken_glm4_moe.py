@@ -18,6 +18,8 @@ routed_scaling_applied_twice   MOE-09     routed_scaling_factor applied in the r
 shared_expert_dropped          --         the always-on shared expert never added
 dense_layers_one_too_many      --         first_k_dense_replace read as "layers <= k are dense"
 dense_layers_one_too_few       --         first_k_dense_replace read as "layers < k - 1 are dense"
+eps_default                    (EPS)      rms_norm_eps never read: 1e-5 (transformers' default) in every norm
+final_norm_eps_default         (EPS)      the final norm at 1e-5, the other norms at rms_norm_eps
 =============================  =========  ===================================================================
 
 The two schedule mistakes meet layers whose weights the checkpoint does not hold
@@ -32,8 +34,8 @@ from unittest import mock
 
 import numpy as np
 
-from broken_backends import _BrokenBackend, _ConfigEdit
-from refimpl.models import glm4_moe
+from broken_backends import _BrokenBackend, _ConfigEdit, _DefaultEps, _FinalNormEps
+from refimpl.models import _llama_like, glm4_moe
 from refimpl.rmsnorm import rms_norm
 
 
@@ -121,3 +123,12 @@ def dense_layers_one_too_many() -> _BrokenBackend:
 
 def dense_layers_one_too_few() -> _BrokenBackend:
     return _Schedule("broken:first-k-dense-minus-one", lambda layer, k: layer < k - 1)
+
+
+def eps_default() -> _BrokenBackend:
+    return _DefaultEps("broken:eps-default-1e-5", glm4_moe.Glm4MoeConfig, 1e-5)
+
+
+def final_norm_eps_default() -> _BrokenBackend:
+    # GLM-4.5's final norm runs in _llama_like.run_decoder.
+    return _FinalNormEps("broken:final-norm-eps-1e-5", glm4_moe.Glm4MoeConfig, _llama_like, 1e-5)

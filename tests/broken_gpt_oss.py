@@ -13,7 +13,7 @@ from unittest import mock
 
 import numpy as np
 
-from broken_backends import _BrokenBackend, _ConfigEdit
+from broken_backends import _BrokenBackend, _ConfigEdit, _DefaultEps, _FinalNormEps
 from refimpl.attention import grouped_query_attention
 from refimpl.linear import linear
 from refimpl.models import gpt_oss
@@ -190,3 +190,13 @@ def _transpose_square_down_proj(weights):
 
 def down_proj_orientation_from_shape() -> _BrokenBackend:
     return _BrokenBackend("broken:down-proj-orientation-from-shape", edit_weights=_transpose_square_down_proj)
+
+
+def eps_default() -> _BrokenBackend:
+    """``rms_norm_eps`` never read: transformers' gpt-oss default 1e-5 in every norm."""
+    return _DefaultEps("broken:eps-default-1e-5", gpt_oss.GptOssConfig, 1e-5)
+
+
+def final_norm_eps_default() -> _BrokenBackend:
+    """The final norm at a fixed 1e-5, the layer norms at ``rms_norm_eps``."""
+    return _FinalNormEps("broken:final-norm-eps-1e-5", gpt_oss.GptOssConfig, gpt_oss, 1e-5)

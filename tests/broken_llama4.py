@@ -13,6 +13,7 @@ from unittest import mock
 import numpy as np
 
 from broken_backends import _BrokenBackend, _ConfigEdit
+from refimpl.attention import grouped_query_attention
 from refimpl.masks import sliding_window_mask
 from refimpl.models import llama4
 from refimpl.moe import dispatch
@@ -137,3 +138,20 @@ def qk_norm_fixed_eps() -> _BrokenBackend:
         return rms_normalize(x, 1e-6)
 
     return _BrokenBackend("broken:QKN-eps-1e-6", lambda: mock.patch.object(llama4, "rms_normalize", fixed))
+
+
+def attention_scale_from_hidden_per_head() -> _BrokenBackend:
+    """SCL: scores scaled by (hidden_size / num_attention_heads)^-0.5 instead of head_dim^-0.5 (the two
+    agree in every released Llama 4: 5120 / 40 = 128 = head_dim)."""
+    original = llama4.attention_block
+
+    def block(x, p, config, *args, **kwargs):
+        wrong = (config.hidden_size // config.num_attention_heads) ** -0.5
+
+        def attention(q, k, v, mask, scale, **options):
+            return grouped_query_attention(q, k, v, mask, wrong, **options)
+
+        with mock.patch.object(llama4, "grouped_query_attention", attention):
+            return original(x, p, config, *args, **kwargs)
+
+    return _BrokenBackend("broken:SCL-hidden-per-head", lambda: mock.patch.object(llama4, "attention_block", block))

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+from collections import defaultdict
 from unittest import mock
 
 import numpy as np
 
-from broken_backends import _BrokenBackend, _ConfigEdit
+from broken_backends import _BrokenBackend, _ConfigEdit, _DefaultEps, _FinalNormEps
 from refimpl.model import check_weights
-from refimpl.models import minimax_m2, qwen3_moe
+from refimpl.models import _llama_like, minimax_m2, qwen3_moe
 from refimpl.moe import sparse_step_schedule
 from refimpl.routers import _sigmoid, _softmax, sigmoid_bias_top_k, softmax_top_k, top_k_indices
 
@@ -187,3 +189,43 @@ def qwen3_moe_norm_topk_default_true() -> _BrokenBackend:
             return model
 
     return DefaultTrue("broken:norm-topk-default-true")
+
+
+# --- both: expert order and norm eps ---------------------------------------------------------------------------
+
+_EXPERT_TENSOR = re.compile(r"^(?P<head>.*\.experts\.)(?P<index>\d+)(?P<tail>\..+)$")
+
+
+def _stack_experts_in_string_order(weights):
+    """A loader that lists a layer's ``experts.{e}.*`` tensors sorted by name and stacks them in that
+    order: slot j holds the expert whose index is j-th in string order (0, 1, 10, 11, 2, ..., 9), so
+    with E > 10 slot 2 runs expert 10's matrices (E <= 10 sorts as numbers)."""
+    groups = defaultdict(dict)
+    for name, w in weights.items():
+        match = _EXPERT_TENSOR.match(name)
+        if match:
+            groups[match["head"], match["tail"]][int(match["index"])] = w
+    for (head, tail), by_index in groups.items():
+        for slot, index in enumerate(sorted(by_index, key=str)):
+            weights[f"{head}{slot}{tail}"] = by_index[index]
+
+
+def experts_in_string_order() -> _BrokenBackend:
+    return _BrokenBackend("broken:experts-string-order", edit_weights=_stack_experts_in_string_order)
+
+
+def qwen3_moe_eps_default() -> _BrokenBackend:
+    """``rms_norm_eps`` never read: transformers' Qwen3-MoE default 1e-6 in every norm."""
+    return _DefaultEps("broken:eps-default-1e-6", qwen3_moe.Qwen3MoeConfig, 1e-6)
+
+
+def minimax_eps_default() -> _BrokenBackend:
+    """``rms_norm_eps`` never read: transformers' MiniMax-M2 default 1e-6 in every norm."""
+    return _DefaultEps("broken:eps-default-1e-6", minimax_m2.MiniMaxM2Config, 1e-6)
+
+
+def final_norm_eps_default() -> _BrokenBackend:
+    """The final norm at a fixed 1e-6 (both architectures' default), the layer and QK norms at ``rms_norm_eps``
+    (both run the final norm in ``_llama_like.run_decoder``)."""
+    return _FinalNormEps("broken:final-norm-eps-1e-6", (qwen3_moe.Qwen3MoeConfig, minimax_m2.MiniMaxM2Config),
+                         _llama_like, 1e-6)

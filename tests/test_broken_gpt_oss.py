@@ -23,7 +23,8 @@ TOP1 = "gpt_oss/top-1-full-first-mqa"
 ALL_E = "gpt_oss/top-k-all-experts-tied"
 SINGLE = "gpt_oss/single-token"
 SQUARE = "gpt_oss/square-experts"
-CASES = (RELEASED, CLAMP, TOP1, ALL_E, SINGLE, SQUARE)
+EPS = "gpt_oss/eps-visible"
+CASES = (RELEASED, CLAMP, TOP1, ALL_E, SINGLE, SQUARE, EPS)
 
 
 @pytest.fixture(scope="session")
@@ -59,11 +60,12 @@ L0 = "layers.0"
 MISTAKES = {
     # The clamp only matters where pre-activations pass the limit: only the clamp case sees it.
     "clamp_dropped": ("ACT-02", "float32", {RELEASED: "passed", CLAMP: L0, TOP1: "passed", ALL_E: "passed",
-                                            SINGLE: "passed", SQUARE: "passed"}),
+                                            SINGLE: "passed", SQUARE: "passed", EPS: "passed"}),
     # min(silu_1.702(g), 7) vs silu_1.702(min(g, 7)): 7 against 7 sigmoid(11.9) = 6.99995 on clamped gates,
     # about 4e-6 relative on the layer output: float64 sees it, float32's 2e-5 bound does not.
     "clamp_after_activation": ("ACT-02", "float64", {RELEASED: "passed", CLAMP: L0, TOP1: "passed",
-                                                     ALL_E: "passed", SINGLE: "passed", SQUARE: "passed"}),
+                                                     ALL_E: "passed", SINGLE: "passed", SQUARE: "passed",
+                                                     EPS: "passed"}),
     "gate_up_concatenated": ("ACT-04", "float32", dict.fromkeys(CASES, L0)),
     "missing_plus_one": ("ACT (+1)", "float32", dict.fromkeys(CASES, L0)),
     "alpha_one": ("ACT (alpha)", "float32", dict.fromkeys(CASES, L0)),
@@ -73,7 +75,7 @@ MISTAKES = {
     "window_on_wrong_layers": ("PAT-05", "float32", {**dict.fromkeys(CASES, L0), SINGLE: "passed"}),
     # The full-first case has its first sliding layer at index 1.
     "window_plus_one": ("SWA-01", "float32", {RELEASED: L0, CLAMP: L0, TOP1: "layers.1", ALL_E: L0,
-                                              SINGLE: "passed", SQUARE: L0}),
+                                              SINGLE: "passed", SQUARE: L0, EPS: L0}),
     # With k = E the top-k softmax is the softmax over all experts: identical on that case only.
     "router_softmax_over_all": ("MOE (softmax after top-k)", "float32", {**dict.fromkeys(CASES, L0),
                                                                          ALL_E: "passed"}),
@@ -93,6 +95,13 @@ MISTAKES = {
     # With k = 1 the weight is 1 and the down bias is scaled by 1 either way.
     "down_bias_unweighted": ("MOE (bias in the weighted sum)", "float32", {**dict.fromkeys(CASES, L0),
                                                                           TOP1: "passed"}),
+    # rms_norm_eps unread (1e-5, the other cases' own value): only the case whose eps 0.1 is comparable to
+    # the normalised mean squares, in both dtypes; with the final norm alone wrong, only the "norm" tap differs.
+    "eps_default": ("EPS", "float32", {**dict.fromkeys(CASES, "passed"), EPS: L0}),
+    "eps_default@float64": ("EPS", "float64", {**dict.fromkeys(CASES, "passed"), EPS: L0}),
+    "final_norm_eps_default": ("EPS (final norm)", "float32", {**dict.fromkeys(CASES, "passed"), EPS: "norm"}),
+    "final_norm_eps_default@float64": ("EPS (final norm)", "float64", {**dict.fromkeys(CASES, "passed"),
+                                                                       EPS: "norm"}),
 }
 
 

@@ -15,9 +15,12 @@ from conformance.cli import cli
 from conftest import ROOT
 
 QWEN3_MOE = {"qwen3_moe/renorm-top2-of-6", "qwen3_moe/no-renorm-sparse-step-2", "qwen3_moe/mlp-only-top1-no-renorm",
-             "qwen3_moe/top-k-equals-e", "qwen3_moe/sliding-window-all-layers", "qwen3_moe/norm-topk-prob-absent"}
+             "qwen3_moe/top-k-equals-e", "qwen3_moe/sliding-window-all-layers", "qwen3_moe/norm-topk-prob-absent",
+             "qwen3_moe/twelve-experts-top2", "qwen3_moe/eps-visible"}
 MINIMAX = {"minimax_m2/gqa-partial-rotary", "minimax_m2/top-k-equals-e", "minimax_m2/mqa-top1-3-layers",
-           "minimax_m2/partial-factor-beats-rotary-dim"}
+           "minimax_m2/partial-factor-beats-rotary-dim", "minimax_m2/twelve-experts-top2", "minimax_m2/eps-visible"}
+#: the cases with E > 10 experts (indices whose string order is not their numeric order)
+TWELVE = {"qwen3_moe/twelve-experts-top2": "layers.0", "minimax_m2/twelve-experts-top2": "layers.0"}
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +65,8 @@ MISTAKES = {
     # An absent norm_topk_prob read as true: only the case that omits the key (transformers' default is false).
     "qwen3_moe_norm_topk_default_true": ("norm_topk_prob default", {"qwen3_moe/norm-topk-prob-absent": "layers.0"}),
     "qwen3_moe_never_renormalise": ("norm_topk_prob", {
-        "qwen3_moe/renorm-top2-of-6": "layers.0", "qwen3_moe/sliding-window-all-layers": "layers.0"}),
+        "qwen3_moe/renorm-top2-of-6": "layers.0", "qwen3_moe/sliding-window-all-layers": "layers.0",
+        "qwen3_moe/twelve-experts-top2": "layers.0", "qwen3_moe/eps-visible": "layers.0"}),
     # QK-norm statistics per head instead of over all heads: every MiniMax case, MHA included.
     "minimax_qk_norm_per_head": ("QKN-03", {c: "layers.0" for c in MINIMAX}),
     # k normalised over the query width: only GQA / MQA cases (k narrower than q) can tell.
@@ -74,6 +78,14 @@ MISTAKES = {
     "minimax_bias_ignored": ("MOE-01", {c: "layers.0" for c in MINIMAX - {"minimax_m2/top-k-equals-e"}}),
     "minimax_full_rotary": ("partial RoPE", {c: "layers.0" for c in MINIMAX}),
     "minimax_rotary_dim_first": ("partial RoPE", {"minimax_m2/partial-factor-beats-rotary-dim": "layers.0"}),
+    # Experts stacked in string order: only E > 10 permutes them (0..9 sort alike as strings and numbers).
+    "experts_in_string_order": ("expert order", TWELVE),
+    # A default eps (1e-6, the cases' own elsewhere): only the case whose rms_norm_eps (0.1, 0.2) is
+    # comparable to the normalised mean squares; in every norm the first layer already differs ...
+    "qwen3_moe_eps_default": ("EPS", {"qwen3_moe/eps-visible": "layers.0"}),
+    "minimax_eps_default": ("EPS", {"minimax_m2/eps-visible": "layers.0"}),
+    # ... in the final norm only, the layers agree and the tap after the final norm is the first to differ.
+    "final_norm_eps_default": ("EPS", {"qwen3_moe/eps-visible": "norm", "minimax_m2/eps-visible": "norm"}),
 }
 
 
@@ -82,6 +94,17 @@ def test_mistake_fails_where_it_first_diverges(moe_golden, tmp_path, factory):
     bug_class, must_fail = MISTAKES[factory]
     result, by_case = run(moe_golden, tmp_path, f"broken_qwen3_moe_minimax:{factory}")
     assert result.exit_code == 1, f"{bug_class}: {factory} passed every case"
+    failed = {c: e["first_divergence"] for c, e in by_case.items() if e["status"] == "failed"}
+    assert failed == must_fail
+    assert {e["status"] for c, e in by_case.items() if c not in must_fail} == {"passed"}
+
+
+@pytest.mark.parametrize("factory", ["experts_in_string_order", "qwen3_moe_eps_default", "minimax_eps_default",
+                                     "final_norm_eps_default"])
+def test_mistake_fails_at_float64_too(moe_golden, tmp_path, factory):
+    bug_class, must_fail = MISTAKES[factory]
+    result, by_case = run(moe_golden, tmp_path, f"broken_qwen3_moe_minimax:{factory}", "float64")
+    assert result.exit_code == 1, f"{bug_class}: {factory} passed every case at float64"
     failed = {c: e["first_divergence"] for c, e in by_case.items() if e["status"] == "failed"}
     assert failed == must_fail
     assert {e["status"] for c, e in by_case.items() if c not in must_fail} == {"passed"}

@@ -300,7 +300,8 @@ def _selection(scores, config, n_group, topk_group):
 
 
 @pytest.mark.parametrize("case_id", ["glm4_moe/glm45-style", "glm4_moe/grouped-routing",
-                                     "glm4_moe/air-style-no-bias", "glm4_moe/all-moe-single-token"])
+                                     "glm4_moe/air-style-no-bias", "glm4_moe/all-moe-single-token",
+                                     "glm4_moe/eps-visible"])
 def test_golden_routing_is_clear_of_near_ties_and_exercises_bias_and_groups(case_id):
     sys.path.insert(0, str(ROOT / "tools"))
     from golden_cases.glm4_moe import ROUTING_MARGIN

@@ -77,4 +77,12 @@ CASES = [
         config=_glm(num_hidden_layers=2, first_k_dense_replace=0, num_key_value_heads=1, num_experts_per_tok=2),
         batch=3, seq=1, weight_scales={"mlp.gate.weight": 1.5, "e_score_correction_bias": 0.6},
     ),
+    ModelCase(
+        "glm4_moe/eps-visible",
+        "rms_norm_eps 0.1 against row mean squares of 0.5-8 at every norm (input, post-attention, per-head q/k; "
+        "the final norm's 4.3-8): a default eps (1e-5) in every norm moves layers.0 by 6 % (rel RMS), in the "
+        "final norm only the norm tap by 0.9 %, both far past the float32 bound; GLM-4.5 layout otherwise "
+        "(QK-norm, biases, 1 dense + 2 MoE, top-3 of 8 + shared, rsf 2.5), length 7",
+        seed=822, config=_glm(rms_norm_eps=0.1), batch=1, seq=7, weight_scales={"mlp.gate.weight": 1.5},
+    ),
 ]

@@ -113,4 +113,11 @@ CASES = [
         config=_gpt_oss(hidden_size=48, intermediate_size=48),
         batch=2, seq=9,
     ),
+    ModelCase(
+        "gpt_oss/eps-visible",
+        "rms_norm_eps 0.1 against row mean squares of 0.8-4.8 at every norm (input, post-attention; the final "
+        "norm's 2.2-4.8): a default eps (1e-5) in every norm moves layers.0 by 6 % (rel RMS), in the final norm "
+        "only the norm tap by 1.6 %, both far past the float32 bound; E=4, top-2, W=4, batch 2, length 8",
+        seed=779, config=_gpt_oss(rms_norm_eps=0.1), batch=2, seq=8,
+    ),
 ]

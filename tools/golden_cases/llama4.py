@@ -7,7 +7,7 @@ sequence. Router near-ties flip expert choices in low precision, so each seed wa
 picked from 701-749 as the one whose smallest gap between the k-th and (k+1)-th
 router logit (over all tokens and MoE layers, float64 reference) was largest:
 scout 0.048 (seed 723), maverick 0.053 (708), top-2 0.100 (740), single-token 0.617
-(727); top-k = E (704) cannot flip. With these, transformers (eager) chooses exactly
+(727), head-dim 0.119 (744); top-k = E (704) cannot flip. With these, transformers (eager) chooses exactly
 the reference's experts for every token at float32, float16 and bfloat16, and every
 case passes at float64, float32, float16 and bfloat16.
 """
@@ -92,5 +92,13 @@ CASES = [
         config=_llama4(num_hidden_layers=2, no_rope_layer_interval=2, rms_norm_eps=1e-3, attn_temperature_tuning=False),
         batch=2, seq=9,
         weight_scales={"q_proj": 0.03, "k_proj": 0.03},
+    ),
+    ModelCase(
+        "llama4/head-dim-not-hidden-per-head",
+        "head_dim 24 with hidden_size 64 and 4 heads (hidden/heads = 16): the attention scale is 24^-0.5 = 0.204, "
+        "not (hidden/heads)^-0.5 = 0.25 (transformers' Llama4TextAttention uses head_dim; the two agree in "
+        "every released Llama 4) - the wrong one moves layers.0 by 5 % (rel RMS); q width 96 != 64; "
+        "2 layers (RoPE + QK-norm, chunk 5; then NoPE with temperature, floor_scale 3), batch 2, length 11",
+        seed=744, config=_llama4(head_dim=24, num_hidden_layers=2, no_rope_layer_interval=2), batch=2, seq=11,
     ),
 ]

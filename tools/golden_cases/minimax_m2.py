@@ -59,4 +59,19 @@ CASES = [
                            rope_theta=10000.0),
         batch=1, seq=11,
     ),
+    ModelCase(
+        "minimax_m2/twelve-experts-top2",
+        "E = 12 experts (indices past 9: a loader that stacks experts.{e} in string order, 0, 1, 10, 11, 2, ..., "
+        "puts experts 10 and 11 in slots 2 and 3 and shifts the rest), top-2 of 12 with correction biases, "
+        "length 7",
+        seed=888, config=_minimax_m2(num_local_experts=12, num_experts_per_tok=2), batch=1, seq=7,
+    ),
+    ModelCase(
+        "minimax_m2/eps-visible",
+        "rms_norm_eps 0.2 against row mean squares of 0.5-3.0 at every norm (input, post-attention, "
+        "whole-projection q/k; the final norm's 1.3-3.0): a default eps (1e-6) in every norm moves layers.0 by "
+        "15 % (rel RMS), in the final norm only the norm tap by 5 %, both far past the float32 bound; top-3 of 7, "
+        "batch 2, length 6",
+        seed=877, config=_minimax_m2(rms_norm_eps=0.2), batch=2, seq=6,
+    ),
 ]

@@ -2,7 +2,9 @@
 
 Seeds were chosen so that every token's k-th and (k+1)-th router probabilities are
 far enough apart for float16 and bfloat16 runs to choose the same experts as the
-float64 reference (a near-tie flips the choice and the whole token's output).
+float64 reference (a near-tie flips the choice and the whole token's output): at least
+0.021 apart (docs/architectures/qwen3_moe.md); the twelve-expert case (656: 0.029) needs
+router weights x 3 for that, as softmax probabilities over 12 experts crowd together.
 """
 
 from __future__ import annotations
@@ -74,5 +76,20 @@ CASES = [
         seed=662,
         config=_qwen3_moe(norm_topk_prob=None),
         batch=2, seq=6,
+    ),
+    ModelCase(
+        "qwen3_moe/twelve-experts-top2",
+        "E = 12 experts (indices past 9: a loader that stacks experts.{e} in string order, 0, 1, 10, 11, 2, ..., "
+        "puts experts 10 and 11 in slots 2 and 3 and shifts the rest), top-2 of 12, norm_topk_prob true, "
+        "router weights x 3 (so that top-2 of 12 is clear of near-ties), length 6",
+        seed=656, config=_qwen3_moe(num_experts=12), batch=1, seq=6,
+        weight_scales={"mlp.gate.weight": 3.0},
+    ),
+    ModelCase(
+        "qwen3_moe/eps-visible",
+        "rms_norm_eps 0.1 against row mean squares of 0.3-3.1 at every norm (input, post-attention, per-head "
+        "q/k; the final norm's 1.5-3.1): a default eps (1e-6) in every norm moves layers.0 by 6 % (rel RMS), in "
+        "the final norm only the norm tap by 2.6 %, both far past the float32 bound; top-2 of 6, length 6",
+        seed=678, config=_qwen3_moe(rms_norm_eps=0.1), batch=1, seq=6,
     ),
 ]
