@@ -3,13 +3,15 @@
     llm-conformance run --backend NAME|module:factory [-o key=value ...] [--dtype float32]
                         [--level all|model|op] [--op NAME ...]
                         [--golden-dir DIR] [--case GLOB ...] [--report FILE.json]
+                        [--skip-file FILE ...] [--xfail-file FILE ...] [--junit FILE.xml]
     llm-conformance list [--golden-dir DIR]
     llm-conformance properties --backend NAME|module:factory [-o key=value ...] [--dtype float64]
                                [--profile quick|ci|thorough] [--property NAME ...]
 
-Exit status of ``run``: 0 when every case passed or is not implemented (and at
-least one passed), 1 when any failed or errored or none could be checked, 2 for
-usage and input errors. Input errors (bad corpus, hash
+Exit status of ``run``: 0 when every case passed, is not implemented, skipped or
+xfailed (and at least one passed or xfailed), 1 when any failed, errored or
+xpassed or none could be checked, 2 for usage and input errors (a malformed
+skip or xfail line is one: ``error: FILE:LINE: ...``). Input errors (bad corpus, hash
 mismatch, unknown backend, ...) print one line ``error: ...`` on stderr, never a
 traceback.
 """
@@ -35,7 +37,8 @@ from .backends import resolve_backend
 from .backends.base import DTYPES, package_versions
 from .errors import ConformanceError
 from .manifest import Case, default_golden_dir, read_manifest
-from .report import print_report, write_json_report
+from .expectations import load_expectations
+from .report import FAILING, print_report, write_json_report, write_junit_report
 from .runner import Status, one_line, run_suite
 
 EXIT_FAILED = 1
@@ -103,7 +106,7 @@ def select_level(cases: list[Case], level: str, ops: tuple[str, ...]) -> list[Ca
 
 
 def _check_writable(report: Path) -> None:
-    """Fail before running when the JSON report could not be written."""
+    """Fail before running when a report file could not be written."""
     parent = report.parent if str(report.parent) else Path(".")
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise ConformanceError(f"cannot write report {report}: directory {parent} does not exist or is not writable")
@@ -144,19 +147,30 @@ def cli():
 @golden_dir_option
 @click.option("--case", "case_globs", multiple=True, metavar="GLOB", help="Run only matching case ids; repeatable.")
 @click.option("--report", type=click.Path(path_type=Path, dir_okay=False), help="Also write a JSON report here.")
+@click.option("--skip-file", "skip_files", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
+              metavar="FILE", help="Case-id globs not to run ('GLOB  # reason' per line); repeatable.")
+@click.option("--xfail-file", "xfail_files", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
+              metavar="FILE", help="Case-id globs known to fail ('GLOB  # reason' per line); a pass exits 1; "
+                                   "repeatable.")
+@click.option("--junit", type=click.Path(path_type=Path, dir_okay=False), help="Also write a JUnit XML report here.")
 @_input_errors_as_one_line
-def run_command(backend, options, dtype, level, op_names, golden_dir, case_globs, report):
+def run_command(backend, options, dtype, level, op_names, golden_dir, case_globs, report, skip_files, xfail_files,
+                junit):
     """Run a backend over the golden cases and report per case."""
     golden_dir = golden_dir or default_golden_dir()
     manifest = read_manifest(golden_dir)
+    expectations = load_expectations(skip_files, xfail_files)
+    for entry in expectations.unmatched(case.id for case in manifest.cases):
+        click.echo(f"warning: {entry.where}: '{entry.pattern}' matches no case in the corpus", err=True)
     cases = select_level(select_cases(manifest.cases, case_globs), level, op_names)
     if not cases:
         raise ConformanceError(f"no case is selected (--level {level}, --case {list(case_globs)})")
-    if report is not None:
-        _check_writable(report)
+    for path in (report, junit):
+        if path is not None:
+            _check_writable(path)
     chosen = resolve_backend(backend, options)
     started = _now()
-    results = run_suite(chosen, cases, golden_dir, dtype, progress=True)
+    results = run_suite(chosen, cases, golden_dir, dtype, progress=True, expectations=expectations)
     meta = {
         "backend": chosen.name, "backend_spec": backend, "backend_options": options,
         "package_versions": package_versions(chosen), "dtype": dtype,
@@ -166,11 +180,14 @@ def run_command(backend, options, dtype, level, op_names, golden_dir, case_globs
     # The report first: a closed pipe on stdout must not lose it.
     if report:
         write_json_report(report, results, meta)
+    if junit:
+        write_junit_report(junit, results, meta)
     print_report(results, meta, _stdout_console())
-    if any(r.status in (Status.FAILED, Status.ERROR) for r in results):
+    if any(r.status in FAILING for r in results):
         sys.exit(EXIT_FAILED)
-    if not any(r.status is Status.PASSED for r in results):
-        click.echo("error: no case was checked: the backend implements none of the selected cases", err=True)
+    if not any(r.status in (Status.PASSED, Status.XFAILED) for r in results):
+        click.echo("error: no case was checked: the backend implements none of the selected cases "
+                   "(or they are skipped)", err=True)
         sys.exit(EXIT_FAILED)
 
 

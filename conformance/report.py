@@ -1,10 +1,11 @@
-"""Reports of a run: a rich table for people and a JSON file for machines.
+"""Reports of a run: a rich table for people, a JSON file and a JUnit XML file for machines.
 
 The table has one row per case, failures and errors first, with the relative
 RMS and max abs error of the logits (model cases) or of the first output (op cases), the argmax agreement and, on failure, the first
 diverging tensor; a repro command per failing case; and a summary line. The JSON
 report keeps every number of every compared tensor plus the run's metadata
-(backend, package versions, dtype, corpus version, timestamps).
+(backend, package versions, dtype, corpus version, timestamps). The JUnit XML
+report has one testcase per case for CI dashboards (see :func:`write_junit_report`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 import json
 import math
 import shlex
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from rich.console import Console
@@ -22,20 +24,28 @@ from rich.text import Text
 from .errors import ConformanceError
 from .runner import CaseResult, Status
 
-_ROW_ORDER = [Status.FAILED, Status.ERROR, Status.NOT_IMPLEMENTED, Status.PASSED]
+_ROW_ORDER = [Status.FAILED, Status.ERROR, Status.XPASSED, Status.XFAILED, Status.NOT_IMPLEMENTED, Status.SKIPPED,
+              Status.PASSED]
 _STATUS_STYLE = {
     Status.FAILED: "bold red", Status.ERROR: "bold red", Status.NOT_IMPLEMENTED: "yellow", Status.PASSED: "green",
+    Status.SKIPPED: "yellow", Status.XFAILED: "yellow", Status.XPASSED: "bold red",
 }
+#: Statuses that make ``run`` exit 1 (an xpass is strict: the stale xfail entry must go).
+FAILING = (Status.FAILED, Status.ERROR, Status.XPASSED)
 _COLUMNS = ("case", "dtype", "status", "rel RMS", "max abs", "argmax agree", "first divergence / note")
 
 
 def summary_line(results: list[CaseResult]) -> str:
-    """``"N passed, M failed, K not implemented"``, plus ``", E error(s)"`` when there are any."""
+    """``"N passed, M failed, K not implemented"``, plus ``", E error(s)"``, ``", S skipped"``,
+    ``", X xfailed"`` and ``", Y xpassed"`` for those that occur."""
     count = {status: sum(r.status is status for r in results) for status in Status}
     passed, failed, not_implemented = (count[s] for s in (Status.PASSED, Status.FAILED, Status.NOT_IMPLEMENTED))
     line = f"{passed} passed, {failed} failed, {not_implemented} not implemented"
     errors = count[Status.ERROR]
-    return line + (f", {errors} error{'s' if errors > 1 else ''}" if errors else "")
+    line += f", {errors} error{'s' if errors > 1 else ''}" if errors else ""
+    for status in (Status.SKIPPED, Status.XFAILED, Status.XPASSED):
+        line += f", {count[status]} {status.value}" if count[status] else ""
+    return line
 
 
 def repro_command(meta: dict, case_id: str) -> str:
@@ -51,6 +61,13 @@ def repro_command(meta: dict, case_id: str) -> str:
 MAX_NOTE = 200
 
 
+def _note(result: CaseResult) -> str:
+    """The message, after the xfail entry (``FILE:LINE: reason``) for xfailed and xpassed cases."""
+    if result.status in (Status.XFAILED, Status.XPASSED):
+        return f"xfail ({result.expectation}): {result.message}"
+    return result.message
+
+
 def _row(result: CaseResult) -> list[Text]:
     """Table cells as Text, so that brackets in messages are not read as rich markup."""
     # The headline tensor: the logits of a model case; for an op case the output with the
@@ -64,7 +81,8 @@ def _row(result: CaseResult) -> list[Text]:
     else:
         numbers = [f"{logits.rel_rms:.2e}", f"{logits.max_abs:.2e}"]
     argmax = "" if result.argmax is None else f"{result.argmax.fraction:.1%}"
-    note = result.message if len(result.message) <= MAX_NOTE else result.message[: MAX_NOTE - 1] + "…"
+    note = _note(result)
+    note = note if len(note) <= MAX_NOTE else note[: MAX_NOTE - 1] + "…"
     cells = [Text(result.case_id), Text(result.dtype), Text(result.status.value, style=_STATUS_STYLE[result.status])]
     return cells + [Text(cell) for cell in (*numbers, argmax, note)]
 
@@ -123,3 +141,66 @@ def write_json_report(path, results: list[CaseResult], meta: dict) -> None:
         Path(path).write_text(json.dumps(document, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     except OSError as exc:
         raise ConformanceError(f"cannot write report {path} ({exc})") from None
+
+
+def _junit_outcome(result: CaseResult, meta: dict) -> ET.Element | None:
+    """The child element of a testcase: failure, error or skipped; None for a pass."""
+    note = _note(result)
+    if result.status is Status.FAILED:
+        element = ET.Element("failure", message=note, type="failed")
+        element.text = f"{note}\nrepro: {repro_command(meta, result.case_id)}"
+    elif result.status is Status.XPASSED:
+        element = ET.Element("failure", message=note, type="xpassed")
+    elif result.status is Status.ERROR:
+        element = ET.Element("error", message=note, type="error")
+        element.text = f"{note}\nrepro: {repro_command(meta, result.case_id)}"
+    elif result.status is Status.XFAILED:
+        element = ET.Element("skipped", message=note, type="xfailed")
+    elif result.status in (Status.NOT_IMPLEMENTED, Status.SKIPPED):
+        element = ET.Element("skipped", message=f"{result.status.value}: {note}", type=result.status.value)
+    else:
+        return None
+    return element
+
+
+def write_junit_report(path, results: list[CaseResult], meta: dict) -> None:
+    """Write a JUnit XML report to ``path``: one ``testsuite`` with one ``testcase`` per case.
+
+    A testcase's classname is the case family with ``/`` as ``.`` (``op/rms_norm/plain``
+    is in ``op.rms_norm``), its name ``<case id> [<dtype>]``, and a ``dtype`` property.
+    Failed and xpassed cases carry ``<failure>``, errored ones ``<error>`` (both with
+    the repro command in the text for failed and errored), not implemented, skipped and
+    xfailed ones ``<skipped>`` whose ``type`` is the status. The suite's properties
+    are the run's metadata.
+
+    Raises:
+        ConformanceError: the file cannot be written.
+    """
+    count = {status: sum(r.status is status for r in results) for status in Status}
+    suite = ET.Element("testsuite", {
+        "name": f"llm-conformance {meta['backend']} {meta['dtype']}", "tests": str(len(results)),
+        "failures": str(count[Status.FAILED] + count[Status.XPASSED]), "errors": str(count[Status.ERROR]),
+        "skipped": str(count[Status.NOT_IMPLEMENTED] + count[Status.SKIPPED] + count[Status.XFAILED]),
+        "time": f"{sum(r.seconds for r in results):.3f}", "timestamp": str(meta.get("started_at", "")),
+    })
+    properties = ET.SubElement(suite, "properties")
+    for key in ("backend", "backend_spec", "dtype", "corpus_version", "golden_dir", "conformance_version"):
+        if key in meta:
+            ET.SubElement(properties, "property", name=key, value=str(meta[key]))
+    for result in results:
+        testcase = ET.SubElement(suite, "testcase", {
+            "classname": result.case_id.rsplit("/", 1)[0].replace("/", "."),
+            "name": f"{result.case_id} [{result.dtype}]", "time": f"{result.seconds:.3f}",
+        })
+        case_properties = ET.SubElement(testcase, "properties")
+        ET.SubElement(case_properties, "property", name="dtype", value=result.dtype)
+        outcome = _junit_outcome(result, meta)
+        if outcome is not None:
+            testcase.append(outcome)
+    tree = ET.ElementTree(ET.Element("testsuites"))
+    tree.getroot().append(suite)
+    ET.indent(tree)
+    try:
+        tree.write(path, encoding="utf-8", xml_declaration=True)
+    except OSError as exc:
+        raise ConformanceError(f"cannot write JUnit report {path} ({exc})") from None

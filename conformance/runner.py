@@ -19,6 +19,12 @@ Statuses:
                      the op raised ``NotImplementedError`` (a parameter combination
                      it does not offer)
     error            the backend raised; its one-line message is kept
+    skipped          a skip file lists the case; it is not run
+    xfailed          an xfail file lists the case and it failed or errored (not a failure)
+    xpassed          an xfail file lists the case and it passed (strict: the run exits 1)
+
+Skip and xfail files are described in ``conformance.expectations``; a case an xfail
+file lists that is "not implemented" stays "not implemented".
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from rich.progress import Progress
 from .backends.base import Backend
 from .compare import ArgmaxAgreement, Comparison, argmax_agreement, compare, to_float64
 from .errors import BackendError, ConformanceError, ManifestError, OutputError
+from .expectations import Entry, Expectations
 from .manifest import Case, inside, load_case_data, load_op_data, verify_case_files
 from .tolerances import MAX_ROUNDING_MISMATCH, Tolerance, get_tolerance, violations
 
@@ -46,6 +53,9 @@ class Status(str, enum.Enum):
     FAILED = "failed"
     NOT_IMPLEMENTED = "not implemented"
     ERROR = "error"
+    SKIPPED = "skipped"
+    XFAILED = "xfailed"
+    XPASSED = "xpassed"
 
 
 @dataclass
@@ -64,6 +74,8 @@ class CaseResult:
         rounding: op cases with a recorded low-precision result: ``{output: fraction of
             elements that differ from the reference's rounding in the run dtype}``.
         seconds: wall time of load + run + compare.
+        expectation: for skipped, xfailed and xpassed cases, the skip or xfail entry
+            as ``FILE:LINE: reason``.
     """
 
     case_id: str
@@ -77,6 +89,7 @@ class CaseResult:
     uncompared: list[str] = field(default_factory=list)
     rounding: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    expectation: str = ""
 
 
 def one_line(text: str) -> str:
@@ -351,11 +364,31 @@ def run_case(backend: Backend, case: Case, golden_dir: Path, dtype: str) -> Case
     return result
 
 
-def run_suite(backend: Backend, cases: list[Case], golden_dir, dtype: str, progress: bool = True) -> list[CaseResult]:
+def skipped_result(case: Case, dtype: str, entry: Entry) -> CaseResult:
+    """The result of a case a skip file lists: not run, its reason as the message."""
+    return CaseResult(case_id=case.id, dtype=dtype, status=Status.SKIPPED,
+                      message=entry.reason or f"skipped by {entry.where}", expectation=entry.describe())
+
+
+def apply_xfail(result: CaseResult, entry: Entry) -> CaseResult:
+    """Turn a failed or errored result into "xfailed" and a passed one into "xpassed";
+    "not implemented" stays as it is (the case was not checked)."""
+    if result.status in (Status.FAILED, Status.ERROR):
+        result.message = f"{result.status.value}: {result.message}"
+        result.status, result.expectation = Status.XFAILED, entry.describe()
+    elif result.status is Status.PASSED:
+        result.message = "passed; remove the xfail entry"
+        result.status, result.expectation = Status.XPASSED, entry.describe()
+    return result
+
+
+def run_suite(backend: Backend, cases: list[Case], golden_dir, dtype: str, progress: bool = True,
+              expectations: Expectations = Expectations()) -> list[CaseResult]:
     """Run ``backend`` over ``cases`` at ``dtype``; one :class:`CaseResult` per case, in order.
 
     Args:
         progress: show progress on stderr (a bar on a terminal, else a line per case).
+        expectations: skip and xfail entries; skipped cases are not run.
 
     Raises:
         HashMismatchError / ManifestError: a case's files are missing or altered
@@ -386,6 +419,11 @@ def run_suite(backend: Backend, cases: list[Case], golden_dir, dtype: str, progr
             bar.update(task, description=f"{case.id} ({dtype})")
             if progress and not live:
                 err.print(f"[{number}/{len(cases)}] {case.id} ({dtype})", markup=False, highlight=False)
-            results.append(run_case(backend, case, golden_dir, dtype))
+            skip, xfail = expectations.skip_for(case.id), expectations.xfail_for(case.id)
+            if skip is not None:
+                results.append(skipped_result(case, dtype, skip))
+            else:
+                result = run_case(backend, case, golden_dir, dtype)
+                results.append(result if xfail is None else apply_xfail(result, xfail))
             bar.advance(task)
     return results
