@@ -4,6 +4,9 @@
                         [--level all|model|op] [--op NAME ...]
                         [--golden-dir DIR] [--case GLOB ...] [--report FILE.json]
                         [--skip-file FILE ...] [--xfail-file FILE ...] [--junit FILE.xml]
+                        [--compare-to OLD.json [--drift-factor 2]]
+    llm-conformance matrix --backend NAME|module:factory [--backend ...] [-o key=value ...]
+                           [--dtype float32] [--golden-dir DIR] [--output FILE.md]
     llm-conformance list [--golden-dir DIR]
     llm-conformance properties --backend NAME|module:factory [-o key=value ...] [--dtype float64]
                                [--profile quick|ci|thorough] [--property NAME ...]
@@ -11,7 +14,9 @@
 Exit status of ``run``: 0 when every case passed, is not implemented, skipped or
 xfailed (and at least one passed or xfailed), 1 when any failed, errored or
 xpassed or none could be checked, 2 for usage and input errors (a malformed
-skip or xfail line is one: ``error: FILE:LINE: ...``). Input errors (bad corpus, hash
+skip or xfail line is one: ``error: FILE:LINE: ...``; so is a ``--compare-to``
+file that is missing or not a report). Drift flagged by ``--compare-to`` does not
+change the exit status. Input errors (bad corpus, hash
 mismatch, unknown backend, ...) print one line ``error: ...`` on stderr, never a
 traceback.
 """
@@ -36,7 +41,9 @@ from . import __version__
 from .backends import resolve_backend
 from .backends.base import DTYPES, package_versions
 from .errors import ConformanceError
+from .drift import DEFAULT_FACTOR, compute_drift, drift_lines, load_old_report, mismatch_warnings
 from .manifest import Case, default_golden_dir, read_manifest
+from .matrix import support_matrix
 from .expectations import load_expectations
 from .report import FAILING, print_report, write_json_report, write_junit_report
 from .runner import Status, one_line, run_suite
@@ -153,15 +160,24 @@ def cli():
               metavar="FILE", help="Case-id globs known to fail ('GLOB  # reason' per line); a pass exits 1; "
                                    "repeatable.")
 @click.option("--junit", type=click.Path(path_type=Path, dir_okay=False), help="Also write a JUnit XML report here.")
+@click.option("--compare-to", "compare_to", type=click.Path(path_type=Path, dir_okay=False), metavar="OLD.json",
+              help="A previous --report: flag cases that passed then and not now, or whose headline rel RMS grew "
+                   "by more than --drift-factor (the exit status is unaffected).")
+@click.option("--drift-factor", type=click.FloatRange(min=1.0), default=DEFAULT_FACTOR, show_default=True,
+              help="With --compare-to: flag a headline rel RMS that grew by more than this factor.")
 @_input_errors_as_one_line
 def run_command(backend, options, dtype, level, op_names, golden_dir, case_globs, report, skip_files, xfail_files,
-                junit):
+                junit, compare_to, drift_factor):
     """Run a backend over the golden cases and report per case."""
     golden_dir = golden_dir or default_golden_dir()
+    old = load_old_report(compare_to) if compare_to is not None else None
     manifest = read_manifest(golden_dir)
     expectations = load_expectations(skip_files, xfail_files)
     for entry in expectations.unmatched(case.id for case in manifest.cases):
         click.echo(f"warning: {entry.where}: '{entry.pattern}' matches no case in the corpus", err=True)
+    if old is not None:
+        for line in mismatch_warnings(old, {"dtype": dtype, "corpus_version": manifest.corpus_version}):
+            click.echo(line, err=True)
     cases = select_level(select_cases(manifest.cases, case_globs), level, op_names)
     if not cases:
         raise ConformanceError(f"no case is selected (--level {level}, --case {list(case_globs)})")
@@ -177,18 +193,59 @@ def run_command(backend, options, dtype, level, op_names, golden_dir, case_globs
         "corpus_version": manifest.corpus_version, "golden_dir": str(Path(golden_dir).resolve()),
         "conformance_version": __version__, "started_at": started, "finished_at": _now(),
     }
+    drift = {}
+    if old is not None:
+        drift = compute_drift(results, old, drift_factor)
+        meta.update(compare_to=str(compare_to), drift_factor=drift_factor)
     # The report first: a closed pipe on stdout must not lose it.
     if report:
-        write_json_report(report, results, meta)
+        extra = None if old is None else {r.case_id: {"drift": drift.get(r.case_id)} for r in results}
+        write_json_report(report, results, meta, extra)
     if junit:
         write_junit_report(junit, results, meta)
-    print_report(results, meta, _stdout_console())
+    console = _stdout_console()
+    print_report(results, meta, console)
+    if old is not None:
+        for line in drift_lines(drift, old, drift_factor):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
     if any(r.status in FAILING for r in results):
         sys.exit(EXIT_FAILED)
     if not any(r.status in (Status.PASSED, Status.XFAILED) for r in results):
         click.echo("error: no case was checked: the backend implements none of the selected cases "
                    "(or they are skipped)", err=True)
         sys.exit(EXIT_FAILED)
+
+
+@cli.command("matrix")
+@click.option("--backend", "backend_specs", required=True, multiple=True,
+              help="Built-in name (refimpl, transformers, torch) or package.module:factory; repeatable, "
+                   "one column each.")
+@click.option("-o", "--option", "options", multiple=True, callback=_parse_options, metavar="KEY=VALUE",
+              help="Backend option, passed to every backend's factory; repeatable.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
+@golden_dir_option
+@click.option("--output", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE.md",
+              help="Also write the markdown table here.")
+@_input_errors_as_one_line
+def matrix_command(backend_specs, options, dtype, golden_dir, output):
+    """Print which cases each backend supports, as a markdown table (probes support; runs nothing)."""
+    golden_dir = golden_dir or default_golden_dir()
+    manifest = read_manifest(golden_dir)
+    if output is not None:
+        _check_writable(output)
+    chosen = [resolve_backend(spec, options) for spec in backend_specs]
+    names = [b.name for b in chosen]
+    columns = [(name if names.count(name) == 1 else spec, b) for name, spec, b in zip(names, backend_specs, chosen)]
+    title = f"Supported cases per backend (golden corpus {manifest.corpus_version}, {dtype}; k/n of the row's cases)"
+    text, notes = support_matrix(columns, manifest.cases, dtype, title)
+    if output is not None:
+        try:
+            output.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise ConformanceError(f"cannot write {output} ({exc})") from None
+    click.echo(text, nl=False)
+    for note in notes:
+        click.echo(f"warning: {note}", err=True)
 
 
 @cli.command("list")

@@ -68,12 +68,28 @@ def _note(result: CaseResult) -> str:
     return result.message
 
 
+def headline(comparisons: dict):
+    """The headline comparison of a case: the logits of a model case; for an op case the
+    output with the largest relative error (so a router's weights, not its exactly-equal
+    expert set), an output with NaN/Inf first. ``None`` when nothing was compared.
+
+    ``comparisons`` maps names to :class:`~conformance.compare.Comparison` objects or to
+    their JSON form (dicts with ``rel_rms`` and ``nonfinite``, as ``--report`` writes them).
+    """
+    def field(c, name):
+        return c.get(name) if isinstance(c, dict) else getattr(c, name)
+
+    def rank(c):
+        rel = field(c, "rel_rms")
+        rel = float(rel) if isinstance(rel, (int, float, str)) else math.nan
+        return (bool(field(c, "nonfinite")), -math.inf if math.isnan(rel) else rel)
+
+    return comparisons.get("logits") or max(comparisons.values(), key=rank, default=None)
+
+
 def _row(result: CaseResult) -> list[Text]:
     """Table cells as Text, so that brackets in messages are not read as rich markup."""
-    # The headline tensor: the logits of a model case; for an op case the output with the
-    # largest relative error (so a router's weights, not its exactly-equal expert set).
-    logits = result.comparisons.get("logits") or max(
-        result.comparisons.values(), key=lambda c: (c.nonfinite > 0, c.rel_rms), default=None)
+    logits = headline(result.comparisons)
     if logits is None:
         numbers = ["", ""]
     elif logits.nonfinite:
@@ -120,12 +136,13 @@ def _jsonable(obj):
     return _finite_or_text(obj)
 
 
-def write_json_report(path, results: list[CaseResult], meta: dict) -> None:
+def write_json_report(path, results: list[CaseResult], meta: dict, extra: dict | None = None) -> None:
     """Write ``{"meta": meta, "summary": ..., "results": [...]}`` to ``path`` as JSON.
 
     Each result carries every number of :class:`~conformance.runner.CaseResult`
     (all comparisons, argmax agreement, tolerance) and, when it failed or errored,
-    its repro command.
+    its repro command. ``extra`` maps a case id to further keys for its entry
+    (``--compare-to`` adds ``drift``).
 
     Raises:
         ConformanceError: the file cannot be written.
@@ -135,6 +152,7 @@ def write_json_report(path, results: list[CaseResult], meta: dict) -> None:
         entry = _jsonable(result)
         if result.status in (Status.FAILED, Status.ERROR):
             entry["repro"] = repro_command(meta, result.case_id)
+        entry.update(_jsonable((extra or {}).get(result.case_id, {})))
         entries.append(entry)
     document = {"meta": _jsonable(meta), "summary": summary_line(results), "results": entries}
     try:

@@ -292,12 +292,12 @@ def run_op_case(backend: Backend, case: Case, golden_dir: Path, dtype: str) -> C
     data = load_op_data(golden_dir, case)
     start = time.perf_counter()
     try:
-        fn = backend_ops(backend).get(case.op)
-        reason = (f"backend {backend.name} does not implement op '{case.op}'" if fn is None
-                  else _not_implemented_reason(backend, case, dtype))
+        ops = backend_ops(backend)
+        reason = unsupported_reason(backend, case, dtype, ops)
         if reason is not None:
             result.status, result.message = Status.NOT_IMPLEMENTED, one_line(reason)
             return result
+        fn = ops[case.op]
         inputs = {name: cast_input(array, dtype) for name, array in data.inputs.items()}
         expected = {k: v for k, v in data.expected.items() if "@" not in k}
         rounded = {k.split("@")[0]: v for k, v in data.expected.items() if k.endswith(f"@{dtype}")}
@@ -330,6 +330,27 @@ def _not_implemented_reason(backend: Backend, case: Case, dtype: str) -> str | N
     return None if supported else f"backend {backend.name} does not support this case"
 
 
+def unsupported_reason(backend: Backend, case: Case, dtype: str, ops: dict | None = None) -> str | None:
+    """Why ``backend`` would report ``case`` as "not implemented" at ``dtype``, or None if it
+    offers it; probes without running anything (also used by ``llm-conformance matrix``).
+
+    An op case needs the op in the backend's ``ops`` mapping (``ops``, when given, is that
+    mapping already read); a model case needs ``load_model``; both need ``supports`` to
+    accept the case. A parameter combination an op refuses only when called
+    (``NotImplementedError``) is not seen here.
+
+    Raises:
+        BackendError: ``ops`` is not a mapping of names to callables.
+        Exception: whatever ``supports`` raises.
+    """
+    if case.level == "op":
+        if case.op not in (backend_ops(backend) if ops is None else ops):
+            return f"backend {backend.name} does not implement op '{case.op}'"
+    elif not hasattr(backend, "load_model"):
+        return f"backend {backend.name} runs single ops only"
+    return _not_implemented_reason(backend, case, dtype)
+
+
 def run_case(backend: Backend, case: Case, golden_dir: Path, dtype: str) -> CaseResult:
     """Run and judge one case (model or op) whose files and tolerance are already verified.
 
@@ -347,8 +368,7 @@ def run_case(backend: Backend, case: Case, golden_dir: Path, dtype: str) -> Case
     input_ids, logits, hidden = load_case_data(golden_dir, case)
     start = time.perf_counter()
     try:
-        reason = (f"backend {backend.name} runs single ops only" if not hasattr(backend, "load_model")
-                  else _not_implemented_reason(backend, case, dtype))
+        reason = unsupported_reason(backend, case, dtype)
         if reason is not None:
             result.status, result.message = Status.NOT_IMPLEMENTED, one_line(reason)
             return result
