@@ -4,7 +4,7 @@
                         [--level all|model|op] [--op NAME ...]
                         [--golden-dir DIR] [--case GLOB ...] [--report FILE.json]
                         [--skip-file FILE ...] [--xfail-file FILE ...] [--junit FILE.xml]
-                        [--compare-to OLD.json [--drift-factor 2]]
+                        [--compare-to OLD.json [--drift-factor 2]] [--repro-dir DIR]
     llm-conformance matrix --backend NAME|module:factory [--backend ...] [-o key=value ...]
                            [--dtype float32] [--golden-dir DIR] [--output FILE.md]
     llm-conformance list [--golden-dir DIR]
@@ -46,6 +46,7 @@ from .manifest import Case, default_golden_dir, read_manifest
 from .matrix import support_matrix
 from .expectations import load_expectations
 from .report import FAILING, print_report, write_json_report, write_junit_report
+from .repro import prepare_repro_dir, write_repro_bundles
 from .runner import Status, one_line, run_suite
 
 EXIT_FAILED = 1
@@ -165,9 +166,12 @@ def cli():
                    "by more than --drift-factor (the exit status is unaffected).")
 @click.option("--drift-factor", type=click.FloatRange(min=1.0), default=DEFAULT_FACTOR, show_default=True,
               help="With --compare-to: flag a headline rel RMS that grew by more than this factor.")
+@click.option("--repro-dir", "repro_dir", type=click.Path(path_type=Path), metavar="DIR",
+              help="Write a repro bundle (inputs, expected outputs, case.json with the repro command) per failed "
+                   "or errored case under DIR/<case id with / as __>/; DIR is created if missing.")
 @_input_errors_as_one_line
 def run_command(backend, options, dtype, level, op_names, golden_dir, case_globs, report, skip_files, xfail_files,
-                junit, compare_to, drift_factor):
+                junit, compare_to, drift_factor, repro_dir):
     """Run a backend over the golden cases and report per case."""
     golden_dir = golden_dir or default_golden_dir()
     old = load_old_report(compare_to) if compare_to is not None else None
@@ -184,6 +188,8 @@ def run_command(backend, options, dtype, level, op_names, golden_dir, case_globs
     for path in (report, junit):
         if path is not None:
             _check_writable(path)
+    if repro_dir is not None:
+        prepare_repro_dir(repro_dir)
     chosen = resolve_backend(backend, options)
     started = _now()
     results = run_suite(chosen, cases, golden_dir, dtype, progress=True, expectations=expectations)
@@ -208,6 +214,10 @@ def run_command(backend, options, dtype, level, op_names, golden_dir, case_globs
     if old is not None:
         for line in drift_lines(drift, old, drift_factor):
             console.print(line, markup=False, highlight=False, soft_wrap=True)
+    if repro_dir is not None:
+        written = write_repro_bundles(repro_dir, cases, results, golden_dir, meta)
+        console.print(f"repro bundles: {written} written to {repro_dir}", markup=False, highlight=False,
+                      soft_wrap=True)
     if any(r.status in FAILING for r in results):
         sys.exit(EXIT_FAILED)
     if not any(r.status in (Status.PASSED, Status.XFAILED) for r in results):
