@@ -16,7 +16,7 @@ import numpy as np
 from broken_backends import _BrokenBackend, _ConfigEdit, _DefaultEps, _FinalNormEps
 from refimpl.attention import grouped_query_attention
 from refimpl.linear import linear
-from refimpl.models import gpt_oss
+from refimpl.models import _llama_like, gpt_oss
 
 
 def _sigmoid(z):
@@ -199,4 +199,4 @@ def eps_default() -> _BrokenBackend:
 
 def final_norm_eps_default() -> _BrokenBackend:
     """The final norm at a fixed 1e-5, the layer norms at ``rms_norm_eps``."""
-    return _FinalNormEps("broken:final-norm-eps-1e-5", gpt_oss.GptOssConfig, gpt_oss, 1e-5)
+    return _FinalNormEps("broken:final-norm-eps-1e-5", gpt_oss.GptOssConfig, _llama_like, 1e-5)

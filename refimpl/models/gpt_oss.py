@@ -69,7 +69,6 @@ import numpy as np
 from ..architecture import Architecture
 from ..attention import grouped_query_attention
 from ..config import check_known_keys, get_field, get_positive_int
-from ..embedding import embed_tokens, lm_head
 from ..errors import CheckpointError, ConfigError, MissingWeightsError, ShapeError, UnexpectedWeightsError
 from ..experts import clamped_swiglu_expert
 from ..linear import linear
@@ -79,7 +78,7 @@ from ..numerics import as_float_array, check_finite_positive, check_same_dtype
 from ..rmsnorm import rms_norm
 from ..rope import apply_rope_rotate_half, rope_cos_sin, rope_frequencies
 from ..routers import top_k_softmax
-from ._llama_like import attention_weight_shapes, decoder_weight_shapes, layer_weights, projection, tied_head
+from ._llama_like import attention_weight_shapes, decoder_weight_shapes, projection, run_decoder, tied_head
 
 NAME = "GptOssForCausalLM"
 
@@ -475,17 +474,11 @@ def forward(
         (output of layer l) and ``"norm"`` (final-normalised hidden state) to ``(B, T, M)``
         arrays, in that order.
     """
-    embedding = weights["model.embed_tokens.weight"]
     t = input_ids.shape[1]
-    cos, sin = rope_tables(config, t, embedding.dtype)
-    h = embed_tokens(input_ids, embedding)
-    taps = {"embed": h}
-    for layer in range(config.num_hidden_layers):
-        h = decoder_layer(h, layer_weights(weights, layer), config, cos, sin, layer_mask(config, layer, t))
-        taps[f"layers.{layer}"] = h
-    h = rms_norm(h, weights["model.norm.weight"], config.rms_norm_eps)
-    taps["norm"] = h
-    return lm_head(h, embedding if config.tie_word_embeddings else weights["lm_head.weight"]), taps
+    cos, sin = rope_tables(config, t, weights["model.embed_tokens.weight"].dtype)
+    masks = [layer_mask(config, layer, t) for layer in range(config.num_hidden_layers)]
+    return run_decoder(weights, config, input_ids,
+                       lambda h, p, layer: decoder_layer(h, p, config, cos, sin, masks[layer]))
 
 
 def _release(num_hidden_layers: int, num_local_experts: int) -> dict:
