@@ -5,6 +5,8 @@
                         [--golden-dir DIR] [--case GLOB ...] [--report FILE.json]
                         [--skip-file FILE ...] [--xfail-file FILE ...] [--junit FILE.xml]
                         [--compare-to OLD.json [--drift-factor 2]] [--repro-dir DIR]
+    llm-conformance export DIR [--dtype float32] [--level ...] [--case GLOB ...] [--golden-dir DIR]
+    llm-conformance check --outputs DIR2 [--dtype float32] [same selection and report options as run]
     llm-conformance matrix --backend NAME|module:factory [--backend ...] [-o key=value ...]
                            [--dtype float32] [--golden-dir DIR] [--output FILE.md]
     llm-conformance list [--golden-dir DIR]
@@ -42,7 +44,7 @@ from .backends import resolve_backend
 from .backends.base import DTYPES, package_versions
 from .errors import ConformanceError
 from .drift import DEFAULT_FACTOR, compute_drift, drift_lines, load_old_report, mismatch_warnings
-from .manifest import Case, default_golden_dir, read_manifest
+from .manifest import Case, default_golden_dir, read_manifest, verify_case_files
 from .matrix import support_matrix
 from .expectations import load_expectations
 from .report import FAILING, print_report, write_json_report, write_junit_report
@@ -173,6 +175,17 @@ def cli():
 def run_command(backend, options, dtype, level, op_names, golden_dir, case_globs, report, skip_files, xfail_files,
                 junit, compare_to, drift_factor, repro_dir):
     """Run a backend over the golden cases and report per case."""
+    _run_and_report(lambda: resolve_backend(backend, options), {"backend_spec": backend, "backend_options": options},
+                    dtype, level, op_names, golden_dir, case_globs, report, skip_files, xfail_files, junit,
+                    compare_to, drift_factor, repro_dir)
+
+
+def _run_and_report(make_backend, spec: dict, dtype, level, op_names, golden_dir, case_globs, report, skip_files,
+                    xfail_files, junit, compare_to, drift_factor, repro_dir, select_hook=None):
+    """The body of ``run`` and ``check``: select cases, run the backend ``make_backend()`` returns,
+    print and write the reports, and exit with ``run``'s status. ``spec`` goes into the report's
+    metadata (``backend_spec`` and ``backend_options``, or ``outputs_dir`` for ``check``);
+    ``select_hook(backend, cases)`` runs once the cases are chosen (``check`` warns about stray folders)."""
     golden_dir = golden_dir or default_golden_dir()
     old = load_old_report(compare_to) if compare_to is not None else None
     manifest = read_manifest(golden_dir)
@@ -190,11 +203,13 @@ def run_command(backend, options, dtype, level, op_names, golden_dir, case_globs
             _check_writable(path)
     if repro_dir is not None:
         prepare_repro_dir(repro_dir)
-    chosen = resolve_backend(backend, options)
+    chosen = make_backend()
+    if select_hook is not None:
+        select_hook(chosen, cases)
     started = _now()
     results = run_suite(chosen, cases, golden_dir, dtype, progress=True, expectations=expectations)
     meta = {
-        "backend": chosen.name, "backend_spec": backend, "backend_options": options,
+        "backend": chosen.name, **spec,
         "package_versions": package_versions(chosen), "dtype": dtype,
         "corpus_version": manifest.corpus_version, "golden_dir": str(Path(golden_dir).resolve()),
         "conformance_version": __version__, "started_at": started, "finished_at": _now(),
@@ -224,6 +239,88 @@ def run_command(backend, options, dtype, level, op_names, golden_dir, case_globs
         click.echo("error: no case was checked: the backend implements none of the selected cases "
                    "(or they are skipped)", err=True)
         sys.exit(EXIT_FAILED)
+
+
+@cli.command("export")
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
+              help="Dtype of the exported floating op inputs (model cases: the engine runs the float32 "
+                   "checkpoint in this dtype); give check the same --dtype.")
+@click.option("--level", type=click.Choice(("all", "model", "op")), default="all", show_default=True)
+@click.option("--op", "op_names", multiple=True, metavar="NAME", help="Export only op cases of this op; repeatable.")
+@golden_dir_option
+@click.option("--case", "case_globs", multiple=True, metavar="GLOB", help="Export only matching case ids; repeatable.")
+@_input_errors_as_one_line
+def export_command(directory, dtype, level, op_names, golden_dir, case_globs):
+    """Write the cases for an engine outside Python: DIR/<case>/case.json + inputs.safetensors
+    (+ checkpoint/). The engine writes DIR2/<case>/outputs.safetensors; then run
+    `llm-conformance check --outputs DIR2`. See docs/file-contract.md."""
+    from .file_contract import export_cases
+
+    golden_dir = golden_dir or default_golden_dir()
+    manifest = read_manifest(golden_dir)
+    cases = select_level(select_cases(manifest.cases, case_globs), level, op_names)
+    if not cases:
+        raise ConformanceError(f"no case is selected (--level {level}, --case {list(case_globs)})")
+    for case in cases:
+        verify_case_files(golden_dir, case)
+    written = export_cases(directory, cases, golden_dir, dtype, manifest.corpus_version)
+    click.echo(f"exported {written} case(s) ({dtype}) to {directory}; the engine writes "
+               f"<outputs dir>/<case folder>/outputs.safetensors, then: llm-conformance check --outputs <outputs dir> "
+               f"--dtype {dtype}")
+
+
+@cli.command("check")
+@click.option("--outputs", "outputs_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
+              metavar="DIR2", help="Where the engine wrote <case folder>/outputs.safetensors for the exported cases.")
+@click.option("--exported", "exported_dir", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+              help="The export directory: check exactly its cases, at its dtype (default: every corpus case; "
+                   "those without outputs are 'not implemented').")
+@click.option("--dtype", type=click.Choice(DTYPES), default=None,
+              help="The dtype the cases were exported and run in; it selects the tolerances "
+                   "[default: the export's, else float32].")
+@click.option("--level", type=click.Choice(("all", "model", "op")), default="all", show_default=True)
+@click.option("--op", "op_names", multiple=True, metavar="NAME", help="Check only op cases of this op; repeatable.")
+@golden_dir_option
+@click.option("--case", "case_globs", multiple=True, metavar="GLOB", help="Check only matching case ids; repeatable.")
+@click.option("--report", type=click.Path(path_type=Path, dir_okay=False), help="Also write a JSON report here.")
+@click.option("--skip-file", "skip_files", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
+              metavar="FILE", help="As for run.")
+@click.option("--xfail-file", "xfail_files", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
+              metavar="FILE", help="As for run.")
+@click.option("--junit", type=click.Path(path_type=Path, dir_okay=False), help="Also write a JUnit XML report here.")
+@click.option("--compare-to", "compare_to", type=click.Path(path_type=Path, dir_okay=False), metavar="OLD.json",
+              help="As for run.")
+@click.option("--drift-factor", type=click.FloatRange(min=1.0), default=DEFAULT_FACTOR, show_default=True)
+@click.option("--repro-dir", "repro_dir", type=click.Path(path_type=Path), metavar="DIR", help="As for run.")
+@_input_errors_as_one_line
+def check_command(outputs_dir, exported_dir, dtype, level, op_names, golden_dir, case_globs, report, skip_files, xfail_files,
+                  junit, compare_to, drift_factor, repro_dir):
+    """Judge the outputs an engine wrote for `llm-conformance export` cases, exactly as `run` judges a backend.
+    A case without a folder, or with a NOT_IMPLEMENTED file, is "not implemented"; an ERROR file is "error"."""
+    from .file_contract import FileOutputsBackend, read_contract
+
+    if exported_dir is not None:
+        contract = read_contract(exported_dir)
+        if dtype is not None and dtype != contract["dtype"]:
+            raise ConformanceError(f"--dtype {dtype} differs from the export's dtype {contract['dtype']} "
+                                   f"({exported_dir}/CONTRACT.json)")
+        dtype = contract["dtype"]
+        exported = tuple(entry["id"] for entry in contract["cases"])
+        case_globs = tuple(g for g in case_globs) or exported
+        case_globs = tuple(i for i in exported if any(fnmatch.fnmatchcase(i, g) for g in case_globs))
+        if not case_globs:
+            raise ConformanceError(f"--case selects none of the {len(exported)} case(s) of the export {exported_dir}")
+    dtype = dtype or "float32"
+
+    def warn_stray(backend, cases):
+        for name in backend.stray_folders(cases):
+            click.echo(f"warning: {outputs_dir / name} matches no selected case; it is ignored", err=True)
+
+    spec = {"backend_spec": "files", "backend_options": {}, "outputs_dir": str(Path(outputs_dir).resolve())}
+    _run_and_report(lambda: FileOutputsBackend(outputs_dir), spec, dtype, level, op_names, golden_dir, case_globs,
+                    report, skip_files, xfail_files, junit, compare_to, drift_factor, repro_dir,
+                    select_hook=warn_stray)
 
 
 @cli.command("matrix")

@@ -49,7 +49,12 @@ def summary_line(results: list[CaseResult]) -> str:
 
 
 def repro_command(meta: dict, case_id: str) -> str:
-    """The command line that reruns one case with the same backend, options, dtype and corpus."""
+    """The command line that reruns one case with the same backend, options, dtype and corpus
+    (for ``check``: the same engine outputs directory)."""
+    if meta.get("outputs_dir"):
+        words = ["llm-conformance", "check", "--outputs", meta["outputs_dir"], "--dtype", meta["dtype"],
+                 "--golden-dir", meta["golden_dir"], "--case", case_id]
+        return shlex.join(words)
     words = ["llm-conformance", "run", "--backend", meta["backend_spec"]]
     for key, value in meta.get("backend_options", {}).items():
         words += ["-o", f"{key}={value}"]

@@ -1,0 +1,53 @@
+"""A stand-in engine for the file contract (docs/file-contract.md), written as an
+engine outside Python would be: it reads only the exported folder and writes only
+safetensors outputs. Here the "engine" is the NumPy reference itself.
+
+    llm-conformance export /tmp/cases --case 'qwen3/*' --case 'op/rms_norm/*'
+    python examples/file_contract_engine.py /tmp/cases /tmp/outputs
+    llm-conformance check --outputs /tmp/outputs
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+import refimpl
+from refimpl.ops import OPS
+
+
+def run_case(case_dir: Path, out_dir: Path) -> None:
+    info = json.loads((case_dir / "case.json").read_text())
+    inputs = load_file(str(case_dir / "inputs.safetensors"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if info["level"] == "model":
+        # The reference computes in float32 or float64 only: say so for other dtypes.
+        if info["dtype"] not in ("float32", "float64"):
+            (out_dir / "NOT_IMPLEMENTED").write_text(f"this engine has no {info['dtype']} model path\n")
+            return
+        model = refimpl.from_pretrained(case_dir / info["checkpoint"], dtype=np.dtype(info["dtype"]))
+        out = model.forward(inputs["input_ids"], return_hidden_states=True)
+        tensors = {"logits": out.logits, **{f"hidden_states.{k}": v for k, v in out.hidden_states.items()}}
+    else:
+        # Widen low-precision inputs: this engine computes in float64 and rounds the result.
+        arrays = {k: (v.astype(np.float64) if v.dtype.kind == "f" or v.dtype.name == "bfloat16" else v)
+                  for k, v in inputs.items()}
+        result = OPS[info["op"]].function(**arrays, **info["params"])
+        names = list(info["outputs"])
+        tensors = result if isinstance(result, dict) else {names[0]: result}
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(out_dir / "outputs.safetensors"))
+
+
+def main(cases: str, outputs: str) -> None:
+    contract = json.loads((Path(cases) / "CONTRACT.json").read_text())
+    for entry in contract["cases"]:
+        try:
+            run_case(Path(cases) / entry["folder"], Path(outputs) / entry["folder"])
+        except Exception as exc:  # an engine reports its own failures as ERROR files
+            (Path(outputs) / entry["folder"] / "ERROR").write_text(f"{type(exc).__name__}: {exc}\n")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
