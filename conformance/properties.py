@@ -486,8 +486,11 @@ def _hypothesis_check(name: str, strategy, body: Callable, ops: dict, run: RunSe
     return _classify(name, run.hypothesis(given(strategy)(property_test)), tally)
 
 
-def run_settings(dtype: str, profile: str) -> RunSettings:
+def run_settings(dtype: str, profile: str, derandomize: bool = True) -> RunSettings:
     """The :class:`RunSettings` of a dtype and profile.
+
+    ``derandomize=False`` (the pytest plugin's quick and thorough profiles) draws new
+    examples on every run; the CLI and the plugin's ci profile always derandomize.
 
     Raises:
         ConformanceError: unknown dtype or profile (the known ones are listed).
@@ -497,7 +500,7 @@ def run_settings(dtype: str, profile: str) -> RunSettings:
     if profile not in PROFILES:
         raise ConformanceError(f"unknown profile '{profile}'; profiles: {', '.join(PROFILES)}")
     hypothesis = settings(
-        max_examples=PROFILES[profile], derandomize=True, database=None, deadline=None,
+        max_examples=PROFILES[profile], derandomize=derandomize, database=None, deadline=None,
         phases=(Phase.explicit, Phase.generate, Phase.shrink), report_multiple_bugs=False,
         suppress_health_check=list(HealthCheck), verbosity=Verbosity.quiet, print_blob=False,
     )
