@@ -3,7 +3,7 @@
     llm-conformance run --backend NAME|module:factory [-o key=value ...] [--dtype float32]
                         [--level all|model|op] [--op NAME ...]
                         [--golden-dir DIR] [--case GLOB ...] [--report FILE.json]
-                        [--skip-file FILE ...] [--xfail-file FILE ...] [--junit FILE.xml]
+                        [--skip-file FILE ...] [--xfail-file FILE ...] [--junit FILE.xml] [--html FILE.html]
                         [--compare-to OLD.json [--drift-factor 2]] [--repro-dir DIR]
     llm-conformance export DIR [--dtype float32] [--level ...] [--case GLOB ...] [--golden-dir DIR]
     llm-conformance check --outputs DIR2 [--dtype float32] [same selection and report options as run]
@@ -162,6 +162,9 @@ def cli():
 @click.option("--xfail-file", "xfail_files", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
               metavar="FILE", help="Case-id globs known to fail ('GLOB  # reason' per line); a pass exits 1; "
                                    "repeatable.")
+@click.option("--html", "html_path", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE.html",
+              help="Also write a self-contained HTML page: summary, support matrix, every case, and a plot of the "
+                   "error per layer of each failing model case (needs matplotlib).")
 @click.option("--junit", type=click.Path(path_type=Path, dir_okay=False), help="Also write a JUnit XML report here.")
 @click.option("--compare-to", "compare_to", type=click.Path(path_type=Path, dir_okay=False), metavar="OLD.json",
               help="A previous --report: flag cases that passed then and not now, or whose headline rel RMS grew "
@@ -173,15 +176,15 @@ def cli():
                    "or errored case under DIR/<case id with / as __>/; DIR is created if missing.")
 @_input_errors_as_one_line
 def run_command(backend, options, dtype, level, op_names, golden_dir, case_globs, report, skip_files, xfail_files,
-                junit, compare_to, drift_factor, repro_dir):
+                html_path, junit, compare_to, drift_factor, repro_dir):
     """Run a backend over the golden cases and report per case."""
     _run_and_report(lambda: resolve_backend(backend, options), {"backend_spec": backend, "backend_options": options},
                     dtype, level, op_names, golden_dir, case_globs, report, skip_files, xfail_files, junit,
-                    compare_to, drift_factor, repro_dir)
+                    compare_to, drift_factor, repro_dir, html_path=html_path)
 
 
 def _run_and_report(make_backend, spec: dict, dtype, level, op_names, golden_dir, case_globs, report, skip_files,
-                    xfail_files, junit, compare_to, drift_factor, repro_dir, select_hook=None):
+                    xfail_files, junit, compare_to, drift_factor, repro_dir, select_hook=None, html_path=None):
     """The body of ``run`` and ``check``: select cases, run the backend ``make_backend()`` returns,
     print and write the reports, and exit with ``run``'s status. ``spec`` goes into the report's
     metadata (``backend_spec`` and ``backend_options``, or ``outputs_dir`` for ``check``);
@@ -198,7 +201,7 @@ def _run_and_report(make_backend, spec: dict, dtype, level, op_names, golden_dir
     cases = select_level(select_cases(manifest.cases, case_globs), level, op_names)
     if not cases:
         raise ConformanceError(f"no case is selected (--level {level}, --case {list(case_globs)})")
-    for path in (report, junit):
+    for path in (report, junit, html_path):
         if path is not None:
             _check_writable(path)
     if repro_dir is not None:
@@ -224,6 +227,10 @@ def _run_and_report(make_backend, spec: dict, dtype, level, op_names, golden_dir
         write_json_report(report, results, meta, extra)
     if junit:
         write_junit_report(junit, results, meta)
+    if html_path:
+        from .html_report import write_html_report
+
+        write_html_report(html_path, results, meta)
     console = _stdout_console()
     print_report(results, meta, console)
     if old is not None:
@@ -288,14 +295,17 @@ def export_command(directory, dtype, level, op_names, golden_dir, case_globs):
               metavar="FILE", help="As for run.")
 @click.option("--xfail-file", "xfail_files", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
               metavar="FILE", help="As for run.")
+@click.option("--html", "html_path", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE.html",
+              help="Also write a self-contained HTML page: summary, support matrix, every case, and a plot of the "
+                   "error per layer of each failing model case (needs matplotlib).")
 @click.option("--junit", type=click.Path(path_type=Path, dir_okay=False), help="Also write a JUnit XML report here.")
 @click.option("--compare-to", "compare_to", type=click.Path(path_type=Path, dir_okay=False), metavar="OLD.json",
               help="As for run.")
 @click.option("--drift-factor", type=click.FloatRange(min=1.0), default=DEFAULT_FACTOR, show_default=True)
 @click.option("--repro-dir", "repro_dir", type=click.Path(path_type=Path), metavar="DIR", help="As for run.")
 @_input_errors_as_one_line
-def check_command(outputs_dir, exported_dir, dtype, level, op_names, golden_dir, case_globs, report, skip_files, xfail_files,
-                  junit, compare_to, drift_factor, repro_dir):
+def check_command(outputs_dir, exported_dir, dtype, level, op_names, golden_dir, case_globs, report, skip_files,
+                  xfail_files, html_path, junit, compare_to, drift_factor, repro_dir):
     """Judge the outputs an engine wrote for `llm-conformance export` cases, exactly as `run` judges a backend.
     A case without a folder, or with a NOT_IMPLEMENTED file, is "not implemented"; an ERROR file is "error"."""
     from .file_contract import FileOutputsBackend, read_contract
@@ -320,7 +330,7 @@ def check_command(outputs_dir, exported_dir, dtype, level, op_names, golden_dir,
     spec = {"backend_spec": "files", "backend_options": {}, "outputs_dir": str(Path(outputs_dir).resolve())}
     _run_and_report(lambda: FileOutputsBackend(outputs_dir), spec, dtype, level, op_names, golden_dir, case_globs,
                     report, skip_files, xfail_files, junit, compare_to, drift_factor, repro_dir,
-                    select_hook=warn_stray)
+                    select_hook=warn_stray, html_path=html_path)
 
 
 @cli.command("matrix")

@@ -1,0 +1,83 @@
+"""``run --html``: the page renders in a real headless browser (Debian's Chromium,
+installed by ``.ci/run``) with every failing case listed and each failing model
+case's error plot visible (non-zero rendered size)."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+from click.testing import CliRunner
+
+from conformance.cli import cli
+from conformance.html_report import family, render_html
+from conformance.runner import CaseResult, Status
+
+BROKEN = "broken_backends:sliding_window_plus_one"  # fails exactly the qwen3 sliding-window case
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if path is None:
+        if os.environ.get("LLM_REQUIRE_BROWSER") == "1":
+            pytest.fail("LLM_REQUIRE_BROWSER=1 but no chromium on PATH (.ci/run installs Debian's chromium)")
+        pytest.skip("no chromium on PATH (.ci/run installs it)")
+    return path
+
+
+def browse(page, tmp_path, *args) -> subprocess.CompletedProcess:
+    command = [chromium(), *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args, page.as_uri()]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def page(golden_dir, tmp_path_factory):
+    pytest.importorskip("matplotlib")
+    out = tmp_path_factory.mktemp("html")
+    result = CliRunner().invoke(cli, ["run", "--backend", BROKEN, "--case", "qwen3/*", "--golden-dir", str(golden_dir),
+                                      "--html", str(out / "report.html"), "--report", str(out / "report.json")])
+    assert result.exit_code == 1, result.output
+    failing = [e["case_id"] for e in json.loads((out / "report.json").read_text())["results"] if e["status"] == "failed"]
+    assert failing == ["qwen3/sliding-window"]
+    return out / "report.html", failing
+
+
+def test_page_renders_with_plots_and_every_failure(page, tmp_path):
+    path, failing = page
+    dom = browse(path, tmp_path, "--virtual-time-budget=5000", "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    match = re.search(r'data-rendered="([^"]*)"', dom.stdout)
+    assert match, "the load handler did not run"
+    sizes = json.loads(html.unescape(match.group(1)))
+    assert set(sizes) == set(failing)
+    for case, (natural_w, natural_h, shown_w, shown_h) in sizes.items():
+        assert natural_w > 100 and natural_h > 100 and shown_w > 100 and shown_h > 100, (case, sizes[case])
+    rows = re.findall(r'<tr class="case" data-status="([^"]+)"><td>([^<]+)</td>', dom.stdout)
+    assert {case for status, case in rows if status == "failed"} == set(failing)
+    assert len(rows) == 11 and rows[0][0] == "failed"  # failures first
+    shot = tmp_path / "report.png"
+    taken = browse(path, tmp_path, "--window-size=1200,2400", f"--screenshot={shot}")
+    assert taken.returncode == 0 and shot.stat().st_size > 10_000
+
+
+def _result(case_id, status, **kw):
+    return CaseResult(case_id=case_id, dtype="float32", status=status, **kw)
+
+
+def test_page_lists_errors_and_marks_partial_runs_without_a_browser():
+    results = [_result("op/rms_norm/plain", Status.ERROR, message="RuntimeError: <boom> & more"),
+               _result("qwen3/a", Status.PASSED), _result("gemma3/b", Status.NOT_IMPLEMENTED, message="no")]
+    meta = {"backend": "x", "backend_spec": "x", "dtype": "float32", "corpus_version": "9", "golden_dir": "/g"}
+    text = render_html(results, meta, partial=True)
+    assert 'id="partial"' in text and "RuntimeError: &lt;boom&gt; &amp; more" in text
+    assert "llm-conformance run --backend x --dtype float32 --golden-dir /g --case op/rms_norm/plain" in text
+    assert text.index("op/rms_norm/plain") < text.index("qwen3/a")
+    assert "No failing model case." in text
+    assert family("op/rms_norm/plain") == "op/rms_norm" and family("qwen3/a") == "qwen3"
