@@ -147,7 +147,7 @@ def cli():
 
 @cli.command("run")
 @click.option("--backend", required=True,
-              help="Built-in name (refimpl, transformers, torch) or package.module:factory.")
+              help="Built-in name (refimpl, transformers, torch, onnxruntime) or package.module:factory.")
 @click.option("-o", "--option", "options", multiple=True, callback=_parse_options, metavar="KEY=VALUE",
               help="Backend option, passed to its factory as a keyword argument; repeatable.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
@@ -335,7 +335,7 @@ def check_command(outputs_dir, exported_dir, dtype, level, op_names, golden_dir,
 
 @cli.command("matrix")
 @click.option("--backend", "backend_specs", required=True, multiple=True,
-              help="Built-in name (refimpl, transformers, torch) or package.module:factory; repeatable, "
+              help="Built-in name (refimpl, transformers, torch, onnxruntime) or package.module:factory; repeatable, "
                    "one column each.")
 @click.option("-o", "--option", "options", multiple=True, callback=_parse_options, metavar="KEY=VALUE",
               help="Backend option, passed to every backend's factory; repeatable.")
@@ -383,7 +383,7 @@ def list_command(golden_dir):
 
 @cli.command("properties")
 @click.option("--backend", required=True,
-              help="Built-in name (refimpl, transformers, torch) or package.module:factory.")
+              help="Built-in name (refimpl, transformers, torch, onnxruntime) or package.module:factory.")
 @click.option("-o", "--option", "options", multiple=True, callback=_parse_options, metavar="KEY=VALUE",
               help="Backend option, passed to its factory as a keyword argument; repeatable.")
 @click.option("--dtype", default="float64", show_default=True, help="Dtype of the op inputs: float64 or float32.")

@@ -19,6 +19,7 @@ BUILTINS = {
     "refimpl": "conformance.backends.refimpl_backend:RefimplBackend",
     "transformers": "conformance.backends.transformers_backend:TransformersBackend",
     "torch": "conformance.backends.torch_backend:TorchBackend",
+    "onnxruntime": "conformance.backends.onnxruntime_backend:OnnxRuntimeBackend",
 }
 
 __all__ = ["BUILTINS", "Backend", "BackendOutput", "LoadedModel", "resolve_backend"]
