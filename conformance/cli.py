@@ -5,6 +5,7 @@
                         [--golden-dir DIR] [--case GLOB ...] [--report FILE.json]
                         [--skip-file FILE ...] [--xfail-file FILE ...] [--junit FILE.xml] [--html FILE.html]
                         [--compare-to OLD.json [--drift-factor 2]] [--repro-dir DIR]
+                        [--isolate/--no-isolate] [--timeout SECONDS]
     llm-conformance export DIR [--dtype float32] [--level ...] [--case GLOB ...] [--golden-dir DIR]
     llm-conformance check --outputs DIR2 [--dtype float32] [same selection and report options as run]
     llm-conformance matrix --backend NAME|module:factory [--backend ...] [-o key=value ...]
@@ -14,8 +15,9 @@
                                [--profile quick|ci|thorough] [--property NAME ...]
 
 Exit status of ``run``: 0 when every case passed, is not implemented, skipped or
-xfailed (and at least one passed or xfailed), 1 when any failed, errored or
-xpassed or none could be checked, 2 for usage and input errors (a malformed
+xfailed (and at least one passed or xfailed), 1 when any failed, was nan, errored,
+crashed, timed out or xpassed, or none could be checked, 130 when interrupted
+(Ctrl-C; the reports are still written, marked partial), 2 for usage and input errors (a malformed
 skip or xfail line is one: ``error: FILE:LINE: ...``; so is a ``--compare-to``
 file that is missing or not a report). Drift flagged by ``--compare-to`` does not
 change the exit status. Input errors (bad corpus, hash
@@ -49,10 +51,12 @@ from .matrix import support_matrix
 from .expectations import load_expectations
 from .report import FAILING, print_report, write_json_report, write_junit_report
 from .repro import prepare_repro_dir, write_repro_bundles
-from .runner import Status, one_line, run_suite
+from .isolation import DEFAULT_TIMEOUT, IsolatedRunner
+from .runner import RunInterrupted, Status, one_line, run_suite
 
 EXIT_FAILED = 1
 EXIT_INPUT_ERROR = 2
+EXIT_INTERRUPTED = 130
 
 
 def _input_errors_as_one_line(command):
@@ -174,21 +178,31 @@ def cli():
 @click.option("--repro-dir", "repro_dir", type=click.Path(path_type=Path), metavar="DIR",
               help="Write a repro bundle (inputs, expected outputs, case.json with the repro command) per failed "
                    "or errored case under DIR/<case id with / as __>/; DIR is created if missing.")
+@click.option("--isolate/--no-isolate", default=True, show_default=True,
+              help="Run the cases in a worker process, so that a crash or hang costs one case (status crashed or "
+                   "timed out) instead of the run; --no-isolate runs them in this process (debuggers, profilers).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TIMEOUT, show_default=True,
+              metavar="SECONDS", help="With --isolate: seconds one case (load + run) may take before it is 'timed out'.")
 @_input_errors_as_one_line
 def run_command(backend, options, dtype, level, op_names, golden_dir, case_globs, report, skip_files, xfail_files,
-                html_path, junit, compare_to, drift_factor, repro_dir):
+                html_path, junit, compare_to, drift_factor, repro_dir, isolate, timeout):
     """Run a backend over the golden cases and report per case."""
-    _run_and_report(lambda: resolve_backend(backend, options), {"backend_spec": backend, "backend_options": options},
+    _run_and_report(functools.partial(resolve_backend, backend, options),
+                    {"backend_spec": backend, "backend_options": options},
                     dtype, level, op_names, golden_dir, case_globs, report, skip_files, xfail_files, junit,
-                    compare_to, drift_factor, repro_dir, html_path=html_path)
+                    compare_to, drift_factor, repro_dir, html_path=html_path, isolate=isolate, timeout=timeout)
 
 
-def _run_and_report(make_backend, spec: dict, dtype, level, op_names, golden_dir, case_globs, report, skip_files,
-                    xfail_files, junit, compare_to, drift_factor, repro_dir, select_hook=None, html_path=None):
-    """The body of ``run`` and ``check``: select cases, run the backend ``make_backend()`` returns,
-    print and write the reports, and exit with ``run``'s status. ``spec`` goes into the report's
-    metadata (``backend_spec`` and ``backend_options``, or ``outputs_dir`` for ``check``);
-    ``select_hook(backend, cases)`` runs once the cases are chosen (``check`` warns about stray folders)."""
+def _run_and_report(factory, spec: dict, dtype, level, op_names, golden_dir, case_globs, report, skip_files,
+                    xfail_files, junit, compare_to, drift_factor, repro_dir, select_hook=None, html_path=None,
+                    isolate=False, timeout=DEFAULT_TIMEOUT):
+    """The body of ``run`` and ``check``: select cases, run the backend ``factory()`` returns
+    (in a worker process when ``isolate``; ``factory`` must then be picklable), print and write
+    the reports, and exit with ``run``'s status. ``spec`` goes into the report's metadata
+    (``backend_spec`` and ``backend_options``, or ``outputs_dir`` for ``check``);
+    ``select_hook(cases)`` runs once the cases are chosen (``check`` warns about stray folders).
+    On Ctrl-C the reports of the finished cases are written, marked partial, and the exit
+    status is 130."""
     golden_dir = golden_dir or default_golden_dir()
     old = load_old_report(compare_to) if compare_to is not None else None
     manifest = read_manifest(golden_dir)
@@ -206,16 +220,33 @@ def _run_and_report(make_backend, spec: dict, dtype, level, op_names, golden_dir
             _check_writable(path)
     if repro_dir is not None:
         prepare_repro_dir(repro_dir)
-    chosen = make_backend()
     if select_hook is not None:
-        select_hook(chosen, cases)
+        select_hook(cases)
+    isolated = chosen = None
+    if isolate:
+        isolated = IsolatedRunner(factory, golden_dir, dtype, timeout=timeout)
+        isolated.start()
+        name, versions = isolated.name, isolated.versions
+    else:
+        chosen = factory()
+        name, versions = chosen.name, package_versions(chosen)
     started = _now()
-    results = run_suite(chosen, cases, golden_dir, dtype, progress=True, expectations=expectations)
+    partial = False
+    try:
+        results = run_suite(chosen, cases, golden_dir, dtype, progress=True, expectations=expectations,
+                            isolated=isolated)
+    except RunInterrupted as interrupted:
+        results, partial = interrupted.results, True
+        click.echo(f"interrupted: writing a partial report of the {len(results)} case(s) that finished", err=True)
+    finally:
+        if isolated is not None:
+            isolated.stop()
     meta = {
-        "backend": chosen.name, **spec,
-        "package_versions": package_versions(chosen), "dtype": dtype,
+        "backend": name, **spec,
+        "package_versions": versions, "dtype": dtype,
         "corpus_version": manifest.corpus_version, "golden_dir": str(Path(golden_dir).resolve()),
         "conformance_version": __version__, "started_at": started, "finished_at": _now(),
+        "isolated": bool(isolate), **({"timeout_s": timeout} if isolate else {}), "partial": partial,
     }
     drift = {}
     if old is not None:
@@ -230,7 +261,7 @@ def _run_and_report(make_backend, spec: dict, dtype, level, op_names, golden_dir
     if html_path:
         from .html_report import write_html_report
 
-        write_html_report(html_path, results, meta)
+        write_html_report(html_path, results, meta, partial=partial)
     console = _stdout_console()
     print_report(results, meta, console)
     if old is not None:
@@ -240,6 +271,8 @@ def _run_and_report(make_backend, spec: dict, dtype, level, op_names, golden_dir
         written = write_repro_bundles(repro_dir, cases, results, golden_dir, meta)
         console.print(f"repro bundles: {written} written to {repro_dir}", markup=False, highlight=False,
                       soft_wrap=True)
+    if partial:
+        sys.exit(EXIT_INTERRUPTED)
     if any(r.status in FAILING for r in results):
         sys.exit(EXIT_FAILED)
     if not any(r.status in (Status.PASSED, Status.XFAILED) for r in results):
@@ -323,12 +356,12 @@ def check_command(outputs_dir, exported_dir, dtype, level, op_names, golden_dir,
             raise ConformanceError(f"--case selects none of the {len(exported)} case(s) of the export {exported_dir}")
     dtype = dtype or "float32"
 
-    def warn_stray(backend, cases):
-        for name in backend.stray_folders(cases):
+    def warn_stray(cases):
+        for name in FileOutputsBackend(outputs_dir).stray_folders(cases):
             click.echo(f"warning: {outputs_dir / name} matches no selected case; it is ignored", err=True)
 
     spec = {"backend_spec": "files", "backend_options": {}, "outputs_dir": str(Path(outputs_dir).resolve())}
-    _run_and_report(lambda: FileOutputsBackend(outputs_dir), spec, dtype, level, op_names, golden_dir, case_globs,
+    _run_and_report(functools.partial(FileOutputsBackend, outputs_dir), spec, dtype, level, op_names, golden_dir, case_globs,
                     report, skip_files, xfail_files, junit, compare_to, drift_factor, repro_dir,
                     select_hook=warn_stray, html_path=html_path)
 

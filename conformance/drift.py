@@ -41,14 +41,18 @@ def load_old_report(path) -> OldReport:
     """Read and check a previous ``--report`` file.
 
     Raises:
-        ConformanceError: the file is missing, unreadable, not JSON, or not a report
-            (an object with a ``results`` list of objects carrying ``case_id`` and ``status``).
+        ConformanceError: the file is missing, not a regular file, unreadable, not JSON, or
+            not a report (an object with a ``results`` list of objects carrying ``case_id``
+            and ``status``).
     """
+    # A FIFO or device would block the read (or never end).
+    if Path(path).exists() and not Path(path).is_file():
+        raise ConformanceError(f"--compare-to {path}: cannot read it (not a regular file)")
     try:
         document = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConformanceError(f"--compare-to {path}: cannot read it ({exc.strerror or exc})") from None
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ConformanceError(f"--compare-to {path}: not a JSON file ({exc})") from None
     results = document.get("results") if isinstance(document, dict) else None
     meta = document.get("meta", {}) if isinstance(document, dict) else None
@@ -79,7 +83,7 @@ def _headline_rel_rms(comparisons) -> float | None:
         if top.get("nonfinite"):
             return math.inf
         value = float(top["rel_rms"])
-    except (AttributeError, KeyError, TypeError, ValueError):
+    except (AttributeError, KeyError, TypeError, ValueError, OverflowError):
         return None
     return math.inf if math.isnan(value) else value
 

@@ -28,6 +28,11 @@ from pathlib import Path
 from .errors import ConformanceError
 
 
+#: Longest glob accepted on a line: case ids are short, and fnmatch compiles each glob to a
+#: regular expression (a megabyte-long line takes seconds).
+MAX_GLOB_CHARS = 1000
+
+
 class ExpectationError(ConformanceError):
     """A skip or xfail file cannot be read or has a malformed line (the message starts with FILE:LINE)."""
 
@@ -61,7 +66,8 @@ def parse_line(text: str, path: str, line: int, reason_required: bool) -> Entry 
     """The entry on one line, or None for a blank or comment line.
 
     Raises:
-        ExpectationError: the glob contains whitespace, or a required reason is missing.
+        ExpectationError: the glob contains whitespace, is longer than :data:`MAX_GLOB_CHARS`,
+            has a ``[`` that no ``]`` closes, or a required reason is missing.
     """
     stripped = text.strip()
     if not stripped or stripped.startswith("#"):
@@ -71,6 +77,13 @@ def parse_line(text: str, path: str, line: int, reason_required: bool) -> Entry 
     if len(pattern.split()) != 1:
         raise ExpectationError(f"{path}:{line}: expected '<case-id glob>  # reason', got '{stripped}' "
                                "(a glob cannot contain spaces)")
+    if len(pattern) > MAX_GLOB_CHARS:
+        raise ExpectationError(f"{path}:{line}: glob of {len(pattern)} characters; case ids are short "
+                               f"(at most {MAX_GLOB_CHARS} accepted)")
+    # fnmatch reads an unclosed '[' literally, rescanning the rest of the glob for each one
+    # (quadratic); case ids never contain '[', so such a glob is a typo.
+    if pattern.rfind("[") > pattern.rfind("]"):
+        raise ExpectationError(f"{path}:{line}: glob '{pattern}' has a '[' that no ']' closes")
     if reason_required and not reason:
         raise ExpectationError(f"{path}:{line}: xfail entry '{pattern}' has no reason; write '{pattern}  # reason'")
     return Entry(pattern, reason, path, line)
@@ -80,8 +93,12 @@ def parse_file(path, reason_required: bool) -> tuple[Entry, ...]:
     """Every entry of one skip (``reason_required=False``) or xfail (``True``) file, in file order.
 
     Raises:
-        ExpectationError: the file cannot be read as UTF-8 text, or a line is malformed.
+        ExpectationError: the file is not a regular file or cannot be read as UTF-8 text,
+            or a line is malformed.
     """
+    # A FIFO or device would block the read (or never end).
+    if Path(path).exists() and not Path(path).is_file():
+        raise ExpectationError(f"cannot read {path} (not a regular file)")
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:

@@ -123,13 +123,16 @@ def read_contract(export_dir) -> dict:
     """``CONTRACT.json`` of an export directory, checked.
 
     Raises:
-        ConformanceError: the file is missing, unreadable, of another contract version,
-            or malformed.
+        ConformanceError: the file is missing, not a regular file, unreadable, of another
+            contract version, or malformed.
     """
     path = Path(export_dir) / CONTRACT_FILE
+    # A FIFO or device would block the read (or never end).
+    if path.exists() and not path.is_file():
+        raise ConformanceError(f"cannot read {path} (not a regular file); is {export_dir} an llm-conformance export?")
     try:
         contract = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise ConformanceError(f"cannot read {path} ({exc}); is {export_dir} an llm-conformance export?") from None
     if not isinstance(contract, dict) or contract.get("contract_version") != CONTRACT_VERSION:
         found = contract.get("contract_version") if isinstance(contract, dict) else None

@@ -35,10 +35,9 @@ from collections import Counter
 from pathlib import Path
 
 from .errors import ConformanceError
-from .report import _ROW_ORDER, headline, repro_command, summary_line
+from .report import _ROW_ORDER, REPRO, headline, repro_command, summary_line
 from .runner import CaseResult, Status, tap_order
 
-_FAILING = (Status.FAILED, Status.ERROR, Status.XPASSED)
 _STATUS_CLASS = {status: status.value.replace(" ", "-") for status in Status}
 
 _CSS = """
@@ -47,7 +46,8 @@ table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: left; vertical-align: top; }
 th { background: #f2f2f2; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-.passed { color: #17702a; } .failed, .error, .xpassed { color: #b00020; font-weight: bold; }
+.passed { color: #17702a; }
+.failed, .error, .xpassed, .nan, .crashed, .timed-out { color: #b00020; font-weight: bold; }
 .not-implemented, .skipped { color: #777; } .xfailed { color: #a06000; }
 code { font-size: 0.85em; word-break: break-all; }
 .plot { margin: 1em 0 2em 0; } .plot img { max-width: 100%; border: 1px solid #ddd; }
@@ -153,7 +153,7 @@ def _cases_html(results: list[CaseResult], meta: dict) -> str:
         rel = "" if c is None else (f"{c.nonfinite} NaN/Inf" if c.nonfinite else f"{c.rel_rms:.2e}")
         mx = "" if c is None else f"{c.max_abs:.2e}"
         repro = (f"<br><code>repro: {_e(repro_command(meta, r.case_id))}</code>"
-                 if r.status in (Status.FAILED, Status.ERROR) else "")
+                 if r.status in REPRO else "")
         message = r.message if r.status not in (Status.XFAILED, Status.XPASSED) else \
             f"xfail ({r.expectation}): {r.message}"
         rows.append(
@@ -172,7 +172,7 @@ def render_html(results: list[CaseResult], meta: dict, partial: bool = False) ->
                                        "finished_at", "package_versions") if meta.get(k) not in (None, "", {})}
     info_rows = "".join(f"<tr><th>{_e(k)}</th><td><code>{_e(v if isinstance(v, str) else json.dumps(v))}</code></td></tr>"
                         for k, v in info.items())
-    failing_models = [r for r in results if r.status in (Status.FAILED, Status.XFAILED)
+    failing_models = [r for r in results if r.status in (Status.FAILED, Status.NAN, Status.XFAILED)
                       and r.comparisons and "logits" in r.comparisons and len(r.comparisons) > 1]
     plots = "".join(_plot_html(r) for r in failing_models) or "<p>No failing model case.</p>"
     banner = ('<p class="partial" id="partial">Partial results: the run was interrupted; '

@@ -13,7 +13,9 @@ A golden directory holds ``MANIFEST.json``::
 Every path is relative to the golden directory and must stay inside it. The data
 file holds ``input_ids`` int64 ``(B, T)``, ``logits`` float64 ``(B, T, V)`` and
 ``hidden_states.<tap>`` float64 ``(B, T, M)`` for the taps ``embed``,
-``layers.{l}`` and ``norm``.
+``layers.{l}`` and ``norm``. A model case whose manifest entry has ``"mtp_depths": D``
+(D > 0) also holds the multi-token-prediction draft logits ``mtp_logits.{k}`` float64
+``(B, T-k, V)`` for k = 1..D (row i predicts token ``t_{i+k+1}``; ``refimpl.mtp``).
 """
 
 from __future__ import annotations
@@ -36,11 +38,17 @@ from .errors import HashMismatchError, ManifestError
 MANIFEST_NAME = "MANIFEST.json"
 GOLDEN_ENV = "LLM_CONFORMANCE_GOLDEN"
 HIDDEN_PREFIX = "hidden_states."
+#: Name prefix of the multi-token-prediction draft logits in a model case's data file.
+MTP_PREFIX = "mtp_logits."
 INPUT_PREFIX = "inputs."
 OUTPUT_PREFIX = "outputs."
 #: Case levels: a whole model from a checkpoint, or one named op.
 LEVELS = ("model", "op")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+#: A case id: ``/``-separated names of letters, digits and ``._+-``, each starting with a
+#: letter or digit (ids become report rows and repro / export folder names).
+_CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*(/[A-Za-z0-9][A-Za-z0-9._+-]*)*$")
+MAX_CASE_ID_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,8 @@ class Case:
         op: the op name of ``refimpl.ops.OPS`` (op cases; None for models).
         files: ``{relative path: sha256 hex}`` of every file the case depends on.
         description, seed, config_summary: provenance, shown to users only.
+        mtp_depths: model cases only: how many multi-token-prediction depths the expected
+            outputs include (``mtp_logits.1`` .. ``mtp_logits.{D}``); 0 for none.
     """
 
     id: str
@@ -70,6 +80,7 @@ class Case:
     description: str = ""
     seed: int | None = None
     config_summary: dict = field(default_factory=dict)
+    mtp_depths: int = 0
 
 
 @dataclass(frozen=True)
@@ -109,11 +120,13 @@ def inside(golden_dir: Path, relative: str, what: str) -> Path:
     """Resolve ``relative`` against ``golden_dir``, refusing paths that leave it.
 
     Raises:
-        ManifestError: ``relative`` is empty, absolute, or escapes ``golden_dir``
-            (with ``..`` or through a symlink).
+        ManifestError: ``relative`` is empty, holds a NUL character, is absolute, or
+            escapes ``golden_dir`` (with ``..`` or through a symlink).
     """
     if not isinstance(relative, str) or not relative:
         raise ManifestError(f"{what}: path must be a non-empty string, got {relative!r}")
+    if "\0" in relative:
+        raise ManifestError(f"{what}: path {relative!r} contains a NUL character")
     if PurePosixPath(relative).is_absolute() or PureWindowsPath(relative).anchor:
         raise ManifestError(f"{what}: path '{relative}' is absolute; paths must be relative to the golden directory")
     root = Path(golden_dir).resolve()
@@ -127,11 +140,14 @@ def read_manifest(golden_dir) -> Manifest:
     """Parse and validate ``golden_dir/MANIFEST.json``.
 
     Raises:
-        ManifestError: the file is missing, unreadable, not JSON, lacks a field, has a
-            field of the wrong type, repeats a case id, or names a path outside
-            ``golden_dir``.
+        ManifestError: the file is missing, not a regular file, unreadable, not JSON,
+            lacks a field, has a field of the wrong type, repeats a case id or has a
+            malformed one, or names a path outside ``golden_dir``.
     """
     path = Path(golden_dir) / MANIFEST_NAME
+    # A FIFO or device would block the read (or never end).
+    if path.exists() and not path.is_file():
+        raise ManifestError(f"{path}: cannot read manifest (not a regular file)")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -139,6 +155,10 @@ def read_manifest(golden_dir) -> Manifest:
     except (OSError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{path}: cannot read manifest ({exc})") from None
     except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path}: invalid JSON ({exc})") from None
+    except RecursionError:
+        raise ManifestError(f"{path}: invalid JSON (nested too deeply)") from None
+    except ValueError as exc:  # an integer literal beyond Python's digit limit
         raise ManifestError(f"{path}: invalid JSON ({exc})") from None
     if not isinstance(raw, dict):
         raise ManifestError(f"{path}: expected a JSON object, got {type(raw).__name__}")
@@ -176,6 +196,10 @@ def _parse_case(golden_dir, raw, where: str) -> Case:
     """Build a :class:`Case` from one manifest entry, checking types and paths."""
     if not isinstance(raw, dict):
         raise ManifestError(f"{where}: expected an object, got {type(raw).__name__}")
+    if isinstance(raw.get("id"), str) and (len(raw["id"]) > MAX_CASE_ID_CHARS or not _CASE_ID.match(raw["id"])):
+        raise ManifestError(f"{where}: case id {raw['id'][:MAX_CASE_ID_CHARS]!r} must be '/'-separated names of "
+                            f"letters, digits and ._+- (each starting with a letter or digit), at most "
+                            f"{MAX_CASE_ID_CHARS} characters")
     where = f"{where} ({raw['id']})" if isinstance(raw.get("id"), str) else where
     files = _field(raw, "files", dict, where)
     for name, digest in files.items():
@@ -197,6 +221,7 @@ def _parse_case(golden_dir, raw, where: str) -> Case:
         description=_field(raw, "description", str, where) if "description" in raw else "",
         seed=raw.get("seed"),
         config_summary=_field(raw, "config_summary", dict, where) if "config_summary" in raw else {},
+        mtp_depths=_mtp_depths(raw, model, where),
     )
     if model:
         inside(golden_dir, case.checkpoint, f"{where}: checkpoint")
@@ -205,6 +230,16 @@ def _parse_case(golden_dir, raw, where: str) -> Case:
     if case.data not in files:
         raise ManifestError(f"{where}: data file '{case.data}' is not listed in 'files'")
     return case
+
+
+def _mtp_depths(raw: dict, model: bool, where: str) -> int:
+    """The optional ``mtp_depths`` of a model case: a non-negative integer, 0 when absent."""
+    value = raw.get("mtp_depths", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ManifestError(f"{where}: field 'mtp_depths' must be a non-negative integer, got {value!r}")
+    if value and not model:
+        raise ManifestError(f"{where}: field 'mtp_depths' belongs to model cases only")
+    return value
 
 
 def sha256_file(path: Path) -> str:
@@ -223,8 +258,15 @@ def _check_checkpoint_listed(golden_dir: Path, case: Case) -> None:
     checkpoint = inside(golden_dir, case.checkpoint, f"case {case.id}")
     if not checkpoint.is_dir():
         raise ManifestError(f"case {case.id}: checkpoint directory '{case.checkpoint}' is missing from {golden_dir}")
-    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+    for path in sorted(checkpoint.rglob("*")):
         name = path.relative_to(golden_dir.resolve()).as_posix()
+        # rglob does not descend into symlinked folders: a link must not lead outside either.
+        if path.is_symlink():
+            inside(golden_dir, name, f"case {case.id}: checkpoint entry")
+        if path.is_dir():
+            continue
+        if not path.is_file():
+            raise ManifestError(f"case {case.id}: checkpoint entry '{name}' is not a regular file")
         if name not in case.files:
             raise ManifestError(f"case {case.id}: checkpoint file '{name}' is not listed (with its sha256) in 'files'")
 
@@ -233,14 +275,18 @@ def verify_case_files(golden_dir, case: Case) -> None:
     """Check the sha256 of every file ``case`` lists, and that its checkpoint has no unlisted file.
 
     Raises:
-        ManifestError: a listed file is missing or unreadable, or a checkpoint file
-            is not listed (it is named).
+        ManifestError: a listed file is missing, not a regular file or unreadable; a
+            checkpoint file is not listed, or a checkpoint entry is a symlink leading
+            outside the golden directory or something other than a file or folder (it is named).
         HashMismatchError: a file's content differs from the manifest (the file
             and both hashes are named).
     """
     _check_checkpoint_listed(Path(golden_dir), case)
     for name, expected in case.files.items():
         path = inside(golden_dir, name, f"case {case.id}")
+        # A FIFO or device would block the read (or never end).
+        if path.exists() and not path.is_file():
+            raise ManifestError(f"case {case.id}: listed file '{name}' is not a regular file")
         try:
             actual = sha256_file(path)
         except FileNotFoundError:
@@ -262,8 +308,10 @@ def load_case_data(golden_dir, case: Case) -> tuple[np.ndarray, np.ndarray, dict
         ``hidden_states.`` prefix removed from the tap names.
 
     Raises:
-        ManifestError: the file is unreadable, lacks ``input_ids`` or ``logits``, or
-            holds arrays of the wrong rank, dtype kind or leading shape.
+        ManifestError: the file is unreadable, lacks ``input_ids`` or ``logits``, holds
+            arrays of the wrong rank, dtype kind or leading shape, or token ids that are
+            negative or not below the checkpoint config.json's ``vocab_size``; or the case's
+            ``architecture`` differs from that config.json's ``architectures`` entry.
     """
     path = inside(golden_dir, case.data, f"case {case.id}")
     try:
@@ -278,6 +326,7 @@ def load_case_data(golden_dir, case: Case) -> tuple[np.ndarray, np.ndarray, dict
         raise ManifestError(
             f"case {case.id}: input_ids must be a 2-D integer array, got {input_ids.dtype} {input_ids.shape}"
         )
+    _check_input_ids(golden_dir, case, input_ids)
     hidden = {k[len(HIDDEN_PREFIX):]: v for k, v in tensors.items() if k.startswith(HIDDEN_PREFIX)}
     for name, array in {"logits": logits, **hidden}.items():
         if array.ndim != 3 or array.shape[:2] != input_ids.shape or not np.issubdtype(array.dtype, np.floating):
@@ -286,6 +335,79 @@ def load_case_data(golden_dir, case: Case) -> tuple[np.ndarray, np.ndarray, dict
                 f"got {array.dtype} {array.shape}"
             )
     return input_ids.astype(np.int64), logits.astype(np.float64), {k: v.astype(np.float64) for k, v in hidden.items()}
+
+
+def _check_input_ids(golden_dir, case: Case, input_ids: np.ndarray) -> None:
+    """Refuse empty ids, negative ids and ids at or above the checkpoint's vocab_size, and a
+    manifest ``architecture`` that contradicts the checkpoint's config.json.
+
+    Raises:
+        ManifestError: naming the case and the problem (the first offending id and its position).
+    """
+    if input_ids.size == 0:
+        raise ManifestError(f"case {case.id}: input_ids is empty (shape {input_ids.shape})")
+    config = _checkpoint_config(golden_dir, case)
+    named = config.get("architectures")
+    if isinstance(named, list) and len(named) == 1 and isinstance(named[0], str) and named[0] != case.architecture:
+        raise ManifestError(f"case {case.id}: the manifest gives architecture '{case.architecture}', its checkpoint's "
+                            f"config.json '{named[0]}'")
+    text = config.get("text_config")
+    vocab = config.get("vocab_size", text.get("vocab_size") if isinstance(text, dict) else None)
+    if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0:
+        bad, limit = (input_ids < 0) | (input_ids >= vocab), f"[0, {vocab}), the checkpoint's vocab_size"
+    else:
+        high = np.iinfo(np.int64).max
+        bad, limit = (input_ids < 0) | (input_ids > high), f"[0, {high}]"
+    if bad.any():
+        at = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ManifestError(f"case {case.id}: input_ids holds token id {int(input_ids[at])} at {at}, outside {limit}")
+
+
+def _checkpoint_config(golden_dir, case: Case) -> dict:
+    """The case's checkpoint config.json, or ``{}`` when there is no checkpoint or no readable
+    JSON object there (the backend then reports the checkpoint's own problem)."""
+    if case.checkpoint is None:
+        return {}
+    path = inside(golden_dir, case.checkpoint, f"case {case.id}") / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def load_case_mtp_logits(golden_dir, case: Case) -> dict[str, np.ndarray]:
+    """A model case's expected multi-token-prediction draft logits (empty when ``mtp_depths`` is 0).
+
+    Returns:
+        ``{"mtp_logits.{k}": float64 (B, T-k, V)}`` for k = 1..``case.mtp_depths``.
+
+    Raises:
+        ManifestError: the file is unreadable, lacks one of the depths, or holds one of the
+            wrong shape (against ``input_ids`` and ``logits``).
+    """
+    if not case.mtp_depths:
+        return {}
+    path = inside(golden_dir, case.data, f"case {case.id}")
+    try:
+        tensors = load_file(str(path))
+    except (FileNotFoundError, SafetensorError, OSError, ValueError, TypeError) as exc:
+        raise ManifestError(f"case {case.id}: cannot read '{case.data}' ({exc})") from None
+    (batch, length), vocab = tensors["input_ids"].shape, tensors["logits"].shape[-1]
+    found = {}
+    for k in range(1, case.mtp_depths + 1):
+        name = f"{MTP_PREFIX}{k}"
+        want = (batch, max(length - k, 0), vocab)
+        if name not in tensors:
+            raise ManifestError(
+                f"case {case.id}: '{case.data}' lacks tensor '{name}' (mtp_depths is {case.mtp_depths})")
+        if tensors[name].shape != want or not np.issubdtype(tensors[name].dtype, np.floating):
+            raise ManifestError(f"case {case.id}: '{name}' must be a float array of shape {want}, "
+                                f"got {tensors[name].dtype} {tensors[name].shape}")
+        found[name] = tensors[name].astype(np.float64)
+    return found
 
 
 @dataclass(frozen=True)
@@ -320,7 +442,7 @@ def load_op_data(golden_dir, case: Case) -> OpCaseData:
         raise ManifestError(f"case {case.id}: cannot read '{case.data}' ({exc})") from None
     try:
         params = json.loads(metadata["case"])["params"]
-    except (KeyError, TypeError, json.JSONDecodeError):
+    except (KeyError, TypeError, ValueError, RecursionError):
         raise ManifestError(f"case {case.id}: '{case.data}' lacks a JSON 'params' object in metadata 'case'") from None
     if not isinstance(params, dict):
         raise ManifestError(f"case {case.id}: params must be a JSON object, got {params!r}")

@@ -24,26 +24,30 @@ from rich.text import Text
 from .errors import ConformanceError
 from .runner import CaseResult, Status
 
-_ROW_ORDER = [Status.FAILED, Status.ERROR, Status.XPASSED, Status.XFAILED, Status.NOT_IMPLEMENTED, Status.SKIPPED,
-              Status.PASSED]
+_ROW_ORDER = [Status.CRASHED, Status.TIMED_OUT, Status.NAN, Status.FAILED, Status.ERROR, Status.XPASSED, Status.XFAILED,
+              Status.NOT_IMPLEMENTED, Status.SKIPPED, Status.PASSED]
 _STATUS_STYLE = {
     Status.FAILED: "bold red", Status.ERROR: "bold red", Status.NOT_IMPLEMENTED: "yellow", Status.PASSED: "green",
     Status.SKIPPED: "yellow", Status.XFAILED: "yellow", Status.XPASSED: "bold red",
+    Status.NAN: "bold red", Status.CRASHED: "bold red", Status.TIMED_OUT: "bold red",
 }
 #: Statuses that make ``run`` exit 1 (an xpass is strict: the stale xfail entry must go).
-FAILING = (Status.FAILED, Status.ERROR, Status.XPASSED)
+FAILING = (Status.FAILED, Status.NAN, Status.ERROR, Status.CRASHED, Status.TIMED_OUT, Status.XPASSED)
+#: Statuses that get a repro command.
+REPRO = (Status.FAILED, Status.NAN, Status.ERROR, Status.CRASHED, Status.TIMED_OUT)
 _COLUMNS = ("case", "dtype", "status", "rel RMS", "max abs", "argmax agree", "first divergence / note")
 
 
 def summary_line(results: list[CaseResult]) -> str:
-    """``"N passed, M failed, K not implemented"``, plus ``", E error(s)"``, ``", S skipped"``,
-    ``", X xfailed"`` and ``", Y xpassed"`` for those that occur."""
+    """``"N passed, M failed, K not implemented"``, plus ``", E error(s)"``, ``", A nan"``,
+    ``", C crashed"``, ``", T timed out"``, ``", S skipped"``, ``", X xfailed"`` and
+    ``", Y xpassed"`` for those that occur."""
     count = {status: sum(r.status is status for r in results) for status in Status}
     passed, failed, not_implemented = (count[s] for s in (Status.PASSED, Status.FAILED, Status.NOT_IMPLEMENTED))
     line = f"{passed} passed, {failed} failed, {not_implemented} not implemented"
     errors = count[Status.ERROR]
     line += f", {errors} error{'s' if errors > 1 else ''}" if errors else ""
-    for status in (Status.SKIPPED, Status.XFAILED, Status.XPASSED):
+    for status in (Status.NAN, Status.CRASHED, Status.TIMED_OUT, Status.SKIPPED, Status.XFAILED, Status.XPASSED):
         line += f", {count[status]} {status.value}" if count[status] else ""
     return line
 
@@ -118,7 +122,7 @@ def print_report(results: list[CaseResult], meta: dict, console: Console) -> Non
         table.add_row(*_row(result))
     console.print(table)
     for result in ordered:
-        if result.status in (Status.FAILED, Status.ERROR):
+        if result.status in REPRO:
             console.print(f"repro: {repro_command(meta, result.case_id)}", soft_wrap=True, markup=False)
     console.print(summary_line(results), markup=False, highlight=False)
 
@@ -155,7 +159,7 @@ def write_json_report(path, results: list[CaseResult], meta: dict, extra: dict |
     entries = []
     for result in results:
         entry = _jsonable(result)
-        if result.status in (Status.FAILED, Status.ERROR):
+        if result.status in REPRO:
             entry["repro"] = repro_command(meta, result.case_id)
         entry.update(_jsonable((extra or {}).get(result.case_id, {})))
         entries.append(entry)
@@ -169,13 +173,13 @@ def write_json_report(path, results: list[CaseResult], meta: dict, extra: dict |
 def _junit_outcome(result: CaseResult, meta: dict) -> ET.Element | None:
     """The child element of a testcase: failure, error or skipped; None for a pass."""
     note = _note(result)
-    if result.status is Status.FAILED:
-        element = ET.Element("failure", message=note, type="failed")
+    if result.status in (Status.FAILED, Status.NAN):
+        element = ET.Element("failure", message=note, type=result.status.value)
         element.text = f"{note}\nrepro: {repro_command(meta, result.case_id)}"
     elif result.status is Status.XPASSED:
         element = ET.Element("failure", message=note, type="xpassed")
-    elif result.status is Status.ERROR:
-        element = ET.Element("error", message=note, type="error")
+    elif result.status in (Status.ERROR, Status.CRASHED, Status.TIMED_OUT):
+        element = ET.Element("error", message=note, type=result.status.value)
         element.text = f"{note}\nrepro: {repro_command(meta, result.case_id)}"
     elif result.status is Status.XFAILED:
         element = ET.Element("skipped", message=note, type="xfailed")
@@ -191,8 +195,8 @@ def write_junit_report(path, results: list[CaseResult], meta: dict) -> None:
 
     A testcase's classname is the case family with ``/`` as ``.`` (``op/rms_norm/plain``
     is in ``op.rms_norm``), its name ``<case id> [<dtype>]``, and a ``dtype`` property.
-    Failed and xpassed cases carry ``<failure>``, errored ones ``<error>`` (both with
-    the repro command in the text for failed and errored), not implemented, skipped and
+    Failed, nan and xpassed cases carry ``<failure>``, errored, crashed and timed-out ones
+    ``<error>`` (the ``type`` is the status; the text has the repro command except for xpassed), not implemented, skipped and
     xfailed ones ``<skipped>`` whose ``type`` is the status. The suite's properties
     are the run's metadata.
 
@@ -202,7 +206,8 @@ def write_junit_report(path, results: list[CaseResult], meta: dict) -> None:
     count = {status: sum(r.status is status for r in results) for status in Status}
     suite = ET.Element("testsuite", {
         "name": f"llm-conformance {meta['backend']} {meta['dtype']}", "tests": str(len(results)),
-        "failures": str(count[Status.FAILED] + count[Status.XPASSED]), "errors": str(count[Status.ERROR]),
+        "failures": str(count[Status.FAILED] + count[Status.NAN] + count[Status.XPASSED]),
+        "errors": str(count[Status.ERROR] + count[Status.CRASHED] + count[Status.TIMED_OUT]),
         "skipped": str(count[Status.NOT_IMPLEMENTED] + count[Status.SKIPPED] + count[Status.XFAILED]),
         "time": f"{sum(r.seconds for r in results):.3f}", "timestamp": str(meta.get("started_at", "")),
     })

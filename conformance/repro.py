@@ -1,13 +1,14 @@
 """Repro bundles: ``llm-conformance run --repro-dir DIR``.
 
-For every failed or errored case, ``DIR/<case id with / as __>/`` gets:
+For every failed, nan, errored, crashed or timed-out case, ``DIR/<case id with / as __>/`` gets:
 
 * ``inputs.safetensors``: op cases, the inputs as the backend received them (cast
   to the run dtype; bfloat16 and float16 widened to float32, which is lossless, as
   safetensors' NumPy API cannot store bfloat16); model cases, ``input_ids``.
 * ``expected.safetensors``: float64 expected outputs. Op cases: ``<output>``, plus
   ``<output>@<dtype>`` where the corpus records the reference's low-precision result;
-  model cases: ``logits`` and ``hidden_states.<tap>``.
+  model cases: ``logits`` and ``hidden_states.<tap>`` (and ``mtp_logits.{k}`` for cases with
+  multi-token-prediction outputs).
 * ``case.json``: case id, level, op and params (op cases), dtype, the dtype of each
   saved input as passed to the backend, tolerance class and bounds, backend spec and
   options, status, message, first divergence, the one-line repro command, and for
@@ -26,12 +27,12 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from .errors import ConformanceError
-from .manifest import Case, inside, load_case_data, load_op_data
+from .manifest import Case, inside, load_case_data, load_case_mtp_logits, load_op_data
 from .report import repro_command
 from .runner import CaseResult, Status, cast_input
 
 #: Statuses that get a bundle.
-BUNDLED = (Status.FAILED, Status.ERROR)
+BUNDLED = (Status.FAILED, Status.NAN, Status.ERROR, Status.CRASHED, Status.TIMED_OUT)
 
 
 def bundle_name(case_id: str) -> str:
@@ -94,7 +95,8 @@ def write_bundle(root: Path, case: Case, result: CaseResult, golden_dir: Path, m
             relative = str(checkpoint)
         info.update(architecture=case.architecture, checkpoint=Path(relative).as_posix(),
                     checkpoint_abs=str(checkpoint), input_dtypes={"input_ids": "int64"})
-        expected = {"logits": logits, **{f"hidden_states.{k}": v for k, v in hidden.items()}}
+        expected = {"logits": logits, **{f"hidden_states.{k}": v for k, v in hidden.items()},
+                    **load_case_mtp_logits(golden_dir, case)}
         save_file({"input_ids": np.ascontiguousarray(input_ids)}, str(folder / "inputs.safetensors"))
     save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in expected.items()},
               str(folder / "expected.safetensors"))

@@ -11,6 +11,11 @@ stops the whole run.
 Integer outputs of an op (``refimpl.ops.Op.integer_outputs``: the experts a router
 selected) are compared exactly, in every dtype; the tolerance applies to the rest.
 
+Model cases with multi-token-prediction outputs (``Case.mtp_depths`` D > 0) also compare
+the backend's ``mtp_logits`` as ``mtp_logits.1`` .. ``mtp_logits.{D}``, after the logits
+and with the same tolerance; a backend that returns none for such a case is "not
+implemented".
+
 Statuses:
     passed           every compared tensor is within its tolerance (integer outputs: equal)
     failed           some tensor is not; ``first_divergence`` names the first one in
@@ -18,13 +23,22 @@ Statuses:
     not implemented  ``supports`` returned a reason, the backend has no such op, or
                      the op raised ``NotImplementedError`` (a parameter combination
                      it does not offer)
+    nan              like failed, but a compared tensor holds NaN or Inf where the
+                     expected value is finite
     error            the backend raised; its one-line message is kept
+    crashed          the backend's worker process died on this case (isolated runs,
+                     ``conformance.isolation``); the run goes on in a new worker
+    timed out        no result within the per-case timeout (isolated runs); the worker
+                     was killed and the run goes on
     skipped          a skip file lists the case; it is not run
     xfailed          an xfail file lists the case and it failed or errored (not a failure)
     xpassed          an xfail file lists the case and it passed (strict: the run exits 1)
 
 Skip and xfail files are described in ``conformance.expectations``; a case an xfail
 file lists that is "not implemented" stays "not implemented".
+
+Ctrl-C during :func:`run_suite` raises :class:`RunInterrupted`, which carries the
+results of the cases that finished, so that reports can still be written (marked partial).
 """
 
 from __future__ import annotations
@@ -44,7 +58,9 @@ from .backends.base import Backend
 from .compare import ArgmaxAgreement, Comparison, argmax_agreement, compare, to_float64
 from .errors import BackendError, ConformanceError, ManifestError, OutputError
 from .expectations import Entry, Expectations
-from .manifest import Case, inside, load_case_data, load_op_data, verify_case_files
+from .manifest import (
+    MTP_PREFIX, Case, inside, load_case_data, load_case_mtp_logits, load_op_data, verify_case_files,
+)
 from .tolerances import MAX_ROUNDING_MISMATCH, Tolerance, get_tolerance, violations
 
 
@@ -56,6 +72,21 @@ class Status(str, enum.Enum):
     SKIPPED = "skipped"
     XFAILED = "xfailed"
     XPASSED = "xpassed"
+    NAN = "nan"
+    CRASHED = "crashed"
+    TIMED_OUT = "timed out"
+
+
+#: Statuses that mean the backend got the case wrong (an xfail entry turns them into "xfailed").
+BROKEN = (Status.FAILED, Status.NAN, Status.ERROR, Status.CRASHED, Status.TIMED_OUT)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`run_suite`; ``results`` holds the cases that finished, in order."""
+
+    def __init__(self, results: list):
+        super().__init__("interrupted")
+        self.results = results
 
 
 @dataclass
@@ -97,6 +128,10 @@ def one_line(text: str) -> str:
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
+def _is_mtp(name: str) -> bool:
+    return name.startswith(MTP_PREFIX)
+
+
 def tap_order(names) -> list[str]:
     """Tap names in forward order: embed, layers.0, layers.1, ..., norm, then others by name."""
 
@@ -108,11 +143,22 @@ def tap_order(names) -> list[str]:
     return sorted(names, key=key)
 
 
+def _mark_nan(result: CaseResult) -> None:
+    """A failed result whose compared tensors hold unmatched NaN/Inf becomes status "nan"."""
+    poisoned = [name for name, c in result.comparisons.items() if c.nonfinite]
+    if poisoned:
+        result.status = Status.NAN
+        result.message = f"NaN/Inf in {', '.join(poisoned)}; first divergence {result.message}"
+
+
 def judge(
     result: CaseResult, actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], tolerance: Tolerance
 ) -> CaseResult:
-    """Fill ``result`` from the tensors of one case (``actual`` and ``expected`` include ``"logits"``)."""
-    order = tap_order(set(actual) & set(expected) - {"logits"}) + ["logits"]
+    """Fill ``result`` from the tensors of one case (``actual`` and ``expected`` include ``"logits"``;
+    draft logits ``mtp_logits.{k}`` come after the logits, in depth order)."""
+    shared = set(actual) & set(expected)
+    drafts = sorted((n for n in shared if _is_mtp(n)), key=lambda n: int(n[len(MTP_PREFIX):]))
+    order = tap_order(shared - {"logits"} - set(drafts)) + ["logits"] + drafts
     result.comparisons = {name: compare(actual[name], expected[name]) for name in order}
     result.uncompared = tap_order(set(actual) - set(expected))
     failures = {name: violations(c, tolerance) for name, c in result.comparisons.items()}
@@ -123,10 +169,19 @@ def judge(
         if not result.argmax.confident_agree:
             count = result.argmax.confident_disagreements
             failures["logits"].append(f"argmax differs at {count} confident position(s)")
+    # Every draft depth the case records is required once the backend returns any:
+    # returning depth 1 of 2 must not pass as if depth 2 had been checked.
+    missing = sorted((n for n in expected if _is_mtp(n) and n not in actual), key=lambda n: int(n[len(MTP_PREFIX):]))
+    returned = sum(1 for n in actual if _is_mtp(n))
+    for name in missing:
+        failures[name] = [f"missing: the backend returned {returned} MTP depth(s), the case has "
+                          f"{sum(1 for n in expected if _is_mtp(n))}"]
+    order += missing
     diverging = [name for name in order if failures[name]]
     if diverging:
         result.status, result.first_divergence = Status.FAILED, diverging[0]
         result.message = f"{diverging[0]}: " + "; ".join(failures[diverging[0]])
+        _mark_nan(result)
     else:
         result.status = Status.PASSED
         if result.uncompared:
@@ -153,6 +208,12 @@ def backend_tensors(output) -> dict[str, np.ndarray]:
             raise OutputError(f"hidden state names must be strings, got {name!r}")
         tensors[name] = to_float64(value, f"hidden state '{name}'")
     tensors["logits"] = to_float64(logits, "logits")
+    drafts = getattr(output, "mtp_logits", None)
+    if drafts is not None:
+        if isinstance(drafts, dict) or not hasattr(drafts, "__len__"):
+            raise OutputError(f"mtp_logits must be a list of arrays (depth 1 first), got {type(drafts).__name__}")
+        for k, value in enumerate(drafts, start=1):
+            tensors[f"{MTP_PREFIX}{k}"] = to_float64(value, f"mtp_logits[{k - 1}]")
     return tensors
 
 
@@ -254,6 +315,7 @@ def judge_op(
     if diverging:
         result.status, result.first_divergence = Status.FAILED, diverging[0]
         result.message = f"{diverging[0]}: " + "; ".join(failures[diverging[0]])
+        _mark_nan(result)
     else:
         result.status = Status.PASSED
     return result
@@ -366,6 +428,7 @@ def run_case(backend: Backend, case: Case, golden_dir: Path, dtype: str) -> Case
     result = CaseResult(case_id=case.id, dtype=dtype, status=Status.ERROR)
     result.tolerance = get_tolerance(case.tolerance_class, dtype)
     input_ids, logits, hidden = load_case_data(golden_dir, case)
+    drafts = load_case_mtp_logits(golden_dir, case)
     start = time.perf_counter()
     try:
         reason = unsupported_reason(backend, case, dtype)
@@ -374,7 +437,12 @@ def run_case(backend: Backend, case: Case, golden_dir: Path, dtype: str) -> Case
             return result
         model = backend.load_model(inside(golden_dir, case.checkpoint, f"case {case.id}"), dtype)
         actual = backend_tensors(model.run(input_ids))
-        judge(result, actual, {**hidden, "logits": logits}, result.tolerance)
+        if drafts and not any(_is_mtp(name) for name in actual):
+            result.status = Status.NOT_IMPLEMENTED
+            result.message = (f"backend {backend.name} returned no MTP draft logits "
+                              f"(the case has {case.mtp_depths} depth(s))")
+            return result
+        judge(result, actual, {**hidden, "logits": logits, **drafts}, result.tolerance)
     except BackendError as exc:
         raise BackendError(f"case {case.id}: {exc}") from None
     except (Exception, SystemExit) as exc:
@@ -391,9 +459,9 @@ def skipped_result(case: Case, dtype: str, entry: Entry) -> CaseResult:
 
 
 def apply_xfail(result: CaseResult, entry: Entry) -> CaseResult:
-    """Turn a failed or errored result into "xfailed" and a passed one into "xpassed";
-    "not implemented" stays as it is (the case was not checked)."""
-    if result.status in (Status.FAILED, Status.ERROR):
+    """Turn a failed, nan, errored, crashed or timed-out result into "xfailed" and a passed
+    one into "xpassed"; "not implemented" stays as it is (the case was not checked)."""
+    if result.status in BROKEN:
         result.message = f"{result.status.value}: {result.message}"
         result.status, result.expectation = Status.XFAILED, entry.describe()
     elif result.status is Status.PASSED:
@@ -402,21 +470,26 @@ def apply_xfail(result: CaseResult, entry: Entry) -> CaseResult:
     return result
 
 
-def run_suite(backend: Backend, cases: list[Case], golden_dir, dtype: str, progress: bool = True,
-              expectations: Expectations = Expectations()) -> list[CaseResult]:
+def run_suite(backend: Backend | None, cases: list[Case], golden_dir, dtype: str, progress: bool = True,
+              expectations: Expectations = Expectations(), isolated=None) -> list[CaseResult]:
     """Run ``backend`` over ``cases`` at ``dtype``; one :class:`CaseResult` per case, in order.
 
     Args:
         progress: show progress on stderr (a bar on a terminal, else a line per case).
         expectations: skip and xfail entries; skipped cases are not run.
+        isolated: a started :class:`conformance.isolation.IsolatedRunner`; the cases then
+            run in its worker process (``backend`` is not used and may be None), with
+            statuses "crashed" and "timed out".
 
     Raises:
         HashMismatchError / ManifestError: a case's files are missing or altered
             (checked for every case before any runs).
         BackendError: the backend cannot work at all.
         ManifestError: an op case the suite cannot pose (unknown op, inputs or params
-            that do not fit it), or a tolerance class of the wrong level.
-        ConformanceError: malformed golden data, or no tolerance for a case at ``dtype``.
+            that do not fit it), a tolerance class of the wrong level, or malformed golden
+            data (all checked before any case runs).
+        ConformanceError: no tolerance for a case at ``dtype``.
+        RunInterrupted: Ctrl-C; it carries the results so far.
     """
     golden_dir = Path(golden_dir)
     for case in cases:
@@ -425,6 +498,10 @@ def run_suite(backend: Backend, cases: list[Case], golden_dir, dtype: str, progr
             check_op_case(golden_dir, case)
         elif case.tolerance_class.startswith("op_"):
             raise ManifestError(f"case {case.id}: model case with op tolerance class '{case.tolerance_class}'")
+        else:
+            # Malformed golden data is an input error, reported before the first case runs.
+            load_case_data(golden_dir, case)
+            load_case_mtp_logits(golden_dir, case)
         try:
             get_tolerance(case.tolerance_class, dtype)
         except ConformanceError as exc:
@@ -433,17 +510,23 @@ def run_suite(backend: Backend, cases: list[Case], golden_dir, dtype: str, progr
     err = Console(stderr=True)
     # A live bar on a terminal; one plain line per case in logs (CI, pipes).
     live = progress and err.is_terminal
-    with Progress(console=err, transient=True, disable=not live) as bar:
-        task = bar.add_task("cases", total=len(cases))
-        for number, case in enumerate(cases, 1):
-            bar.update(task, description=f"{case.id} ({dtype})")
-            if progress and not live:
-                err.print(f"[{number}/{len(cases)}] {case.id} ({dtype})", markup=False, highlight=False)
-            skip, xfail = expectations.skip_for(case.id), expectations.xfail_for(case.id)
-            if skip is not None:
-                results.append(skipped_result(case, dtype, skip))
-            else:
-                result = run_case(backend, case, golden_dir, dtype)
-                results.append(result if xfail is None else apply_xfail(result, xfail))
-            bar.advance(task)
+    try:
+        with Progress(console=err, transient=True, disable=not live) as bar:
+            task = bar.add_task("cases", total=len(cases))
+            for number, case in enumerate(cases, 1):
+                bar.update(task, description=f"{case.id} ({dtype})")
+                if progress and not live:
+                    err.print(f"[{number}/{len(cases)}] {case.id} ({dtype})", markup=False, highlight=False)
+                skip, xfail = expectations.skip_for(case.id), expectations.xfail_for(case.id)
+                if skip is not None:
+                    results.append(skipped_result(case, dtype, skip))
+                else:
+                    if isolated is not None:
+                        result = isolated.run(case)
+                    else:
+                        result = run_case(backend, case, golden_dir, dtype)
+                    results.append(result if xfail is None else apply_xfail(result, xfail))
+                bar.advance(task)
+    except KeyboardInterrupt:
+        raise RunInterrupted(results) from None
     return results

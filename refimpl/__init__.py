@@ -1,7 +1,7 @@
 """llm-refimpl: executable NumPy specification of 2025 open-weight LLM architectures.
 
 Public entry points:
-    from_pretrained(path, dtype=np.float64) -> Model
+    from_pretrained(path, dtype=np.float64, *, lazy=False) -> Model   (docs/checkpoints.md)
     Model(input_ids) -> logits; Model.forward(input_ids, return_hidden_states=True)
     ARCHITECTURES: the registry of supported ``architectures`` names.
 """

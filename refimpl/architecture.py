@@ -33,6 +33,8 @@ class Architecture:
             per-expert tensors of published checkpoints). Exact (slicing and renaming only),
             returns a checkpoint already in the ``weight_shapes`` layout unchanged, and
             raises a CheckpointError (naming the layer) for a layout it cannot convert.
+        mtp: optional :class:`MtpHook`: the multi-token-prediction modules a checkpoint may
+            carry besides the main model (DeepSeek-V3, GLM-4.5, Qwen3-Next); see :mod:`refimpl.mtp`.
     """
 
     name: str
@@ -45,3 +47,32 @@ class Architecture:
     weight_init: Callable | None = None
     ignored_weights: Callable | None = None
     convert_weights: Callable | None = None
+    mtp: "MtpHook | None" = None
+
+
+@dataclass(frozen=True)
+class MtpHook:
+    """What the model object needs for an architecture's multi-token-prediction (MTP) modules.
+
+    The MTP tensors are optional: a checkpoint without them (or with an incomplete set)
+    loads as the main model only, and asking it for draft logits names what is missing.
+
+    Attributes:
+        weight_shapes: ``config -> {tensor name: shape}`` of every MTP depth's tensors, in
+            the checkpoint's names (``model.layers.{L + k - 1}.*`` for DeepSeek-V3 and GLM-4.5,
+            ``mtp.*`` for Qwen3-Next); empty when the config declares no depth. The names may lie under the
+            architecture's ``ignored_weights`` prefixes (the main model never reads them). A ConfigError
+            here (a depth count the reference cannot draft for) refuses the drafts only, when asked for.
+        prefixes: ``config -> tuple of name prefixes`` under which the MTP tensors live
+            (``model.layers.{L + k - 1}.``); any other tensor there is unexpected.
+        copies: ``config -> {name: source}``: tensors an MTP depth may carry that must equal
+            a main-model tensor (DeepSeek-V3's per-depth ``embed_tokens`` and ``shared_head.head``).
+        forward: ``(weights, config, input_ids, main_hidden) -> [draft logits of depth k]``:
+            ``weights`` holds the main and the MTP tensors, ``main_hidden`` is the main
+            model's final-normed hidden state ``(B, T, M)``; depth k's logits are ``(B, T-k, V)``.
+    """
+
+    weight_shapes: Callable
+    prefixes: Callable
+    copies: Callable
+    forward: Callable

@@ -13,8 +13,11 @@ import warnings
 from typing import Any
 
 from .errors import ConfigError
+from .quantization import scheme_from_config
 
 REQUIRED = object()
+#: The largest finite float64; a JSON integer above it has no float value.
+_LARGEST_FLOAT = 1.7976931348623157e308
 
 #: Keys that appear in Hugging Face config.json files and carry no math.
 COMMON_IGNORED_KEYS = frozenset(
@@ -28,9 +31,10 @@ COMMON_IGNORED_KEYS = frozenset(
 )
 
 #: Keys whose presence means the checkpoint needs something this version lacks.
-UNSUPPORTED_KEYS = {
-    "quantization_config": "quantized checkpoints are not supported yet (plain float tensors only)",
-}
+UNSUPPORTED_KEYS: dict[str, str] = {}
+#: Keys about how the weights are stored, not about the math: checked by
+#: :func:`refimpl.quantization.scheme_from_config` (ConfigError for a format it cannot read).
+STORAGE_KEYS = frozenset({"quantization_config"})
 
 _KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
@@ -43,8 +47,9 @@ def get_field(raw: dict, key: str, kind: type, default: Any = REQUIRED, *, nulla
     refused before anything is sized by it.
 
     Raises:
-        ConfigError: the key is missing and has no default, has the wrong type, or is an
-            implausibly large integer.
+        ConfigError: the key is missing and has no default, has the wrong type, is an
+            implausibly large integer, or an integer beyond the float range where a number
+            is expected.
     """
     if key not in raw:
         if default is REQUIRED:
@@ -55,6 +60,9 @@ def get_field(raw: dict, key: str, kind: type, default: Any = REQUIRED, *, nulla
         return None
     ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > _LARGEST_FLOAT:
+            raise ConfigError(f"config.json field '{key}' is an integer of {len(str(abs(value)))} digits, beyond "
+                              "the float range")
         ok, value = True, float(value)
     if not ok:
         raise ConfigError(f"config.json field '{key}' must be {_KINDS[kind]}, got {value!r}")
@@ -76,6 +84,7 @@ _COUNT_KEYS = frozenset({
     "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "n_routed_experts", "num_experts",
     "num_local_experts", "n_shared_experts", "num_experts_per_tok", "experts_per_token", "n_group", "topk_group",
     "first_k_dense_replace", "decoder_sparse_step", "interleave_moe_layer_step", "num_nextn_predict_layers",
+    "altup_num_inputs", "linear_num_key_heads", "linear_num_value_heads",
 })
 
 
@@ -92,11 +101,13 @@ def check_known_keys(raw: dict, used: set[str], ignored: frozenset[str], archite
     """Reject keys that need unsupported features; warn about keys nobody reads.
 
     Raises:
-        ConfigError: a key from :data:`UNSUPPORTED_KEYS` is present.
+        ConfigError: a key from :data:`UNSUPPORTED_KEYS` is present, or a
+            ``quantization_config`` the checkpoint reader cannot dequantize.
     """
     for key, why in UNSUPPORTED_KEYS.items():
         if raw.get(key) is not None:
             raise ConfigError(f"{architecture}: '{key}' is set: {why}")
-    unknown = sorted(set(raw) - used - ignored - COMMON_IGNORED_KEYS)
+    scheme_from_config(raw)
+    unknown = sorted(set(raw) - used - ignored - COMMON_IGNORED_KEYS - STORAGE_KEYS)
     if unknown:
         warnings.warn(f"{architecture}: config.json keys not read by the reference: {unknown}", stacklevel=3)

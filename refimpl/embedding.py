@@ -18,27 +18,63 @@ from .linear import linear
 from .numerics import FLOAT_DTYPES, as_float_array, check_finite_positive
 
 
+def _integer_array(input_ids, what: str) -> np.ndarray:
+    """``input_ids`` as a signed or unsigned integer array of any shape.
+
+    Raises:
+        InputError: a masked array with masked entries (the mask would be ignored), an
+            object that does not convert to a rectangular array, or a dtype that is not an
+            integer one (bool, float, complex, object, str, timedelta64 ...).
+    """
+    if np.ma.is_masked(input_ids):
+        raise InputError(f"{what} must not be a masked array with masked entries (the mask would be ignored)")
+    try:
+        ids = np.asarray(input_ids)
+    except Exception as exc:  # whatever the object's own conversion raises
+        raise InputError(f"{what} must be a rectangular integer array ({type(exc).__name__}: {exc})") from None
+    # dtype kinds: signed and unsigned integers only (NumPy counts timedelta64 as an integer type).
+    if ids.size and ids.dtype.kind not in "iu":
+        raise InputError(f"{what} must be integers, got dtype {ids.dtype}")
+    return ids
+
+
 def check_token_ids(input_ids, vocab_size: int) -> np.ndarray:
     """Validate token ids and return them as an int64 array ``(B, T)``.
 
     Raises:
-        InputError: not an integer array, not 2-D, empty, or an id outside
-            ``[0, vocab_size)`` (the first offending id and its position are named).
+        InputError: not convertible to an integer array (see :func:`_integer_array`), not
+            2-D, empty, or an id outside ``[0, vocab_size)`` (the first offending id and its
+            position are named).
     """
-    try:
-        ids = np.asarray(input_ids)
-    except ValueError as exc:
-        raise InputError(f"token ids must be a rectangular (batch, seq) integer array ({exc})") from None
+    ids = _integer_array(input_ids, "token ids")
     if ids.size == 0 or ids.ndim != 2:
         raise InputError(f"token ids must have shape (batch, seq) with batch, seq >= 1, got {ids.shape}")
-    if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
-        raise InputError(f"token ids must be integers, got dtype {ids.dtype}")
     bad = np.argwhere((ids < 0) | (ids >= vocab_size))
     if bad.size:
         where = tuple(int(i) for i in bad[0])
         raise InputError(
             f"token id {int(ids[where])} at position {where} is outside the vocabulary [0, {vocab_size})"
         )
+    return ids.astype(np.int64)
+
+
+def check_prompt_ids(prompt_ids) -> np.ndarray:
+    """Validate a prompt ``(T0,)`` of token ids (the vocabulary bound is the model's to check).
+
+    Returns:
+        The ids as int64 ``(T0,)``.
+
+    Raises:
+        InputError: not convertible to an integer array (see :func:`_integer_array`), not
+            1-D, empty, or an id that is negative or beyond int64.
+    """
+    ids = _integer_array(prompt_ids, "prompt ids")
+    if ids.ndim != 1 or ids.size == 0:
+        raise InputError(f"the prompt must be a non-empty 1-D id sequence, got shape {ids.shape}")
+    bad = np.flatnonzero((ids < 0) | (ids > np.iinfo(np.int64).max))
+    if bad.size:
+        raise InputError(f"prompt id {int(ids[bad[0]])} at position {int(bad[0])} is not a token id (negative or "
+                         "beyond int64)")
     return ids.astype(np.int64)
 
 

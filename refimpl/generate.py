@@ -24,6 +24,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from .embedding import check_prompt_ids
 from .errors import InputError, RefimplError
 
 NextTokenLogits = Callable[[np.ndarray], np.ndarray]
@@ -95,14 +96,13 @@ def greedy_generate(next_logits: NextTokenLogits, prompt_ids, max_new_tokens: in
         :class:`Generation`; logits widened to float64 for the record.
 
     Raises:
-        InputError: an empty prompt, or ``max_new_tokens`` not an int >= 1.
+        InputError: prompt ids that are not a non-empty 1-D integer sequence of non-negative
+            ids (:func:`refimpl.embedding.check_prompt_ids`), or ``max_new_tokens`` not an int >= 1.
         RefimplError: NaN or Inf logits at some step.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    ids = np.asarray(prompt_ids, dtype=np.int64)
-    if ids.ndim != 1 or ids.size == 0:
-        raise InputError(f"the prompt must be a non-empty 1-D id sequence, got shape {ids.shape}")
+    ids = check_prompt_ids(prompt_ids)
     stops = set(stop_ids)
     new, rows = [], []
     # One step: logits of the next token, its argmax, appended; stop after a stop id.

@@ -2,20 +2,30 @@
 
 ``from_pretrained(path)`` reads a Hugging Face checkpoint directory, checks that
 the tensors are exactly those the architecture needs, with the right shapes, and
-casts them once to the compute dtype.
+casts them once to the compute dtype (dequantizing FP8 and MXFP4 tensors exactly);
+``from_pretrained(path, lazy=True)`` checks names and shapes from the file headers and
+converts each tensor only when a forward reads it.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import read_config, read_weights
+from .checkpoint import open_checkpoint, read_config
 from .embedding import check_token_ids
-from .errors import CheckpointError, MissingWeightsError, UnexpectedWeightsError, WeightShapeError
+from .errors import (
+    CheckpointError, ConfigError, InputError, MissingWeightsError, RefimplError, UnexpectedWeightsError,
+    WeightShapeError,
+)
+from .lazy_weights import LazyTensor, LazyWeights, convert_all
 from .numerics import resolve_dtype
+from .quantization import scheme_from_config
 from .architecture import Architecture
 from .registry import get_architecture
 
@@ -28,10 +38,13 @@ class ModelOutput:
         logits: ``(B, T, V)`` in the compute dtype.
         hidden_states: ``None``, or an ordered mapping of named intermediates
             (``"embed"``, ``"layers.0"`` ... ``"layers.{L-1}"``, ``"norm"``), each ``(B, T, M)``.
+        mtp_logits: ``None``, or the multi-token-prediction draft logits, one array per depth
+            k = 1..D: ``(B, T-k, V)``, row i predicting token ``t_{i+k+1}`` (see :mod:`refimpl.mtp`).
     """
 
     logits: np.ndarray
     hidden_states: dict[str, np.ndarray] | None = None
+    mtp_logits: list[np.ndarray] | None = None
 
 
 def _name_list(names, limit: int = 8) -> str:
@@ -52,7 +65,9 @@ def check_weights(arch: Architecture, config, weights: dict[str, np.ndarray]) ->
         UnexpectedWeightsError: tensors the architecture does not use are present.
         WeightShapeError: a tensor's shape does not match the config.
         CheckpointError: a tensor holds NaN or Inf, or ``convert_weights`` refuses the
-            layout (a MoE layer mixing fused and per-expert tensors).
+            layout (a MoE layer mixing fused and per-expert tensors). Arrays are checked
+            here; :class:`~refimpl.lazy_weights.LazyTensor` values (names and shapes from the
+            safetensors headers) when they are converted.
     """
     shapes = arch.weight_shapes(config)
     optional = arch.optional_weights(config)
@@ -73,9 +88,126 @@ def check_weights(arch: Architecture, config, weights: dict[str, np.ndarray]) ->
     for name, shape in shapes.items():
         if tuple(weights[name].shape) != tuple(shape):
             raise WeightShapeError(f"weight '{name}' has shape {tuple(weights[name].shape)}, config needs {tuple(shape)}")
-        if not np.isfinite(weights[name]).all():
+        if not isinstance(weights[name], LazyTensor) and not np.isfinite(weights[name]).all():
             raise CheckpointError(f"weight '{name}' holds NaN or Inf values")
     return {name: weights[name] for name in shapes}
+
+
+def check_mtp_weights(
+    arch: Architecture, config, weights: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray] | None, RefimplError | None]:
+    """The multi-token-prediction tensors of ``weights``, or the reason there are none.
+
+    MTP modules are optional: a checkpoint without them, or with an incomplete or
+    malformed set, still loads as the main model (which never reads them). The
+    reason is kept and raised only when draft logits are asked for.
+
+    Returns:
+        ``(tensors, None)`` with every name of ``arch.mtp.weight_shapes(config)``, or
+        ``(None, error)``: a ConfigError when the architecture or config has no MTP depth,
+        else a MissingWeightsError / UnexpectedWeightsError / WeightShapeError /
+        CheckpointError naming the problem.
+    """
+    if arch.mtp is None:
+        return None, ConfigError(f"{arch.name}: this reference has no multi-token prediction for it")
+    try:
+        shapes = arch.mtp.weight_shapes(config)
+    except ConfigError as exc:
+        # A depth count the reference cannot draft for (Qwen3-Next with several): the main model still loads.
+        return None, exc
+    if not shapes:
+        return None, ConfigError(f"{arch.name}: the config declares no MTP depth (num_nextn_predict_layers is 0)")
+    try:
+        if arch.convert_weights is not None:
+            weights = arch.convert_weights(config, weights)
+    except CheckpointError as exc:
+        return None, exc
+    missing = set(shapes) - set(weights)
+    if missing:
+        return None, MissingWeightsError(f"checkpoint lacks {len(missing)} MTP weight(s): {_name_list(missing)}")
+    copies = arch.mtp.copies(config)
+    prefixes = tuple(arch.mtp.prefixes(config))
+    stray = {n for n in weights if n.startswith(prefixes) and n not in shapes and n not in copies}
+    if stray:
+        return None, UnexpectedWeightsError(
+            f"checkpoint has {len(stray)} unexpected MTP weight(s): {_name_list(stray)}")
+    for name, source in copies.items():
+        if name in weights and not np.array_equal(weights[name], weights[source]):
+            return None, UnexpectedWeightsError(f"MTP weight '{name}' differs from '{source}', which it must equal")
+    for name, shape in shapes.items():
+        if tuple(weights[name].shape) != tuple(shape):
+            return None, WeightShapeError(
+                f"MTP weight '{name}' has shape {tuple(weights[name].shape)}, config needs {tuple(shape)}")
+        if not isinstance(weights[name], LazyTensor) and not np.isfinite(weights[name]).all():
+            return None, CheckpointError(f"MTP weight '{name}' holds NaN or Inf values")
+    return {name: weights[name] for name in shapes}, None
+
+
+#: Below this many bytes of attention scores no memory estimate is made (no file is read).
+_SMALL_ATTENTION_BYTES = 1 << 26
+
+
+def check_sequence_length(config, shape: tuple[int, int], dtype) -> None:
+    """Refuse a forward over ``shape = (B, T)`` token ids before any ``(T, T)`` array exists.
+
+    One layer's attention scores, ``B * H * T * T`` elements of the compute dtype
+    (H = ``num_attention_heads``, 1 when the config has none), must fit in the memory
+    available now: ``MemAvailable`` of ``/proc/meminfo`` (else the free physical pages),
+    and under an address-space limit (``RLIMIT_AS``) the room left below it. The scores
+    are a lower bound of the forward's peak (the ``(T, T)`` mask, the softmax and the
+    weighted sum come on top), so an input refused here could not have run; estimated
+    only from 64 MiB of scores up, and skipped where the available memory is unknown.
+    Sequences longer than ``max_position_embeddings`` are not refused: transformers runs
+    them, and RoPE (scaled or not) is defined at every position.
+
+    Raises:
+        InputError: naming the shape, the bytes needed and the bytes available.
+    """
+    batch, length = shape
+    heads = getattr(config, "num_attention_heads", 1)
+    need = batch * (heads if isinstance(heads, int) else 1) * length * length * np.dtype(dtype).itemsize
+    if need < _SMALL_ATTENTION_BYTES:
+        return
+    available = available_memory()
+    if available is not None and need > available:
+        raise InputError(f"input_ids of shape {tuple(shape)}: one layer's attention scores (B * H * T * T in "
+                         f"{np.dtype(dtype).name}) need {need / 2**30:.1f} GiB, more than the "
+                         f"{available / 2**30:.1f} GiB of memory available; use a shorter sequence or batch")
+
+
+def available_memory() -> int | None:
+    """Bytes a new allocation can take now (see :func:`check_sequence_length`), or None if unknown."""
+    available = _meminfo_kib("/proc/meminfo", "MemAvailable:")
+    if available is not None:
+        available *= 1024
+    else:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, OSError, ValueError):
+            available = None
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    except (ImportError, OSError, ValueError):
+        return available
+    used = _meminfo_kib("/proc/self/status", "VmSize:")
+    if soft == resource.RLIM_INFINITY or used is None:
+        return available
+    room = max(soft - used * 1024, 0)
+    return room if available is None else min(available, room)
+
+
+def _meminfo_kib(path: str, key: str) -> int | None:
+    """The kB value of line ``key`` of a /proc file, or None (no such file, line or number)."""
+    try:
+        with open(path, encoding="ascii") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError, UnicodeDecodeError):
+        return None
+    return None
 
 
 class Model:
@@ -84,56 +216,110 @@ class Model:
     Attributes:
         architecture: the registry entry.
         config: the frozen config dataclass.
-        weights: ``{Hugging Face name: array}``, all in ``dtype``.
+        weights: ``{Hugging Face name: array}``, all in ``dtype``: a dict (eager), or with
+            ``lazy`` a :class:`~refimpl.lazy_weights.LazyWeights` that reads and converts a
+            tensor each time a forward asks for it (one layer at a time).
         dtype: the compute dtype (float64 or float32).
+        lazy: whether weights are converted on access rather than once at load.
+        mtp_weights: the multi-token-prediction tensors (same names and dtype), or None when
+            the checkpoint carries no complete set (:func:`check_mtp_weights`).
     """
 
-    def __init__(self, architecture: Architecture, config, weights: dict[str, np.ndarray], dtype=np.float64):
+    def __init__(self, architecture: Architecture, config, weights: dict[str, np.ndarray], dtype=np.float64,
+                 *, lazy: bool = False, progress: bool | None = None):
+        """``weights`` maps names to arrays or :class:`~refimpl.lazy_weights.LazyTensor`
+        objects; ``progress`` (None: when lazy and stderr is a terminal) shows a progress bar
+        on stderr while converting (eager) or over the layers of each forward (lazy)."""
         self.architecture = architecture
         self.config = config
         self.dtype = resolve_dtype(dtype)
+        self.lazy = bool(lazy)
+        self.progress = (self.lazy and sys.stderr.isatty()) if progress is None else bool(progress)
         checked = check_weights(architecture, config, weights)
-        self.weights = {name: np.ascontiguousarray(w, dtype=self.dtype) for name, w in checked.items()}
+        self.weights = LazyWeights(checked, self.dtype) if self.lazy else convert_all(checked, self.dtype, self.progress)
+        mtp, self._mtp_refusal = check_mtp_weights(architecture, config, weights)
+        self.mtp_weights = None
+        if mtp is not None and self.lazy:
+            self.mtp_weights = LazyWeights(mtp, self.dtype)
+        elif mtp is not None:
+            # A non-finite MTP tensor leaves the main model usable; it is named when drafts are asked for.
+            try:
+                self.mtp_weights = convert_all(mtp, self.dtype)
+            except CheckpointError as exc:
+                self._mtp_refusal = exc
 
-    def forward(self, input_ids, return_hidden_states: bool = False) -> ModelOutput:
+    @property
+    def has_mtp(self) -> bool:
+        """Whether the checkpoint carried complete multi-token-prediction modules."""
+        return self.mtp_weights is not None
+
+    def forward(self, input_ids, return_hidden_states: bool = False, return_mtp_logits: bool = False) -> ModelOutput:
         """Run the model on token ids.
 
         Args:
             input_ids: integer array ``(B, T)``.
             return_hidden_states: also return the named per-layer hidden states.
+            return_mtp_logits: also return the draft logits of the MTP depths k = 1..D,
+                ``(B, T-k, V)`` each (:mod:`refimpl.mtp`).
 
         Returns:
             :class:`ModelOutput` with logits ``(B, T, V)`` in the compute dtype.
 
         Raises:
-            InputError: ids not integer, not 2-D, or outside ``[0, vocab_size)``.
+            InputError: ids not integer, not 2-D, or outside ``[0, vocab_size)``; a
+                sequence longer than the model's context or whose attention cannot fit in
+                memory, refused before anything is allocated (:func:`check_sequence_length`).
+            ConfigError / MissingWeightsError / CheckpointError: MTP logits asked of a model
+                without (complete) MTP modules; the message names why.
         """
         ids = check_token_ids(input_ids, self.config.vocab_size)
-        logits, taps = self.architecture.forward(self.weights, self.config, ids)
-        return ModelOutput(logits=logits, hidden_states=taps if return_hidden_states else None)
+        check_sequence_length(self.config, ids.shape, self.dtype)
+        if return_mtp_logits and self.mtp_weights is None:
+            raise type(self._mtp_refusal)(f"no MTP draft logits: {self._mtp_refusal}")
+        with self._layer_progress():
+            logits, taps = self.architecture.forward(self.weights, self.config, ids)
+        mtp = None
+        if return_mtp_logits:
+            weights = self.weights.merged(self.mtp_weights) if self.lazy else {**self.weights, **self.mtp_weights}
+            mtp = self.architecture.mtp.forward(weights, self.config, ids, taps["norm"])
+        return ModelOutput(logits=logits, hidden_states=taps if return_hidden_states else None, mtp_logits=mtp)
 
     def __call__(self, input_ids) -> np.ndarray:
         """Logits ``(B, T, V)`` for integer token ids ``(B, T)``."""
         return self.forward(input_ids).logits
 
+    def _layer_progress(self):
+        if not self.lazy:
+            return nullcontext()
+        return self.weights.layer_progress(self.config.num_hidden_layers, self.progress)
 
-def from_pretrained(path, dtype=np.float64) -> Model:
+
+def from_pretrained(path, dtype=np.float64, *, lazy: bool = False, progress: bool | None = None) -> Model:
     """Load a Hugging Face checkpoint directory into a :class:`Model`.
 
     Args:
         path: directory with ``config.json`` and ``model.safetensors`` (or a sharded
-            ``model.safetensors.index.json``).
+            ``model.safetensors.index.json``), in any storage format of
+            :mod:`refimpl.checkpoint` (float64/32/16, bfloat16, FP8 block, MXFP4).
         dtype: compute dtype, ``np.float64`` (default) or ``np.float32``.
+        lazy: keep the files memory-mapped and convert each tensor when a forward reads it
+            (names and shapes are checked from the headers now, finiteness on conversion);
+            a model larger than memory in ``dtype`` then runs one layer at a time. Default:
+            convert everything once, now.
+        progress: show a progress bar on stderr (None: when lazy and stderr is a terminal).
 
     Raises:
-        CheckpointError: files missing or unreadable.
+        CheckpointError: files missing or unreadable, or a tensor in an unsupported format
+            (named, with what is supported); eagerly, a tensor holding NaN or Inf.
         UnknownArchitectureError: config.json names an architecture not in the registry.
-        ConfigError: a config field is missing, mistyped or unsupported.
+        ConfigError: a config field is missing, mistyped or unsupported, or a
+            ``quantization_config`` other than fp8 / mxfp4.
         MissingWeightsError / UnexpectedWeightsError / WeightShapeError: tensors do not
             match the architecture.
     """
     raw = read_config(path)
     path = Path(path)
     arch = get_architecture(raw)
+    scheme = scheme_from_config(raw)
     config = arch.config_class.from_dict(raw)
-    return Model(arch, config, read_weights(path), dtype=dtype)
+    return Model(arch, config, open_checkpoint(path, scheme), dtype=dtype, lazy=lazy, progress=progress)

@@ -157,7 +157,9 @@ def interleaved_schedule(
             raise ConfigError(f"interleave_moe_layer_step must be a positive integer, got {interleave_moe_layer_step!r}")
         moe_layers = list(range(interleave_moe_layer_step - 1, num_hidden_layers, interleave_moe_layer_step))
     _check_layer_list("moe_layers", moe_layers, num_hidden_layers)
-    return tuple(layer in moe_layers for layer in range(num_hidden_layers))
+    # A set: membership in the list would make a long schedule quadratic in the layer count.
+    chosen = set(moe_layers)
+    return tuple(layer in chosen for layer in range(num_hidden_layers))
 
 
 def sparse_step_schedule(
@@ -172,8 +174,9 @@ def sparse_step_schedule(
         raise ConfigError(f"decoder_sparse_step must be a positive integer, got {decoder_sparse_step!r}")
     mlp_only_layers = list(mlp_only_layers or [])
     _check_layer_list("mlp_only_layers", mlp_only_layers, num_hidden_layers)
+    dense = set(mlp_only_layers)
     return tuple(
-        layer not in mlp_only_layers and num_experts > 0 and (layer + 1) % decoder_sparse_step == 0
+        layer not in dense and num_experts > 0 and (layer + 1) % decoder_sparse_step == 0
         for layer in range(num_hidden_layers)
     )
 

@@ -41,6 +41,24 @@ mla                        hidden_states (B,T,M), positions (B,T) int64, the att
                            max_position_embeddings, attention_bias
 moe_block                  hidden_states (B,T,M), the MoE block's weights by name;         (B,T,M)
                            config (a complete config.json dict)
+gated_attention            hidden_states (B,T,M), positions (B,T) int64, the attention     (B,T,M)
+                           weights by name; num_attention_heads, num_key_value_heads,
+                           head_dim, rope_parameters, partial_rotary_factor,
+                           rms_norm_eps, max_position_embeddings, attention_bias
+gated_delta_rule           q (B,T,Hk,Dk), k (B,T,Hk,Dk), v (B,T,Hv,Dv), g (B,T,Hv),       {"o" (B,T,Hv,Dv),
+                           beta (B,T,Hv), initial_state (B,Hv,Dk,Dv) optional; form      "final_state" (B,Hv,Dk,Dv)}
+                           ("recurrent" | "chunked"), chunk_size
+causal_conv1d              x (B,T,C), weight (C,K), conv_state (B,C,K-1) optional;        {"out" (B,T,C),
+                           activation ("silu" | null)                                      "conv_state" (B,C,K-1)}
+gated_rms_norm             x (..., D), weight (D,), z (..., D); eps                        (..., D)
+gated_deltanet             hidden_states (B,T,M), recurrent_state and conv_state           {"output" (B,T,M),
+                           optional, the layer's weights by name; linear_num_key_heads,    "recurrent_state",
+                           linear_num_value_heads, linear_key_head_dim,                    "conv_state"}
+                           linear_value_head_dim, linear_conv_kernel_dim, rms_norm_eps,
+                           chunk_size (null: recurrent form)
+mtp_layer                  hidden_states (B,T,M) (h^{k-1}), next_token_embeddings (B,T,M)  (B,T,M) h^k
+                           (E[t_{i+k}]), the depth's tensors by checkpoint name; config
+                           (a complete config.json dict)
 =========================  ==============================================================  ========================
 
 Routing ops return ``{"routing_weights": (N,E), "selected": (N,E) int64}``: the
@@ -70,6 +88,8 @@ unknown name (layout, cast order, activation) raises a one-line ``RefimplError``
 inside the data arrays (x, q, k, v, weights) are not checked: they propagate. The
 one exception is routing: NaN router logits or correction biases are refused
 (``InputError``), because which expert a NaN score selects is undefined.
+The gated delta rule (``gated_delta_rule``, and the core of ``gated_deltanet``) also
+refuses NaN or inf in q, k, v, g, beta and the initial state (``InputError``).
 
 A case may also carry the reference's result in a low-precision dtype, rounded as
 its named variant rounds (``outputs.<name>@bfloat16``; RMSNorm cast orders): a run
@@ -304,6 +324,27 @@ def mla(
     )
 
 
+def gated_attention(
+    hidden_states: np.ndarray, positions: np.ndarray, *, num_attention_heads: int, num_key_value_heads: int,
+    head_dim: int, rope_parameters: dict, partial_rotary_factor: float = 0.25, rms_norm_eps: float = 1e-6,
+    max_position_embeddings: int | None = None, attention_bias: bool = False, **weights: np.ndarray,
+) -> np.ndarray:
+    """Qwen3-Next's causal gated attention (:func:`refimpl.gated_attention.gated_attention`): q_proj
+    split per head into query and output gate, (1 + w) q/k norms, partial rotate-half RoPE, GQA,
+    ``sigmoid(gate)`` on the attention output before o_proj. The weights arrive as further keywords
+    named as in ``Qwen3NextAttention``'s state dict (``q_proj.weight``, ``q_norm.weight``, ...).
+
+    Raises:
+        As :func:`refimpl.gated_attention.gated_attention`.
+    """
+    from .gated_attention import gated_attention as gated
+
+    return gated(hidden_states, positions, weights, num_attention_heads=num_attention_heads,
+                 num_key_value_heads=num_key_value_heads, head_dim=head_dim, rope_parameters=rope_parameters,
+                 partial_rotary_factor=partial_rotary_factor, rms_norm_eps=rms_norm_eps,
+                 max_position_embeddings=max_position_embeddings, attention_bias=attention_bias)
+
+
 def moe_block(hidden_states: np.ndarray, *, config: dict, **weights: np.ndarray) -> np.ndarray:
     """One MoE layer's sparse block (router, routed experts, shared expert or dense MLP where
     the model has one) of the architecture named by ``config["architectures"][0]``.
@@ -331,6 +372,112 @@ def moe_block_function(config: dict) -> Callable:
     if not callable(getattr(module, "moe_block", None)):
         raise ConfigError(f"moe_block: architecture {arch.name} has no MoE block")
     return module.moe_block
+
+
+def mtp_layer(hidden_states: np.ndarray, next_token_embeddings: np.ndarray, *, config: dict,
+              **weights: np.ndarray) -> np.ndarray:
+    """One multi-token-prediction depth of the architecture ``config["architectures"][0]`` names:
+    ``h^k = shared_head.norm(TRM_k(eh_proj([enorm(e); hnorm(h)])))`` at positions ``0 .. T-1``
+    (:func:`refimpl.mtp.mtp_layer`; the block is the model's MoE decoder layer).
+
+    The tensors arrive as keywords under their checkpoint names relative to the depth's
+    ``model.layers.{L + k - 1}.`` (``enorm.weight``, ``hnorm.weight``, ``eh_proj.weight``,
+    ``shared_head.norm.weight``, ``self_attn.*``, ``mlp.experts.{e}.gate_proj.weight``, ...).
+
+    Raises:
+        UnknownArchitectureError: the config names no registered architecture.
+        ConfigError: the architecture has no MTP depth; else as that model's ``mtp_depth``.
+    """
+    return mtp_depth_function(config)(hidden_states, next_token_embeddings, weights, config)
+
+
+def mtp_depth_function(config: dict) -> Callable:
+    """``mtp_depth`` of the model module registered for ``config["architectures"][0]``."""
+    import importlib
+
+    from . import registry
+
+    if not isinstance(config, dict):
+        raise ConfigError(f"mtp_layer: config must be a config.json dict, got {type(config).__name__}")
+    arch = registry.get_architecture(config)
+    module = importlib.import_module(arch.forward.__module__)
+    if arch.mtp is None or not callable(getattr(module, "mtp_depth", None)):
+        raise ConfigError(f"mtp_layer: architecture {arch.name} has no multi-token-prediction depth")
+    return module.mtp_depth
+
+
+_DELTA_RULE_FORMS = ("recurrent", "chunked")
+
+
+def delta_rule(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, g: np.ndarray, beta: np.ndarray,
+    initial_state: np.ndarray | None = None, *, form: str = "chunked", chunk_size: int = 64,
+) -> dict[str, np.ndarray]:
+    """The gated delta rule, ``{"o": (B,T,Hv,Dv), "final_state": (B,Hv,Dk,Dv)}``:
+    :func:`refimpl.linear_attention.delta_rule.gated_delta_rule_recurrent` (``form="recurrent"``,
+    the definition) or ``gated_delta_rule_chunked`` (``form="chunked"``, chunks of ``chunk_size``).
+
+    q and k are used as given (no L2 norm), q is scaled by ``Dk ** -0.5``; value head h reads
+    key head ``h // (Hv / Hk)``. The two forms compute one function.
+
+    Raises:
+        ConfigError: unknown ``form``; else as the delta-rule functions.
+    """
+    from .linear_attention import delta_rule as rule
+
+    if form not in _DELTA_RULE_FORMS:
+        raise ConfigError(f"gated_delta_rule: form must be one of {_DELTA_RULE_FORMS}, got {form!r}")
+    if form == "recurrent":
+        o, state = rule.gated_delta_rule_recurrent(q, k, v, g, beta, initial_state=initial_state)
+    else:
+        o, state = rule.gated_delta_rule_chunked(q, k, v, g, beta, chunk_size=chunk_size, initial_state=initial_state)
+    return {"o": o, "final_state": state}
+
+
+def short_conv(
+    x: np.ndarray, weight: np.ndarray, conv_state: np.ndarray | None = None, *, activation: str | None = "silu",
+) -> dict[str, np.ndarray]:
+    """:func:`refimpl.linear_attention.short_conv.causal_conv1d` as ``{"out": (B,T,C), "conv_state": (B,C,K-1)}``."""
+    from .linear_attention.short_conv import causal_conv1d
+
+    out, state = causal_conv1d(x, weight, conv_state=conv_state, activation=activation)
+    return {"out": out, "conv_state": state}
+
+
+def gated_norm(x: np.ndarray, weight: np.ndarray, z: np.ndarray, *, eps: float) -> np.ndarray:
+    """:func:`refimpl.rmsnorm.gated_rms_norm`: ``(w * x / sqrt(mean(x**2) + eps)) * silu(z)``, plain w."""
+    from .rmsnorm import gated_rms_norm
+
+    return gated_rms_norm(x, weight, z, eps)
+
+
+def gated_deltanet_layer(
+    hidden_states: np.ndarray, recurrent_state: np.ndarray | None = None, conv_state: np.ndarray | None = None, *,
+    linear_num_key_heads: int, linear_num_value_heads: int, linear_key_head_dim: int, linear_value_head_dim: int,
+    linear_conv_kernel_dim: int, rms_norm_eps: float, chunk_size: int | None = 64, **weights: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """One Gated DeltaNet layer (:func:`refimpl.linear_attention.gated_deltanet.gated_deltanet`),
+    ``{"output": (B,T,M), "recurrent_state": (B,Hv,Dk,Dv), "conv_state": (B,conv_dim,K-1)}``.
+
+    The weights arrive as further keywords named as in ``Qwen3NextGatedDeltaNet``'s state
+    dict (``in_proj_qkvz.weight``, ``conv1d.weight``, ``A_log``, ...). ``recurrent_state``
+    and ``conv_state`` are given together (a later piece of a sequence) or not at all.
+
+    Raises:
+        InputError: only one of the two states given; else as ``gated_deltanet``.
+    """
+    from .errors import InputError
+    from .linear_attention.gated_deltanet import GatedDeltaNetState, gated_deltanet
+
+    if (recurrent_state is None) != (conv_state is None):
+        raise InputError("gated_deltanet: recurrent_state and conv_state must be given together or not at all")
+    state = None if conv_state is None else GatedDeltaNetState(recurrent_state, conv_state)
+    out, new = gated_deltanet(
+        hidden_states, weights, linear_num_key_heads=linear_num_key_heads,
+        linear_num_value_heads=linear_num_value_heads, linear_key_head_dim=linear_key_head_dim,
+        linear_value_head_dim=linear_value_head_dim, linear_conv_kernel_dim=linear_conv_kernel_dim,
+        rms_norm_eps=rms_norm_eps, chunk_size=chunk_size, state=state)
+    return {"output": out, "recurrent_state": new.recurrent_state, "conv_state": new.conv_state}
 
 
 @dataclass(frozen=True)
@@ -377,5 +524,11 @@ OPS: dict[str, Op] = {
         Op("moe_dispatch", moe_dispatch, integer_inputs=("indices",)),
         Op("mla", mla, integer_inputs=("positions",)),
         Op("moe_block", moe_block),
+        Op("mtp_layer", mtp_layer),
+        Op("gated_delta_rule", delta_rule, outputs=("o", "final_state")),
+        Op("causal_conv1d", short_conv, outputs=("out", "conv_state")),
+        Op("gated_rms_norm", gated_norm),
+        Op("gated_deltanet", gated_deltanet_layer, outputs=("output", "recurrent_state", "conv_state")),
+        Op("gated_attention", gated_attention, integer_inputs=("positions",)),
     )
 }

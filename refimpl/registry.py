@@ -12,7 +12,7 @@ import importlib
 from .architecture import Architecture
 from .errors import UnknownArchitectureError
 
-_MODEL_MODULES = ("qwen3", "olmo2", "mistral", "smollm3", "gemma3", "glm4_moe", "gpt_oss", "llama4", "qwen3_moe", "minimax_m2", "grok2", "deepseek_v3")
+_MODEL_MODULES = ("qwen3", "olmo2", "mistral", "smollm3", "gemma3", "glm4_moe", "gpt_oss", "llama4", "qwen3_moe", "minimax_m2", "grok2", "deepseek_v3", "qwen3_next", "gemma3n", "gemma3n_conditional")
 
 
 def _collect() -> dict[str, Architecture]:

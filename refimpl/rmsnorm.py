@@ -24,6 +24,9 @@ Paper: Zhang & Sennrich, "Root Mean Square Layer Normalization", arXiv:1910.0746
 Checked against: transformers 5.24 ``Qwen3RMSNorm`` / ``LlamaRMSNorm`` (cast then
 multiply), ``Olmo2RMSNorm`` (multiply then cast) and ``Gemma3RMSNorm`` (1 + w,
 multiply then cast).
+
+:func:`gated_rms_norm` is Gated DeltaNet's output norm, ``(w * n(x)) * silu(z)``
+(plain w), checked against ``Qwen3NextRMSNormGated``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import InputError, ShapeError
+from .mlp import silu
 from .numerics import as_float_array, check_finite_nonnegative, check_same_dtype
 
 #: Named cast orders of :func:`rms_norm_low_precision`.
@@ -152,3 +156,47 @@ def rms_norm_low_precision(
         return (scale * normalised.astype(storage)).astype(storage)
     scale = weight.astype(np.float32) + np.float32(weight_offset)
     return (scale * normalised).astype(storage)
+
+
+def gated_rms_norm(x: np.ndarray, weight: np.ndarray, z: np.ndarray, eps: float) -> np.ndarray:
+    """Gated RMSNorm of Gated DeltaNet's output: ``(w * x / sqrt(mean(x**2, -1) + eps)) * silu(z)``.
+
+    Normalise, then the plain weight ``w`` (not 1 + w; initialised to ones), then the
+    gate ``silu(z)``: the norm comes before the gate, and the gate does not enter the
+    statistics. Qwen3-Next applies it per value head (``x``, ``z`` ``(B, T, Hv, d_v)``,
+    ``w`` ``(d_v,)``, statistics over d_v).
+
+    Args:
+        x: ``(..., D)`` activations, float64 or float32.
+        weight: ``(D,)`` plain per-channel weight.
+        z: gate, same shape as ``x``.
+        eps: added to the mean square inside the root (``rms_norm_eps``).
+
+    Returns:
+        ``(..., D)``, same dtype as ``x``.
+
+    Dtype: computed in the dtype of ``x``. transformers normalises in float32, casts
+    the normalised value back, multiplies by w in the storage dtype, multiplies by
+    ``silu(z)`` taken in float32 and casts the product back; in float64 and float32
+    (islands lifted) that is this one expression.
+
+    Raises:
+        ShapeError: ``weight`` not ``(D,)``; ``z`` not the shape of ``x``.
+        InputError: an array not float64 / float32; ``eps`` not a finite number >= 0.
+        RefimplError: the arrays differ in dtype.
+
+    Paper: Yang, Kautz, Hatamizadeh, arXiv:2412.06464 (block design: output norm and gate).
+    Checked against: transformers 5.24 ``Qwen3NextRMSNormGated``
+    (``models/qwen3_next/modeling_qwen3_next.py:58-75``).
+    """
+    x = as_float_array("gated_rms_norm: x", x)
+    weight = as_float_array("gated_rms_norm: weight", weight)
+    z = as_float_array("gated_rms_norm: z", z)
+    if x.ndim == 0 or weight.shape != (x.shape[-1],):
+        raise ShapeError(f"gated_rms_norm: weight shape {weight.shape} does not match last axis of x {x.shape}")
+    if z.shape != x.shape:
+        raise ShapeError(f"gated_rms_norm: gate z {z.shape} must have the shape of x {x.shape}")
+    dtype = check_same_dtype(x=x, weight=weight, z=z)
+    eps = check_finite_nonnegative("gated_rms_norm: eps", eps, dtype=dtype)
+    normalised = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+    return (weight * normalised) * silu(z)

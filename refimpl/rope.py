@@ -55,6 +55,7 @@ from enum import Enum
 
 import numpy as np
 
+from .config import MAX_SIZE
 from .errors import ConfigError, InputError, ShapeError
 from .numerics import (
     COMPUTE_DTYPES, as_float_array, as_integer_array, check_finite, check_finite_positive, check_same_dtype,
@@ -114,8 +115,10 @@ def _check_factor(rope_type: str, factor) -> float:
 
 
 def _check_positive_int(what: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ConfigError(f"{what} must be a positive integer, got {value!r}")
+    """A context length: an integer in ``1..MAX_SIZE`` (:data:`refimpl.config.MAX_SIZE`, far
+    above any published context; a larger int would overflow the float formulas)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 < value <= MAX_SIZE:
+        raise ConfigError(f"{what} must be a positive integer <= {MAX_SIZE}, got {value!r}")
     return int(value)
 
 
@@ -223,7 +226,10 @@ def yarn_correction_range(
 
     Raises:
         ConfigError: ``rope_theta`` not > 1; a beta not positive, or ``beta_fast < beta_slow``
-            (the ramp would run backwards; transformers warns); L not a positive integer.
+            (the ramp would run backwards; transformers warns); a beta for which
+            ``L / (2 pi beta)`` is not a positive finite float (``beta_fast = 1e308``
+            overflows to 0, ``beta_slow = 5e-324`` to inf: ``corr`` has no value); L not an
+            integer in ``1..MAX_SIZE``.
 
     Paper: arXiv:2309.00071, sec. 3.2 (r(d) = L / lambda_d; alpha = beta_slow, beta = beta_fast).
     Checked against: transformers 5.24 ``modeling_rope_utils._compute_yarn_parameters``
@@ -236,6 +242,11 @@ def yarn_correction_range(
         raise ConfigError(f"yarn RoPE: beta_fast ({beta_fast}) must be >= beta_slow ({beta_slow}); "
                           "the ramp would run backwards (transformers warns)")
     original = _check_positive_int("yarn RoPE: original_max_position_embeddings", original_max_position_embeddings)
+    for key, beta in (("beta_fast", beta_fast), ("beta_slow", beta_slow)):
+        ratio = original / (beta * 2 * math.pi)
+        if not (math.isfinite(ratio) and ratio > 0):
+            raise ConfigError(f"yarn RoPE: {key} = {beta!r} is out of range: original_max_position_embeddings / "
+                              f"(2 pi {key}) = {ratio!r} is not a positive finite number")
 
     def corr(num_rotations: float) -> float:
         return rotary_dim * math.log(original / (num_rotations * 2 * math.pi)) / (2 * math.log(theta))
@@ -254,6 +265,8 @@ def yarn_ramp(low: float, high: float, num_pairs: int) -> np.ndarray:
     Returns:
         ``(num_pairs,)`` float64.
     """
+    # As floats: a truncated bound is a Python int, possibly beyond int64 for rope_theta near 1.
+    low, high = float(low), float(high)
     if low == high:
         high += 0.001
     return np.clip((np.arange(num_pairs, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
@@ -356,9 +369,7 @@ def _original_context(params: dict, rope_type: str, max_position_embeddings: int
     value = params.get(key, max_position_embeddings)
     if value is None:
         raise ConfigError(f"{rope_type} RoPE needs rope_parameters[{key!r}] (or max_position_embeddings)")
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ConfigError(f"{rope_type} RoPE: rope_parameters[{key!r}] must be a positive integer, got {value!r}")
-    return int(value)
+    return _check_positive_int(f"{rope_type} RoPE: rope_parameters[{key!r}]", value)
 
 
 def _default_from(params, rope_type, rotary_dim, theta, max_position_embeddings):
@@ -420,18 +431,21 @@ def rotary_dim(head_dim: int, partial_rotary_factor: float = 1.0) -> int:
     """Rotary width ``Dr = int(head_dim * partial_rotary_factor)`` (truncated, as transformers does).
 
     Raises:
-        ConfigError: ``head_dim`` is not a positive integer, the factor is not a number,
-            or Dr is odd, zero or larger than ``head_dim``.
+        ConfigError: ``head_dim`` is not an integer in ``1..MAX_SIZE``, the factor is not a
+            number in ``(0, 1]`` (for 1e308 the product is inf, which ``int`` cannot take;
+            the message shows it as is), or Dr is odd or zero.
     """
-    if isinstance(head_dim, bool) or not isinstance(head_dim, numbers.Integral) or head_dim <= 0:
-        raise ConfigError(f"RoPE needs a positive integer head_dim, got {head_dim!r}")
+    if isinstance(head_dim, bool) or not isinstance(head_dim, numbers.Integral) or not 0 < head_dim <= MAX_SIZE:
+        raise ConfigError(f"RoPE needs a positive integer head_dim (at most {MAX_SIZE}), got {head_dim!r}")
     factor = partial_rotary_factor
-    check_finite("partial_rotary_factor", factor, error=ConfigError)
-    dr = int(head_dim * factor)
-    if dr <= 0 or dr % 2 or dr > head_dim:
+    number = check_finite("partial_rotary_factor", factor, error=ConfigError)
+    # The product is inf for a factor such as 1e308, which int() cannot take: shown as it is.
+    product = head_dim * number
+    dr = int(product) if math.isfinite(product) else product
+    if not 0 < number <= 1 or dr <= 0 or dr % 2:
         raise ConfigError(
             f"partial_rotary_factor {factor} gives rotary width int({head_dim} * {factor}) = {dr}; "
-            f"it must be even and in 2..{head_dim}")
+            f"it must be even and in 2..{head_dim} (a factor in (0, 1])")
     return dr
 
 

@@ -95,3 +95,66 @@ def factory_raises():
 def factory_with_type_error_inside(device="cpu"):
     return None + 1
 
+
+
+class _CrashOrHang(RefimplBackend):
+    """The reference, except that one case aborts the process and another sleeps forever."""
+
+    name = "crash-or-hang"
+
+    def __init__(self, crash: str, hang: str):
+        self.crash, self.hang = crash, hang
+        self._case = None
+
+    def supports(self, case, dtype):
+        self._case = case.id
+        return super().supports(case, dtype)
+
+    def load_model(self, checkpoint_dir, dtype):
+        import os
+        import time
+
+        if self._case == self.crash:
+            os.abort()
+        if self._case == self.hang:
+            time.sleep(10_000)
+        return super().load_model(checkpoint_dir, dtype)
+
+
+def crash_and_hang(crash: str = "", hang: str = "") -> _CrashOrHang:
+    """``-o crash=CASE -o hang=CASE``: os.abort() on one case, an endless sleep on another."""
+    return _CrashOrHang(crash, hang)
+
+
+class _NanOn(RefimplBackend):
+    """The reference, except that one case's logits come back with a NaN."""
+
+    name = "nan-on-one-case"
+
+    def __init__(self, case: str):
+        self.nan_case = case
+        self._case = None
+
+    def supports(self, case, dtype):
+        self._case = case.id
+        return super().supports(case, dtype)
+
+    def load_model(self, checkpoint_dir, dtype):
+        model = super().load_model(checkpoint_dir, dtype)
+        if self._case != self.nan_case:
+            return model
+        run = model.run
+
+        def poisoned(input_ids):
+            out = run(input_ids)
+            logits = out.logits.copy()
+            logits[0, -1, 0] = float("nan")
+            return type(out)(logits=logits, hidden_states=out.hidden_states)
+
+        model.run = poisoned
+        return model
+
+
+def nan_on(case: str = "") -> _NanOn:
+    """``-o case=ID``: that case's logits hold one NaN."""
+    return _NanOn(case)

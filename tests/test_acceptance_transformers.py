@@ -1,5 +1,5 @@
 """Acceptance: the transformers backend passes every golden case (model and op) at float32
-and float64, except Grok 2.5's, which it reports not implemented; the torch backend passes every attention op case and reports the rest
+and float64, except Grok 2.5's and the Qwen3-Next draft-logits case, which it reports not implemented; the torch backend passes every attention op case and reports the rest
 as not implemented."""
 
 import json
@@ -32,6 +32,9 @@ def test_cli_transformers_passes_golden_corpus(tmp_path, dtype):
     grok = {c["id"] for c in cases if c["id"].startswith(("grok2/", "op/soft_capped_softmax_top_k/"))
             or c["id"] == "op/moe_block/grok2"}
     assert len(grok) >= 6
+    # transformers has no Qwen3-Next MTP module: that draft-logits case is not implemented
+    # (its MTP layer is checked at op level through transformers' generic MtpLayer).
+    grok |= {"mtp/qwen3-next-one-depth"}
     assert {r["case_id"]: r["status"] for r in doc["results"]} == {
         c["id"]: "not implemented" if c["id"] in grok else "passed" for c in cases}
     assert doc["meta"]["package_versions"]["transformers"] == "5.24.0"

@@ -63,7 +63,9 @@ def test_a_backend_whose_ops_raise_is_one_error_line(golden_dir, monkeypatch):
     import conformance.backends as backends
 
     monkeypatch.setitem(backends.BUILTINS, "ops-raise", f"{__name__}:OpsRaise")
-    result = CliRunner().invoke(cli, ["run", "--backend", "ops-raise", "--golden-dir", str(golden_dir), "--level", "op"])
+    # --no-isolate: the monkeypatched registry lives in this process only.
+    result = CliRunner().invoke(cli, ["run", "--backend", "ops-raise", "--golden-dir", str(golden_dir), "--level", "op",
+                                      "--no-isolate"])
     assert result.exit_code == 2
     assert "reading its ops failed (RuntimeError: ops exploded)" in result.output
     assert "Traceback" not in result.output

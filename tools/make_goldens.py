@@ -41,7 +41,7 @@ except ImportError as exc:
 
 GENERATOR_VERSION = 1
 #: Bumped whenever cases are added, removed or changed.
-CORPUS_VERSION = "0.8.0"
+CORPUS_VERSION = "0.9.0"
 #: Largest relative RMS difference allowed between stored and regenerated outputs.
 CHECK_REL_RMS = 1e-12
 
@@ -65,7 +65,11 @@ def random_weights(case: ModelCase) -> dict[str, np.ndarray]:
     """
     raw = _clean_config(case.config)
     arch = refimpl.registry.get_architecture(raw)
-    shapes = arch.weight_shapes(arch.config_class.from_dict(raw))
+    config = arch.config_class.from_dict(raw)
+    shapes = arch.weight_shapes(config)
+    if case.mtp:
+        # The multi-token-prediction depths' tensors, drawn in the same sorted stream.
+        shapes = {**shapes, **arch.mtp.weight_shapes(config)}
     rng = np.random.default_rng(case.seed)
     weights = {}
     for name in sorted(shapes):
@@ -96,17 +100,27 @@ def build_case(case: ModelCase, scratch: Path) -> dict[str, bytes]:
     """All files of one case, as ``{relative path: bytes}`` (paths relative to golden/)."""
     config = _clean_config(case.config)
     config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
-    model_bytes = save(random_weights(case), metadata={"format": "pt"})
+    weights = random_weights(case)
+    if case.checkpoint_layout is not None:
+        # The published layout: renamed tensors, copies and unread extras (ModelCase.checkpoint_layout).
+        stored = case.checkpoint_layout(weights, np.random.default_rng(case.seed + 20_000))
+        weights = {k: np.asarray(v, dtype=np.float32) for k, v in stored.items()}
+    model_bytes = save(weights, metadata={"format": "pt"})
     ckpt = scratch / case.case_id / "checkpoint"
     ckpt.mkdir(parents=True, exist_ok=True)
     (ckpt / "config.json").write_bytes(config_bytes)
     (ckpt / "model.safetensors").write_bytes(model_bytes)
 
     rng = np.random.default_rng(case.seed + 10_000)
-    input_ids = rng.integers(0, config["vocab_size"], size=(case.batch, case.seq), dtype=np.int64)
-    out = refimpl.from_pretrained(ckpt, dtype=np.float64).forward(input_ids, return_hidden_states=True)
+    if case.make_input_ids is not None:
+        input_ids = np.asarray(case.make_input_ids(rng, case.batch, case.seq), dtype=np.int64)
+    else:
+        input_ids = rng.integers(0, config["vocab_size"], size=(case.batch, case.seq), dtype=np.int64)
+    out = refimpl.from_pretrained(ckpt, dtype=np.float64).forward(
+        input_ids, return_hidden_states=True, return_mtp_logits=case.mtp)
     tensors = {"input_ids": input_ids, "logits": out.logits}
     tensors.update({f"hidden_states.{k}": v for k, v in out.hidden_states.items()})
+    tensors.update({f"mtp_logits.{k}": v for k, v in enumerate(out.mtp_logits or [], start=1)})
     # safetensors.numpy.save writes a non-contiguous array's buffer in memory order, silently.
     tensors = {k: np.array(v, order="C") for k, v in tensors.items()}
     provenance = json.dumps(
@@ -190,7 +204,11 @@ def config_summary(config: dict) -> dict:
 
 
 def manifest_entry(case: ModelCase, files: dict[str, bytes]) -> dict:
+    # Cases with multi-token-prediction outputs say how many depths their data file holds.
+    depths = sum(name.startswith("mtp_logits.") for name in load(files[f"{case.case_id}/io.safetensors"]))
+    mtp = {"mtp_depths": depths} if case.mtp else {}
     return {
+        **mtp,
         "id": case.case_id, "level": "model", "architecture": case.config["architectures"][0],
         "description": case.description, "seed": case.seed, "tolerance_class": case.tolerance_class,
         "config_summary": config_summary(_clean_config(case.config)),

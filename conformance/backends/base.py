@@ -28,6 +28,13 @@ of the golden corpus: ``"embed"`` (token embeddings), ``"layers.{l}"`` (output o
 decoder layer ``l``) and ``"norm"`` (final-normalised hidden state), each
 ``(B, T, M)``. Any array dtype is accepted; errors are measured in float64.
 
+Multi-token prediction: a model case whose manifest has ``mtp_depths`` D > 0 also
+compares the draft logits of the checkpoint's MTP depths, which a backend returns as
+``BackendOutput.mtp_logits`` (a list of D arrays, depth k ``(B, T-k, V)``, row i
+predicting ``t_{i+k+1}``; ``refimpl.mtp``). A backend that cannot compute them should
+refuse such cases in ``supports`` (``case.mtp_depths``); one that returns no
+``mtp_logits`` for them gets "not implemented" too, never "failed".
+
 Exceptions raised by ``load_model`` or ``run`` mark that case as "error" and the run
 continues, except :class:`conformance.errors.BackendError`, which means the backend
 itself cannot work (for example a missing package) and stops the run.
@@ -54,10 +61,13 @@ class BackendOutput:
     Attributes:
         logits: ``(B, T, V)``.
         hidden_states: ``None`` or ``{tap name: (B, T, M)}``.
+        mtp_logits: ``None`` or the multi-token-prediction draft logits, one array per
+            depth k = 1..D, ``(B, T-k, V)``.
     """
 
     logits: np.ndarray
     hidden_states: dict[str, np.ndarray] | None = None
+    mtp_logits: list[np.ndarray] | None = None
 
 
 class LoadedModel(Protocol):

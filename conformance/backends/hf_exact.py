@@ -34,7 +34,14 @@ for the installed transformers 5.24.0 (``site-packages/transformers``):
   temperature from ``positions.float()`` (``modeling_llama4.py:364``).
 * Qwen3-Next runs its gated-delta core in float32
   (``models/qwen3_next/modeling_qwen3_next.py:414, 539``) and forms the decay
-  from ``A_log.float()`` and ``a.float()`` (line 727).
+  from ``A_log.float()`` and ``a.float()`` (line 727); its gated output norm
+  ``Qwen3NextRMSNormGated`` normalises and gates in float32 (lines 68, 73).
+  Items 1 and 2 below lift all of them: the proxy turns the
+  ``.to(torch.float32)`` of ``torch_chunk_gated_delta_rule``,
+  ``torch_recurrent_gated_delta_rule`` and the gated norm into float64, the
+  ``Tensor.float()`` patch the decay's casts, and a cache built inside the
+  context holds a float64 recurrent state (``tests/test_gated_deltanet_hf.py``
+  checks the layer to about 1e-15).
 * Gemma 3n: the AltUp router ``tanh(x.float())`` (``modeling_gemma3n.py:1001``),
   the activation-sparsity quantile from a float32 ``torch.tensor``
   (line 960) and a float32 ``calc_dtype`` (line 585).
@@ -484,6 +491,8 @@ def load_exact_float64(checkpoint_dir, **kwargs):
 
     kwargs.setdefault("dtype", torch.float64)
     kwargs.setdefault("attn_implementation", "eager")
+    # Never a pickled pytorch_model.bin: nothing in the suite unpickles.
+    kwargs.setdefault("use_safetensors", True)
     if "experts_implementation" not in kwargs and _accepts_experts_implementation():
         kwargs["experts_implementation"] = "eager"
 

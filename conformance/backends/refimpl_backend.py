@@ -1,7 +1,9 @@
 """The NumPy reference (``refimpl``) as a backend.
 
 It computes in float64 (the specification) or float32 (to measure what error a
-float32 engine should expect); other dtypes are reported as not implemented.
+float32 engine should expect); other dtypes are reported as not implemented. When a
+checkpoint carries complete multi-token-prediction modules, ``run`` also returns their
+draft logits (``BackendOutput.mtp_logits``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import numpy as np
 
 import refimpl
 
+from ..errors import BackendError
 from ..manifest import Case
 from .base import BackendOutput
 
@@ -25,15 +28,28 @@ class RefimplModel:
         self.model = model
 
     def run(self, input_ids: np.ndarray) -> BackendOutput:
-        """Logits ``(B, T, V)`` and taps, in the compute dtype, for ids ``(B, T)``."""
-        out = self.model.forward(input_ids, return_hidden_states=True)
-        return BackendOutput(logits=out.logits, hidden_states=dict(out.hidden_states))
+        """Logits ``(B, T, V)`` and taps, in the compute dtype, for ids ``(B, T)``; the MTP
+        draft logits too when the checkpoint has MTP modules."""
+        out = self.model.forward(input_ids, return_hidden_states=True, return_mtp_logits=self.model.has_mtp)
+        return BackendOutput(logits=out.logits, hidden_states=dict(out.hidden_states), mtp_logits=out.mtp_logits)
 
 
 class RefimplBackend:
-    """Backend running ``refimpl.from_pretrained`` and the ops of ``refimpl.ops`` (no options)."""
+    """Backend running ``refimpl.from_pretrained`` and the ops of ``refimpl.ops``.
+
+    Option ``-o lazy=true``: load checkpoints lazily (``from_pretrained(..., lazy=True)``:
+    memory-mapped, each tensor converted when a layer needs it), for checkpoints larger
+    than memory in the compute dtype.
+    """
 
     name = "refimpl"
+    lazy = False
+
+    def __init__(self, lazy: str | bool = False):
+        flags = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+        if not isinstance(lazy, bool) and str(lazy).lower() not in flags:
+            raise BackendError(f"refimpl backend: option lazy must be true or false, got {lazy!r}")
+        self.lazy = lazy if isinstance(lazy, bool) else flags[str(lazy).lower()]
 
     @property
     def ops(self) -> dict:
@@ -47,11 +63,13 @@ class RefimplBackend:
             return f"refimpl computes in {' or '.join(DTYPES)} only"
         if case.level == "model" and case.architecture not in refimpl.ARCHITECTURES:
             return f"refimpl has no architecture '{case.architecture}'"
+        if case.level == "model" and case.mtp_depths and refimpl.ARCHITECTURES[case.architecture].mtp is None:
+            return f"refimpl has no multi-token prediction for '{case.architecture}'"
         return True
 
     def load_model(self, checkpoint_dir: Path, dtype: str) -> RefimplModel:
         """Load ``checkpoint_dir``; raises ``refimpl.RefimplError`` on a bad checkpoint."""
-        return RefimplModel(refimpl.from_pretrained(checkpoint_dir, dtype=np.dtype(dtype)))
+        return RefimplModel(refimpl.from_pretrained(checkpoint_dir, dtype=np.dtype(dtype), lazy=self.lazy))
 
     def package_versions(self) -> dict[str, str]:
         return {"refimpl": refimpl.__version__, "numpy": np.__version__}

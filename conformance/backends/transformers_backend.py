@@ -6,6 +6,28 @@ captured with forward hooks on ``model.model.embed_tokens`` (tap ``"embed"``), e
 ``model.model.layers[i]`` (``"layers.{i}"``; a layer may return a tensor or a
 tuple whose first entry is the hidden state) and ``model.model.norm``
 (``"norm"``). Models laid out differently return logits only.
+
+Gemma 3n as released (model_type ``gemma3n``, which ``AutoModelForCausalLM`` maps to
+``Gemma3nForConditionalGeneration``): the model is built with empty modules in place of its
+vision and audio towers, which token ids never reach (the MobileNet-V5 tower would need
+timm; the golden checkpoints do not carry the towers); everything the ids go through,
+``embed_vision`` / ``embed_audio`` included, is transformers' own. Its taps are
+``model.model.language_model``'s layers and norm; there is no ``"embed"`` tap, since the
+wrapper calls ``embed_tokens`` on every id before replacing the vision and audio rows.
+
+Multi-token prediction: when the checkpoint's config declares MTP depths
+(``num_nextn_predict_layers``) and the checkpoint carries their tensors, the depths are
+loaded with transformers' own ``modeling_layers.MtpModel.from_pretrained`` (its weight
+conversions rename ``model.layers.{L + d}.*`` and stack the per-expert tensors; the
+main model's hard-coded MTP key pattern, layer 61 / 92 / 46, is replaced by the
+checkpoint's ``L + d``), and ``run`` returns their draft logits: depth k is
+``MtpModel.forward_layer(k - 1, ...)`` on the previous depth's output (the main model's
+``hidden_states[-1]`` for k = 1) at the first ``T - k`` positions, with the tokens
+``input_ids[:, k:]`` and their positions ``k .. T-1`` (as ``MTPCandidateGenerator`` passes
+them), then ``MtpModel._project_to_logits``. Architectures without transformers MTP
+modules (Qwen3-Next: its config has no ``num_mtp_layers`` and the model drops ``mtp.*``)
+are "not implemented" for cases with MTP outputs.
+
 Model cases whose architecture is in none of transformers' auto mappings
 (``MODEL_*_MAPPING_NAMES``; e.g. Grok's ``Grok1ForCausalLM``) are "not implemented".
 
@@ -40,6 +62,9 @@ from .base import DTYPES, BackendOutput
 
 INSTALL_HINT = "pip install torch==2.13.0 && pip install 'llm-refimpl[transformers]' (or -e '.[transformers]' in a checkout)"
 ISLAND_POLICIES = ("lift", "keep")
+#: Architectures whose MTP depths transformers 5.24 builds (generic ``MtpModel``; configs with
+#: ``num_mtp_layers``, ``modeling_layers.py:331-749``).
+MTP_ARCHITECTURES = ("DeepseekV3ForCausalLM", "Glm4MoeForCausalLM")
 #: ``experts_implementation`` values accepted on the command line (checked again by transformers).
 EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 
@@ -88,8 +113,14 @@ def _known_architectures(transformers) -> frozenset[str]:
 
 
 def _tap_modules(model) -> dict:
-    """``{tap name: module}`` for the decoder layout ``model.model.{embed_tokens, layers, norm}``."""
+    """``{tap name: module}`` for the decoder layout ``model.model.{embed_tokens, layers, norm}``, or
+    ``model.model.language_model.{layers, norm}`` in a multimodal wrapper (Gemma 3n's
+    ``Gemma3nForConditionalGeneration``), without ``"embed"`` there: the wrapper calls
+    ``embed_tokens`` on every id and then replaces the vision and audio rows."""
     inner = getattr(model, "model", None)
+    wrapped = getattr(inner, "language_model", None)
+    if wrapped is not None and all(hasattr(wrapped, a) for a in ("layers", "norm")):
+        return {**{f"layers.{i}": layer for i, layer in enumerate(wrapped.layers)}, "norm": wrapped.norm}
     if not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm")):
         return {}
     taps = {"embed": inner.embed_tokens}
@@ -98,12 +129,107 @@ def _tap_modules(model) -> dict:
     return taps
 
 
-class TransformersModel:
-    """A loaded transformers model plus the precision context to run it in."""
+def _tap_value(model, output):
+    """A hooked module's output as the reference's tap: the hidden state of a tuple; of
+    Gemma 3n's decoder layers, which return all AltUp streams ``(A, B, T, M)``, the active
+    stream ``altup_active_idx`` (the ``layers.{l}`` tap of ``refimpl/models/gemma3n.py``)."""
+    value = output[0] if isinstance(output, tuple) else output
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    active = getattr(text, "altup_active_idx", None)
+    return value[active] if active is not None and value.ndim == 4 else value
 
-    def __init__(self, model, precision_context):
+
+@contextlib.contextmanager
+def _without_gemma3n_towers(config):
+    """Gemma 3n's multimodal model (config model_type ``"gemma3n"``) built without its vision and
+    audio towers (empty modules in their place): from ``input_ids`` alone
+    ``Gemma3nModel.forward`` never runs them (only ``pixel_values`` / ``input_features`` do), the
+    vision tower (MobileNet-V5) would need timm, and the golden checkpoints do not carry them.
+    The text path, ``embed_vision`` and ``embed_audio`` included, is transformers' own."""
+    if getattr(config, "model_type", None) != "gemma3n":
+        yield
+        return
+    from unittest import mock
+
+    import torch
+    from transformers.models.gemma3n import modeling_gemma3n
+
+    build = modeling_gemma3n.AutoModel.from_config
+
+    def from_config(sub_config, *args, **kwargs):
+        if getattr(sub_config, "model_type", None) in ("gemma3n_vision", "gemma3n_audio"):
+            return torch.nn.Module()
+        return build(sub_config, *args, **kwargs)
+
+    with mock.patch.object(modeling_gemma3n.AutoModel, "from_config", from_config):
+        yield
+
+
+def _checkpoint_tensor_names(checkpoint_dir: Path) -> set[str]:
+    """The tensor names stored in the checkpoint's safetensors files (headers only)."""
+    from safetensors import safe_open
+
+    names = set()
+    for path in sorted(Path(checkpoint_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="numpy") as f:
+            names.update(f.keys())
+    return names
+
+
+def _mtp_prefixes(config) -> list[str]:
+    """``model.layers.{L + d}.`` for the MTP depths a transformers config declares (none without ``num_mtp_layers``)."""
+    text = config.get_text_config()
+    depths = getattr(text, "num_mtp_layers", None) or 0
+    return [f"model.layers.{text.num_hidden_layers + d}." for d in range(depths)]
+
+
+def _load_mtp(model):
+    """transformers' ``MtpModel`` for ``model``'s checkpoint, its key pattern set to the checkpoint's layers."""
+    from transformers.modeling_layers import MtpModel
+
+    model._keys_to_ignore_on_load_unexpected = [p.replace(".", r"\.") for p in _mtp_prefixes(model.config)]
+    return MtpModel.from_pretrained(model).eval()
+
+
+@contextlib.contextmanager
+def _errors_only(transformers):
+    """transformers' logging at error level: its load report would list every MTP tensor of
+    the checkpoint as unexpected for the main model, which indeed does not read them."""
+    logging = transformers.utils.logging
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def mtp_draft_logits(model, mtp, input_ids, last_hidden) -> list:
+    """Draft logits of every MTP depth as float64 arrays, depth k ``(B, T-k, V)`` (see the module docstring)."""
+    import torch
+
+    ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))
+    batch, length = ids.shape
+    hidden, drafts = last_hidden, []
+    for index in range(mtp.num_mtp_layers):
+        k = index + 1
+        if length <= k:
+            drafts.append(np.zeros((batch, 0, model.config.get_text_config().vocab_size)))
+            continue
+        positions = torch.arange(k, length)[None].expand(batch, -1)
+        hidden = mtp.forward_layer(index, hidden[:, :length - k], positions, None, input_ids=ids[:, k:])
+        drafts.append(_to_numpy(mtp._project_to_logits(hidden)))
+    return drafts
+
+
+class TransformersModel:
+    """A loaded transformers model plus the precision context to run it in (and its MTP depths, if any)."""
+
+    def __init__(self, model, precision_context, mtp=None):
         self.model = model
         self.precision_context = precision_context
+        self.mtp = mtp
 
     def run(self, input_ids: np.ndarray) -> BackendOutput:
         """Logits and taps (float64 NumPy) for int64 ids ``(B, T)``."""
@@ -113,18 +239,24 @@ class TransformersModel:
 
         def hook_for(name):
             def hook(module, args, output):
-                captured[name] = _to_numpy(output[0] if isinstance(output, tuple) else output)
+                captured[name] = _to_numpy(_tap_value(self.model, output))
 
             return hook
 
         handles = [m.register_forward_hook(hook_for(n)) for n, m in _tap_modules(self.model).items()]
         try:
             with self.precision_context(), torch.no_grad():
-                out = self.model(input_ids=torch.from_numpy(np.asarray(input_ids, dtype=np.int64)), use_cache=False)
+                out = self.model(input_ids=torch.from_numpy(np.asarray(input_ids, dtype=np.int64)), use_cache=False,
+                                 output_hidden_states=self.mtp is not None)
         finally:
             for handle in handles:
                 handle.remove()
-        return BackendOutput(logits=_to_numpy(out.logits), hidden_states=captured or None)
+        drafts = None
+        # After the hooks are gone: the MTP depths call the main model's embedding module again.
+        if self.mtp is not None:
+            with self.precision_context(), torch.no_grad():
+                drafts = mtp_draft_logits(self.model, self.mtp, input_ids, out.hidden_states[-1])
+        return BackendOutput(logits=_to_numpy(out.logits), hidden_states=captured or None, mtp_logits=drafts)
 
 
 class TransformersBackend:
@@ -160,6 +292,9 @@ class TransformersBackend:
         if case.level == "model" and case.architecture not in _known_architectures(self.transformers):
             return (f"transformers {self.transformers.__version__} has no model class "
                     f"'{case.architecture}' (not in its auto mappings)")
+        if case.level == "model" and case.mtp_depths and case.architecture not in MTP_ARCHITECTURES:
+            return (f"transformers {self.transformers.__version__} has no multi-token-prediction modules for "
+                    f"'{case.architecture}' (generic MtpModel only for {', '.join(MTP_ARCHITECTURES)})")
         return True
 
     def _precision_context(self, dtype: str):
@@ -173,12 +308,19 @@ class TransformersBackend:
     def load_model(self, checkpoint_dir: Path, dtype: str) -> TransformersModel:
         """Load ``checkpoint_dir`` in ``dtype`` (inside the precision context, see module docstring)."""
         context = self._precision_context(dtype)
-        with context(), _quiet_loading(self.transformers):
+        config = self.transformers.AutoConfig.from_pretrained(str(checkpoint_dir))
+        prefixes = tuple(_mtp_prefixes(config))
+        has_mtp = bool(prefixes) and any(n.startswith(prefixes) for n in _checkpoint_tensor_names(checkpoint_dir))
+        quiet = _errors_only(self.transformers) if has_mtp else contextlib.nullcontext()
+        with context(), _quiet_loading(self.transformers), quiet, _without_gemma3n_towers(config):
             model = self.transformers.AutoModelForCausalLM.from_pretrained(
                 str(checkpoint_dir), dtype=getattr(self.torch, dtype), attn_implementation=self.attn_implementation,
                 experts_implementation=self.experts_implementation,
+                # Never a pickled pytorch_model.bin: nothing in the suite unpickles.
+                use_safetensors=True,
             )
-        return TransformersModel(model.eval(), context)
+            mtp = _load_mtp(model) if has_mtp else None
+        return TransformersModel(model.eval(), context, mtp)
 
     @property
     def ops(self) -> dict:

@@ -46,8 +46,31 @@ mla                        ``DeepseekV3Attention`` with ``DeepseekV3RotaryEmbedd
                            the causal additive mask (both forms: transformers has one)
 moe_block                  the MoE module of the architecture (``DeepseekV3MoE``,
                            ``Glm4MoeMoE``, ``Qwen3MoeSparseMoeBlock``,
-                           ``MiniMaxM2SparseMoeBlock``, ``Llama4TextMoe``, ``GptOssMLP``)
-                           built from the case's config; Grok 2.5: not implemented
+                           ``MiniMaxM2SparseMoeBlock``, ``Llama4TextMoe``, ``GptOssMLP``,
+                           ``Qwen3NextSparseMoeBlock``) built from the case's config;
+                           Grok 2.5: not implemented
+gated_attention            ``Qwen3NextAttention`` with ``Qwen3NextRotaryEmbedding`` and the
+                           causal additive mask (eager attention)
+gated_delta_rule           ``qwen3_next.torch_recurrent_gated_delta_rule`` /
+                           ``torch_chunk_gated_delta_rule`` (they repeat-interleave q, k to
+                           Hv heads themselves), ``use_qk_l2norm_in_kernel=False``
+causal_conv1d              ``qwen3_next.causal_conv1d_fn`` (no state) /
+                           ``causal_conv1d_update`` (state of K-1 inputs, rolled in place)
+gated_rms_norm             ``Qwen3NextRMSNormGated``
+gated_deltanet             ``Qwen3NextGatedDeltaNet`` with a ``DynamicCache`` (the op's K-1
+                           conv state padded to transformers' K columns); transformers
+                           chooses its own form (chunks of 64; the recurrence for one
+                           cached token) whatever ``chunk_size`` says
+mtp_layer                  ``modeling_layers.MtpLayer`` around the architecture's decoder
+                           layer (``DeepseekV3DecoderLayer``, ``Glm4MoeDecoderLayer``) and
+                           RMSNorm, built from the case's config through
+                           ``get_mtp_config()`` (MoE block), with the model's rotary module
+                           and the causal additive mask; ``shared_head.norm`` is its
+                           ``post_norm``. Qwen3-Next (no MTP in transformers): the same
+                           ``MtpLayer`` around ``Qwen3NextDecoderLayer`` (one full-attention
+                           layer) and ``Qwen3NextRMSNorm`` (1 + w), its ``fc`` /
+                           ``pre_fc_norm_*`` / ``norm`` renamed as transformers' conversion
+                           mapping does for that layout
 =========================  ==========================================================
 
 Routing outputs are made dense by scattering the router's ``(N, k)`` weights and
@@ -85,7 +108,10 @@ class TransformersOps:
             "soft_capped_softmax_top_k": self.soft_capped_softmax_top_k,
             "swiglu_expert": self.swiglu_expert, "input_major_swiglu_expert": self.input_major_swiglu_expert,
             "clamped_swiglu_expert": self.clamped_swiglu_expert, "moe_dispatch": self.moe_dispatch,
-            "mla": self.mla, "moe_block": self.moe_block,
+            "mla": self.mla, "moe_block": self.moe_block, "gated_attention": self.gated_attention,
+            "mtp_layer": self.mtp_layer,
+            "gated_delta_rule": self.gated_delta_rule, "causal_conv1d": self.causal_conv1d,
+            "gated_rms_norm": self.gated_rms_norm, "gated_deltanet": self.gated_deltanet,
         }
 
     # -- plumbing
@@ -418,6 +444,100 @@ class TransformersOps:
             out, _ = attention(tx, cos_sin, mask)
             return out
 
+    # -- gated attention (Qwen3-Next)
+    def gated_attention(self, hidden_states, positions, *, num_attention_heads, num_key_value_heads, head_dim,
+                        rope_parameters, partial_rotary_factor=0.25, rms_norm_eps=1e-6, max_position_embeddings=None,
+                        attention_bias=False, **weights):
+        from transformers.models.qwen3_next import configuration_qwen3_next, modeling_qwen3_next
+
+        batch, length, hidden = hidden_states.shape
+        with self._running(self._dtype_name(hidden_states)):
+            extra = {} if max_position_embeddings is None else {"max_position_embeddings": max_position_embeddings}
+            config = configuration_qwen3_next.Qwen3NextConfig(
+                hidden_size=hidden, num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
+                head_dim=head_dim, rope_parameters=dict(rope_parameters), partial_rotary_factor=partial_rotary_factor,
+                rms_norm_eps=rms_norm_eps, attention_bias=attention_bias, attention_dropout=0.0,
+                num_hidden_layers=1, layer_types=["full_attention"], **extra)
+            config._attn_implementation = "eager"
+            attention = modeling_qwen3_next.Qwen3NextAttention(config, layer_idx=0).eval()
+            state = {name: self._tensor(array) for name, array in weights.items()}
+            attention.load_state_dict(state, strict=True, assign=True)
+            rotary = modeling_qwen3_next.Qwen3NextRotaryEmbedding(config)
+            tx = self._tensor(hidden_states)
+            cos_sin = rotary(tx, self._tensor(positions))
+            mask = self._mask(batch, length, length, None, None, tx.dtype)
+            out, _ = attention(tx, cos_sin, mask)
+            return out
+
+    # -- Gated DeltaNet (Qwen3-Next)
+    def gated_delta_rule(self, q, k, v, g, beta, initial_state=None, *, form="chunked", chunk_size=64):
+        from transformers.models.qwen3_next import modeling_qwen3_next as qn
+
+        with self._running(self._dtype_name(q)):
+            tensors = {name: self._tensor(a) for name, a in (("query", q), ("key", k), ("value", v), ("g", g),
+                                                               ("beta", beta))}
+            state = None if initial_state is None else self._tensor(initial_state)
+            # The functions repeat-interleave q and k to Hv heads themselves; no L2 norm (the op's q, k as given).
+            if form == "recurrent":
+                o, final = qn.torch_recurrent_gated_delta_rule(**tensors, initial_state=state, output_final_state=True,
+                                                               use_qk_l2norm_in_kernel=False)
+            elif form == "chunked":
+                o, final = qn.torch_chunk_gated_delta_rule(**tensors, chunk_size=chunk_size, initial_state=state,
+                                                           output_final_state=True, use_qk_l2norm_in_kernel=False)
+            else:
+                raise ValueError(f"unknown delta-rule form {form!r}")
+            return {"o": o, "final_state": final}
+
+    def causal_conv1d(self, x, weight, conv_state=None, *, activation="silu"):
+        from transformers.models.qwen3_next import modeling_qwen3_next as qn
+
+        torch = self.torch
+        with self._running(self._dtype_name(x)):
+            tx, tw = self._tensor(x).transpose(1, 2), self._tensor(weight)
+            batch, channels, _ = tx.shape
+            state = (torch.zeros(batch, channels, tw.shape[1] - 1, dtype=tx.dtype) if conv_state is None
+                     else self._tensor(conv_state))
+            if conv_state is None:
+                out = qn.causal_conv1d_fn(tx, tw, None, activation=activation)
+                qn.causal_conv1d_update(tx, state, tw, None, activation)  # only to roll the state
+            else:
+                out = qn.causal_conv1d_update(tx, state, tw, None, activation)
+            return {"out": out.transpose(1, 2), "conv_state": state}
+
+    def gated_rms_norm(self, x, weight, z, *, eps):
+        from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNormGated
+
+        with self._running(self._dtype_name(x)):
+            norm = Qwen3NextRMSNormGated(weight.shape[0], eps=eps)
+            norm.weight.data = self._tensor(weight)
+            return norm(self._tensor(x), self._tensor(z))
+
+    def gated_deltanet(self, hidden_states, recurrent_state=None, conv_state=None, *, linear_num_key_heads,
+                       linear_num_value_heads, linear_key_head_dim, linear_value_head_dim, linear_conv_kernel_dim,
+                       rms_norm_eps, chunk_size=64, **weights):
+        from transformers.models.qwen3_next import configuration_qwen3_next, modeling_qwen3_next
+
+        torch = self.torch
+        with self._running(self._dtype_name(hidden_states)):
+            config = configuration_qwen3_next.Qwen3NextConfig(
+                hidden_size=hidden_states.shape[-1], linear_num_key_heads=linear_num_key_heads,
+                linear_num_value_heads=linear_num_value_heads, linear_key_head_dim=linear_key_head_dim,
+                linear_value_head_dim=linear_value_head_dim, linear_conv_kernel_dim=linear_conv_kernel_dim,
+                rms_norm_eps=rms_norm_eps, hidden_act="silu", num_hidden_layers=1, layer_types=["linear_attention"])
+            layer = modeling_qwen3_next.Qwen3NextGatedDeltaNet(config, layer_idx=0).eval()
+            layer.load_state_dict({n: self._tensor(a) for n, a in weights.items()}, strict=True, assign=True)
+            cache = self.transformers.DynamicCache(config=config)
+            if conv_state is not None:
+                # transformers keeps K conv inputs, the op K-1: its oldest column is never read.
+                tc = self._tensor(conv_state)
+                cache.update_conv_state(torch.nn.functional.pad(tc, (1, 0)), 0,
+                                        conv_kernel_size=linear_conv_kernel_dim)
+                cache.update_recurrent_state(self._tensor(recurrent_state), 0)
+            # transformers picks its own form: chunks of 64 for T > 1, the recurrence for one cached token.
+            out = layer(self._tensor(hidden_states), cache=cache)
+            return {"output": out, "recurrent_state": cache.get_recurrent_state(0),
+                    "conv_state": cache.get_conv_state(0)[..., 1:]}
+
     # -- MoE block
     #: architectures entry -> (transformers model package, MoE module class)
     MOE_BLOCKS = {
@@ -427,6 +547,7 @@ class TransformersOps:
         "MiniMaxM2ForCausalLM": ("minimax_m2", "MiniMaxM2SparseMoeBlock"),
         "Llama4ForCausalLM": ("llama4", "Llama4TextMoe"),
         "GptOssForCausalLM": ("gpt_oss", "GptOssMLP"),
+        "Qwen3NextForCausalLM": ("qwen3_next", "Qwen3NextSparseMoeBlock"),
     }
 
     def moe_block(self, hidden_states, *, config, **weights):
@@ -450,3 +571,69 @@ class TransformersOps:
             # Llama 4 and gpt-oss return (output, router scores or logits); Llama 4 flattens the tokens.
             out = out[0] if isinstance(out, tuple) else out
             return out.reshape(tx.shape)
+
+    # -- multi-token prediction
+    #: architectures entry -> (transformers model package, decoder layer class, RMSNorm class, rotary class)
+    MTP_LAYERS = {
+        "DeepseekV3ForCausalLM": ("deepseek_v3", "DeepseekV3DecoderLayer", "DeepseekV3RMSNorm",
+                                  "DeepseekV3RotaryEmbedding"),
+        "Glm4MoeForCausalLM": ("glm4_moe", "Glm4MoeDecoderLayer", "Glm4MoeRMSNorm", "Glm4MoeRotaryEmbedding"),
+        "Qwen3NextForCausalLM": ("qwen3_next", "Qwen3NextDecoderLayer", "Qwen3NextRMSNorm",
+                                 "Qwen3NextRotaryEmbedding"),
+    }
+    #: Names of an MTP depth's own tensors, as the checkpoint stores them, to ``MtpLayer``'s (the renaming of
+    #: ``conversion_mapping.py`` ``MtpModel``: DeepSeek / GLM and the ``fc`` / ``pre_fc_norm_*`` layout).
+    MTP_RENAMES = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
+                   "shared_head.norm.weight": "post_norm.weight", "fc.weight": "eh_proj.weight",
+                   "pre_fc_norm_embedding.weight": "enorm.weight", "pre_fc_norm_hidden.weight": "hnorm.weight",
+                   "norm.weight": "post_norm.weight"}
+
+    @classmethod
+    def _mtp_state(cls, weights: dict, num_experts: int) -> dict:
+        """Checkpoint names (relative to the depth: ``model.layers.{L + k - 1}.``, or ``mtp.`` with the block
+        under ``layers.0.``) as ``MtpLayer`` state-dict names, routed experts stacked as the models hold them."""
+        block = {n[len("layers.0."):]: w for n, w in weights.items() if n.startswith("layers.0.")}
+        block.update({n: w for n, w in weights.items() if n not in cls.MTP_RENAMES and not n.startswith("layers.")})
+        state = {cls.MTP_RENAMES[n]: w for n, w in weights.items() if n in cls.MTP_RENAMES}
+        state.update({f"mtp_block.{n}": w for n, w in block.items() if not n.startswith("mlp.experts.")})
+        experts = range(num_experts)
+        state["mtp_block.mlp.experts.gate_up_proj"] = np.stack([np.concatenate(
+            [block[f"mlp.experts.{e}.gate_proj.weight"], block[f"mlp.experts.{e}.up_proj.weight"]]) for e in experts])
+        state["mtp_block.mlp.experts.down_proj"] = np.stack([block[f"mlp.experts.{e}.down_proj.weight"]
+                                                             for e in experts])
+        return state
+
+    def _mtp_config(self, config: dict):
+        """The transformers config of one MTP depth: ``get_mtp_config()`` (MoE block, layer 0), or for
+        Qwen3-Next, which has no ``num_mtp_layers``, one ``full_attention`` layer built by hand."""
+        settings = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
+        if config["model_type"] == "qwen3_next":
+            settings.update(num_hidden_layers=1, layer_types=["full_attention"])
+            settings.pop("num_nextn_predict_layers", None)
+            return self.transformers.AutoConfig.for_model("qwen3_next", **settings)
+        return self.transformers.AutoConfig.for_model(config["model_type"], **settings).get_mtp_config()
+
+    def mtp_layer(self, hidden_states, next_token_embeddings, *, config, **weights):
+        import importlib
+
+        from transformers.modeling_layers import MtpLayer
+
+        architecture = (config.get("architectures") or [None])[0]
+        if architecture not in self.MTP_LAYERS:
+            raise NotImplementedError(f"transformers has no MTP layer for architecture {architecture!r}")
+        package, layer_class, norm_class, rotary_class = self.MTP_LAYERS[architecture]
+        batch, length, _ = hidden_states.shape
+        with self._running(self._dtype_name(hidden_states)):
+            hf_config = self._mtp_config(config)
+            hf_config._experts_implementation = "eager"
+            hf_config._attn_implementation = "eager"
+            modeling = importlib.import_module(f"transformers.models.{package}.modeling_{package}")
+            layer = MtpLayer(hf_config, getattr(modeling, layer_class), getattr(modeling, norm_class), 0).eval()
+            experts = getattr(hf_config, "n_routed_experts", None) or hf_config.num_experts
+            state = self._mtp_state(weights, experts)
+            layer.load_state_dict({k: self._tensor(v) for k, v in state.items()}, strict=True, assign=True)
+            th, te = self._tensor(hidden_states), self._tensor(next_token_embeddings)
+            positions = self.torch.arange(length)[None].expand(batch, -1)
+            cos_sin = getattr(modeling, rotary_class)(hf_config)(te, positions)
+            mask = self._mask(batch, length, length, None, None, th.dtype)
+            return layer(te, th, position_embeddings=cos_sin, attention_mask=mask, position_ids=positions, cache=None)

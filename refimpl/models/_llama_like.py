@@ -21,6 +21,7 @@ Checked against: transformers 5.24 ``modeling_rope_utils.py``
 
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 import numpy as np
@@ -62,7 +63,9 @@ def resolve_rope_parameters(raw: dict, default_theta: float, architecture: str) 
         chosen["rope_theta"] = get_field(raw, "rope_theta", float, default_theta)
     chosen.setdefault("rope_type", chosen.get("type", "default"))
     theta = chosen["rope_theta"]
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not np.isfinite(theta) or theta <= 0:
+    is_number = isinstance(theta, (int, float)) and not isinstance(theta, bool)
+    # Compared as Python numbers (exact for any int): np.isfinite raises TypeError beyond int64.
+    if not is_number or not 0 < theta <= sys.float_info.max:
         raise ConfigError(f"{architecture}: rope_theta must be a positive finite number, got {theta!r}")
     chosen["rope_theta"] = float(theta)
     for factor in (raw.get("partial_rotary_factor"), chosen.get("partial_rotary_factor")):
@@ -157,9 +160,12 @@ def tied_head(config) -> dict[str, str]:
 
 
 def layer_weights(weights: dict[str, np.ndarray], layer: int) -> dict[str, np.ndarray]:
-    """The tensors of one decoder layer, with the ``model.layers.{layer}.`` prefix removed."""
+    """The tensors of one decoder layer, with the ``model.layers.{layer}.`` prefix removed.
+
+    Names are selected before any value is read, so that lazy weights
+    (:class:`refimpl.lazy_weights.LazyWeights`) convert this layer's tensors only."""
     prefix = f"model.layers.{layer}."
-    return {name[len(prefix):]: w for name, w in weights.items() if name.startswith(prefix)}
+    return {name[len(prefix):]: weights[name] for name in weights if name.startswith(prefix)}
 
 
 def projection(x: np.ndarray, p: dict[str, np.ndarray], name: str) -> np.ndarray:

@@ -29,9 +29,12 @@ first) and ``experts.down_proj`` (E, M, I), the layout :func:`moe_block` takes.
 ``save_pretrained(dir, save_original_format=False)`` writes those stacks as
 ``mlp.experts.gate_up_proj`` / ``mlp.experts.down_proj``; :func:`convert_weights` splits
 them back (exactly) into the per-expert names of :func:`weight_shapes`, layer by layer.
-Multi-token-prediction layers (``model.layers.{L + d}.*`` for
-``d < num_nextn_predict_layers``; DeepSeek-V3 ships one at layer 61) are accepted and
-ignored: they are not part of the logits (MTP itself: a later issue).
+Multi-token-prediction depths (``model.layers.{L + d}.*`` for ``d < num_nextn_predict_layers``;
+DeepSeek-V3 ships one at layer 61, Kimi K2 none) are not part of the logits; when a checkpoint
+carries them complete, ``Model.forward(ids, return_mtp_logits=True)`` computes their draft
+logits (:mod:`refimpl.mtp`): depth d holds ``enorm``, ``hnorm``, ``eh_proj``,
+``shared_head.norm`` and a MoE decoder layer (:func:`mtp_block`); its ``embed_tokens`` and
+``shared_head.head``, when stored, must equal the main model's.
 
 Quirks (spec sheet sec. 1.4): the router runs in float32 in transformers
 (``gate.weight`` and the bias are kept float32 on load); group score = sum of the two
@@ -60,24 +63,27 @@ Checked against: transformers 5.24 ``models/deepseek_v3/modeling_deepseek_v3.py`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
-from ..architecture import Architecture
+from ..architecture import Architecture, MtpHook
 from ..config import check_known_keys, get_field, get_positive_int
 from ..errors import ConfigError, MissingWeightsError, ShapeError, UnexpectedWeightsError
 from ..experts import swiglu_expert
 from ..linear import linear
 from ..mla import MlaDims, mla_dims, mla_literal, mla_softmax_scale, mla_weight_shapes
+from ..embedding import lm_head
 from ..mlp import activation, gated_mlp
 from ..moe import dispatch, first_k_dense_schedule
+from ..mtp import mtp_chain, mtp_layer
 from ..numerics import as_float_array, check_finite_positive
 from ..rmsnorm import rms_norm
 from ..routers import sigmoid_group_top_k
 from ..rope import rope_frequencies
 from ._expert_layout import MLP_EXPERTS, split_fused_experts
 from ._llama_like import (
-    ROPE_KEYS, num_key_value_heads, resolve_rope_parameters, run_decoder,
+    ROPE_KEYS, layer_weights, num_key_value_heads, resolve_rope_parameters, run_decoder,
 )
 
 NAME = "DeepseekV3ForCausalLM"
@@ -114,7 +120,8 @@ class DeepseekV3Config:
 
     Defaults are transformers' ``DeepseekV3Config`` class defaults where config.json
     may omit a key. ``num_nextn_predict_layers`` (transformers' ``num_mtp_layers``)
-    only decides which MTP tensors a checkpoint may carry. ``moe_layers`` is derived:
+    is the number of MTP depths a checkpoint may carry (``model.layers.{L + d}.*``), not part of
+    the logits (:func:`mtp_forward` gives their draft logits). ``moe_layers`` is derived:
     one entry per layer, True where the layer is MoE (``l >= first_k_dense_replace``).
     """
 
@@ -324,10 +331,32 @@ def ignored_weights(config: DeepseekV3Config) -> tuple[str, ...]:
     return tuple(f"model.layers.{config.num_hidden_layers + d}." for d in range(config.num_nextn_predict_layers))
 
 
+def mtp_weight_shapes(config: DeepseekV3Config) -> dict[str, tuple[int, ...]]:
+    """The tensors of the ``num_nextn_predict_layers`` MTP depths: per depth ``model.layers.{L + d}.``
+    ``enorm`` / ``hnorm`` ``(M,)``, ``eh_proj`` ``(M, 2M)``, ``shared_head.norm`` ``(M,)`` and a
+    MoE decoder layer (per-expert tensors, as published)."""
+    m = config.hidden_size
+    per_depth = {"enorm.weight": (m,), "hnorm.weight": (m,), "eh_proj.weight": (m, 2 * m),
+                 "shared_head.norm.weight": (m,), **layer_shapes(config, moe=True)}
+    return {f"{prefix}{k}": s for prefix in ignored_weights(config) for k, s in per_depth.items()}
+
+
+def mtp_copies(config: DeepseekV3Config) -> dict[str, str]:
+    """The per-depth copies of the shared embedding and head a published checkpoint may store."""
+    head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+    copies = {}
+    for prefix in ignored_weights(config):
+        copies.update({f"{prefix}embed_tokens.weight": "model.embed_tokens.weight",
+                       f"{prefix}shared_head.head.weight": head})
+    return copies
+
+
 def convert_weights(config: DeepseekV3Config, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``weights`` with MoE layers saved in transformers' fused layout split into per-expert tensors
-    (:func:`refimpl.models._expert_layout.split_fused_experts`; CheckpointError for a mixed layer)."""
-    layers = [layer for layer, moe in enumerate(config.moe_layers) if moe]
+    (:func:`refimpl.models._expert_layout.split_fused_experts`; CheckpointError for a mixed layer).
+    The MTP depths' layers (``model.layers.{L + d}``) are MoE layers too."""
+    depths = range(config.num_hidden_layers, config.num_hidden_layers + config.num_nextn_predict_layers)
+    layers = [layer for layer, moe in enumerate(config.moe_layers) if moe] + list(depths)
     shape = (config.n_routed_experts, config.moe_intermediate_size, config.hidden_size)
     return split_fused_experts(weights, layers, MLP_EXPERTS, shape)
 
@@ -439,14 +468,70 @@ def attention_block(x: np.ndarray, p: dict[str, np.ndarray], config: DeepseekV3C
 
 
 def decoder_layer(h: np.ndarray, p: dict[str, np.ndarray], config: DeepseekV3Config, layer: int) -> np.ndarray:
-    """One pre-norm layer: MLA, then the dense MLP or the MoE block, each with a residual."""
+    """One pre-norm layer: MLA, then the dense MLP or the MoE block (as ``moe_layers[layer]``
+    says), each with a residual."""
+    return pre_norm_layer(h, p, config, moe=config.moe_layers[layer])
+
+
+def pre_norm_layer(h: np.ndarray, p: dict[str, np.ndarray], config: DeepseekV3Config, *, moe: bool) -> np.ndarray:
+    """MLA then the MoE block (``moe``) or the dense MLP, pre-norm, each with a residual."""
     eps = config.rms_norm_eps
     h = h + attention_block(rms_norm(h, p["input_layernorm.weight"], eps), p, config)
     x = rms_norm(h, p["post_attention_layernorm.weight"], eps)
-    if config.moe_layers[layer]:
+    if moe:
         return h + moe_block(x, moe_module_weights(p, config), config)
     return h + gated_mlp(x, p["mlp.gate_proj.weight"], p["mlp.up_proj.weight"], p["mlp.down_proj.weight"],
                          config.hidden_act)
+
+
+def mtp_block(h: np.ndarray, p: dict[str, np.ndarray], config: DeepseekV3Config) -> np.ndarray:
+    """TRM_k of an MTP depth: a MoE decoder layer (MLA at positions 0..T'-1, then the MoE block).
+
+    Always MoE: the published depth (layer 61) is one, transformers builds MTP layers with
+    ``first_k_dense_replace = 0`` (``configuration_utils.py`` ``get_mtp_config``) and vLLM by its
+    index ``L + d >= first_k_dense_replace``.
+    """
+    return pre_norm_layer(h, p, config, moe=True)
+
+
+def mtp_depth(
+    hidden_states: np.ndarray, next_token_embeddings: np.ndarray, weights: dict[str, np.ndarray], config,
+) -> np.ndarray:
+    """One MTP depth (:func:`refimpl.mtp.mtp_layer` with :func:`mtp_block`): ``h^k`` ``(B, T', M)``.
+
+    Args:
+        hidden_states: ``h^{k-1}`` ``(B, T', M)``. next_token_embeddings: ``E[t_{i+k}]`` ``(B, T', M)``.
+        weights: the depth's tensors relative to ``model.layers.{L + k - 1}.`` (per-expert, as
+            published): ``enorm.weight``, ``hnorm.weight``, ``eh_proj.weight``,
+            ``shared_head.norm.weight``, ``input_layernorm.weight``, ``self_attn.*``, ...
+        config: a config.json dict or a :class:`DeepseekV3Config`.
+
+    Raises:
+        ConfigError: bad config. InputError, ShapeError, MissingWeightsError: bad arrays or names.
+    """
+    config = _as_config(config)
+    missing = sorted(set(layer_shapes(config, moe=True)) - set(weights))
+    if missing:
+        raise MissingWeightsError(f"mtp_layer: weights lack {', '.join(missing[:4])}"
+                                  f"{' and more' if len(missing) > 4 else ''}")
+    return mtp_layer(hidden_states, next_token_embeddings, weights, rms_norm_eps=config.rms_norm_eps,
+                     block=lambda x: mtp_block(x, weights, config))
+
+
+def mtp_forward(
+    weights: dict[str, np.ndarray], config: DeepseekV3Config, input_ids: np.ndarray, main_hidden: np.ndarray,
+) -> list[np.ndarray]:
+    """Draft logits of the MTP depths k = 1..D, ``(B, T-k, V)`` each (:func:`refimpl.mtp.mtp_chain`).
+
+    Args:
+        weights: the main model's and the MTP depths' tensors (:func:`mtp_weight_shapes`).
+        main_hidden: the main model's final-normed hidden state ``(B, T, M)`` (tap ``"norm"``).
+    """
+    embedding = weights["model.embed_tokens.weight"]
+    head = embedding if config.tie_word_embeddings else weights["lm_head.weight"]
+    depths = [partial(mtp_depth, weights=layer_weights(weights, layer), config=config)
+              for layer in range(config.num_hidden_layers, config.num_hidden_layers + config.num_nextn_predict_layers)]
+    return [lm_head(h, head) for h in mtp_chain(main_hidden, input_ids, embedding, depths)]
 
 
 def forward(
@@ -516,4 +601,5 @@ ARCHITECTURE = Architecture(
     weight_init=weight_init,
     ignored_weights=ignored_weights,
     convert_weights=convert_weights,
+    mtp=MtpHook(weight_shapes=mtp_weight_shapes, prefixes=ignored_weights, copies=mtp_copies, forward=mtp_forward),
 )

@@ -223,7 +223,7 @@ def _layer_types(raw: dict, layers: int) -> tuple[str, ...]:
     return tuple(types)
 
 
-def _rope_entries(raw: dict) -> dict[str, dict]:
+def _rope_entries(raw: dict, name: str = NAME) -> dict[str, dict]:
     """``rope_parameters`` keyed by layer type, with a legacy ``rope_scaling`` merged into
     the full_attention entry, before defaults (``configuration_gemma3.py:137-143``).
 
@@ -242,8 +242,8 @@ def _rope_entries(raw: dict) -> dict[str, dict]:
     stray = sorted(set(params) - set(LAYER_TYPES))
     if stray:
         raise ConfigError(
-            f"{NAME}: rope_parameters must be keyed by layer type {LAYER_TYPES}, found {stray}; transformers 5.24 "
-            "ignores a flat rope_parameters dict for Gemma 3 and uses the defaults")
+            f"{name}: rope_parameters must be keyed by layer type {LAYER_TYPES}, found {stray}; transformers 5.24 "
+            "ignores a flat rope_parameters dict for Gemma 3 and 3n and uses the defaults")
     entries = {}
     for tau, entry in params.items():
         if entry is not None and not isinstance(entry, dict):
@@ -251,12 +251,12 @@ def _rope_entries(raw: dict) -> dict[str, dict]:
         entries[tau] = dict(entry) if entry is not None else None
     if scaling is not None:
         if "full_attention" not in entries:
-            raise ConfigError(f"{NAME}: rope_scaling needs a full_attention entry in rope_parameters to merge into")
+            raise ConfigError(f"{name}: rope_scaling needs a full_attention entry in rope_parameters to merge into")
         entries["full_attention"] = {**(entries["full_attention"] or {"rope_type": "default"}), **scaling}
     return entries
 
 
-def _resolve_rope_entry(raw: dict, tau: str, entry: dict | None) -> dict:
+def _resolve_rope_entry(raw: dict, tau: str, entry: dict | None, name: str = NAME) -> dict:
     """One layer type's RoPE parameters with rope_type and rope_theta filled in as
     transformers' ``convert_rope_params_to_dict`` / ``standardize_rope_params`` do.
 
@@ -274,30 +274,31 @@ def _resolve_rope_entry(raw: dict, tau: str, entry: dict | None) -> dict:
     entry.setdefault("rope_type", legacy_type or "default")
     if legacy_type is not None and legacy_type != entry["rope_type"]:
         raise ConfigError(
-            f"{NAME}: rope parameters of {tau} say rope_type={entry['rope_type']!r} but type={legacy_type!r}; "
+            f"{name}: rope parameters of {tau} say rope_type={entry['rope_type']!r} but type={legacy_type!r}; "
             "transformers 5.24 uses rope_type and ignores the other (write 'rope_type')")
     for factor in (raw.get("partial_rotary_factor"), entry.get("partial_rotary_factor")):
         if factor is not None and factor != 1.0:
-            raise ConfigError(f"{NAME}: partial_rotary_factor={factor!r} is not supported (only 1.0)")
+            raise ConfigError(f"{name}: partial_rotary_factor={factor!r} is not supported (only 1.0)")
     if entry["rope_type"] in _ROPE_TYPES_WITH_ORIGINAL_CONTEXT:
         entry.setdefault("original_max_position_embeddings", get_field(raw, "max_position_embeddings", int, 131_072))
     return entry
 
 
-def _layer_rope_parameters(raw: dict, types: tuple[str, ...], head_dim: int) -> tuple[dict, ...]:
+def _layer_rope_parameters(raw: dict, types: tuple[str, ...], head_dim: int, name: str = NAME) -> tuple[dict, ...]:
     """The resolved RoPE parameters of each layer's type, one dict per layer.
 
     Only the types in use are resolved and checked, as transformers builds RoPE
-    tables only for those (``modeling_gemma3.py:145``).
+    tables only for those (``modeling_gemma3.py:145``). ``name`` is the architecture
+    the errors name (Gemma 3n resolves its RoPE with these functions too).
 
     Raises:
         ConfigError: see :func:`_rope_entries` and :func:`_resolve_rope_entry`; an
             unsupported ``rope_type`` or bad scaling parameters (:func:`rope_frequencies`).
     """
-    entries = _rope_entries(raw)
+    entries = _rope_entries(raw, name)
     resolved = {}
     for tau in sorted(set(types)):
-        resolved[tau] = _resolve_rope_entry(raw, tau, entries.get(tau))
+        resolved[tau] = _resolve_rope_entry(raw, tau, entries.get(tau), name)
         rope_frequencies(resolved[tau], head_dim)
     return tuple(resolved[tau] for tau in types)
 

@@ -59,8 +59,10 @@ How config.json is resolved (transformers 5.24 ``Glm4MoeConfig``):
   not the interleaved pairs of the dense ``glm`` / ``glm4`` models (bug class ROPE-02).
 * Multi-token-prediction weights ``model.layers.{L + i}.*``, i < ``num_nextn_predict_layers``
   (``model.layers.92.*`` in GLM-4.5, ``46`` in Air), are not part of the forward
-  (transformers ignores them on load, modeling:461): a checkpoint may carry them and
-  they are dropped unread (``ARCHITECTURE.ignored_weights``).
+  (transformers ignores them on load, modeling:461): the main model drops them unread
+  (``ARCHITECTURE.ignored_weights``). When they are complete, ``Model.forward(ids,
+  return_mtp_logits=True)`` gives their draft logits (:mod:`refimpl.mtp`, :func:`mtp_forward`):
+  per depth ``enorm``, ``hnorm``, ``eh_proj``, ``shared_head.norm`` and a MoE decoder layer.
 
 Dtype: everything in the compute dtype of the weights (float64 or float32),
 including the router; transformers computes the router (``F.linear`` on
@@ -81,26 +83,29 @@ Checked against: transformers 5.24 ``models/glm4_moe/modeling_glm4_moe.py``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
-from ..architecture import Architecture
+from ..architecture import Architecture, MtpHook
 from ..attention import grouped_query_attention
 from ..config import check_known_keys, get_field, get_positive_int
-from ..errors import ConfigError, InputError, ShapeError
+from ..embedding import lm_head
+from ..errors import ConfigError, InputError, MissingWeightsError, ShapeError
 from ..experts import swiglu_expert
 from ..linear import linear
 from ..masks import causal_mask
 from ..mlp import ACTIVATIONS, gated_mlp
 from ..moe import dispatch, first_k_dense_schedule
+from ..mtp import mtp_chain, mtp_layer
 from ..numerics import as_float_array, check_finite_positive, check_same_dtype
 from ..rmsnorm import rms_norm
 from ..rope import apply_rope_rotate_half, rope_cos_sin, rope_frequencies
 from ..routers import sigmoid_group_top_k
 from ._expert_layout import MLP_EXPERTS, split_fused_experts
 from ._llama_like import (
-    ROPE_KEYS, attention_weight_shapes, implicit_head_dim, num_key_value_heads, projection, resolve_rope_parameters,
-    run_decoder, tied_head,
+    ROPE_KEYS, attention_weight_shapes, implicit_head_dim, layer_weights, num_key_value_heads, projection,
+    resolve_rope_parameters, run_decoder, tied_head,
 )
 
 NAME = "Glm4MoeForCausalLM"
@@ -310,7 +315,8 @@ def checkpoint_moe_shapes(config: Glm4MoeConfig) -> dict[str, tuple[int, ...]]:
 def convert_weights(config: Glm4MoeConfig, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``weights`` with MoE layers saved in transformers' fused layout split into per-expert tensors
     (:func:`refimpl.models._expert_layout.split_fused_experts`; CheckpointError for a mixed layer)."""
-    layers = [layer for layer, kind in enumerate(config.mlp_layer_types) if kind == "sparse"]
+    depths = range(config.num_hidden_layers, config.num_hidden_layers + config.num_nextn_predict_layers)
+    layers = [layer for layer, kind in enumerate(config.mlp_layer_types) if kind == "sparse"] + list(depths)
     shape = (config.n_routed_experts, config.moe_intermediate_size, config.hidden_size)
     return split_fused_experts(weights, layers, MLP_EXPERTS, shape)
 
@@ -340,30 +346,53 @@ def weight_shapes(config: Glm4MoeConfig) -> dict[str, tuple[int, ...]]:
     ``mlp.{gate,up,down}_proj``, MoE layers the tensors of :func:`checkpoint_moe_shapes`
     (per-expert matrices, as published).
     """
-    m, v, d = config.hidden_size, config.vocab_size, config.head_dim
+    m, v = config.hidden_size, config.vocab_size
+    shapes = {"model.embed_tokens.weight": (v, m), "model.norm.weight": (m,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, m)
+    for layer, kind in enumerate(config.mlp_layer_types):
+        shapes.update({f"model.layers.{layer}.{name}": s for name, s in layer_shapes(config, kind).items()})
+    return shapes
+
+
+def layer_shapes(config: Glm4MoeConfig, kind: str) -> dict[str, tuple[int, ...]]:
+    """The tensors of one decoder layer (``kind`` "dense" or "sparse"), relative to ``model.layers.{l}.``."""
+    m, d, f = config.hidden_size, config.head_dim, config.intermediate_size
     attention = attention_weight_shapes(m, config.num_attention_heads, config.num_key_value_heads, d,
                                         bias=config.attention_bias)
     # o_proj is built with bias=False whatever attention_bias says (modeling_glm4_moe.py:197).
     attention.pop("self_attn.o_proj.bias", None)
     if config.use_qk_norm:
         attention.update({"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)})
-    f = config.intermediate_size
     dense = {"mlp.gate_proj.weight": (f, m), "mlp.up_proj.weight": (f, m), "mlp.down_proj.weight": (m, f)}
     sparse = {f"mlp.{name}": shape for name, shape in checkpoint_moe_shapes(config).items()}
-    shapes = {"model.embed_tokens.weight": (v, m), "model.norm.weight": (m,)}
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (v, m)
-    for layer, kind in enumerate(config.mlp_layer_types):
-        per_layer = {"input_layernorm.weight": (m,), "post_attention_layernorm.weight": (m,), **attention,
-                     **(dense if kind == "dense" else sparse)}
-        shapes.update({f"model.layers.{layer}.{name}": s for name, s in per_layer.items()})
-    return shapes
+    return {"input_layernorm.weight": (m,), "post_attention_layernorm.weight": (m,), **attention,
+            **(dense if kind == "dense" else sparse)}
 
 
 def mtp_weight_prefixes(config: Glm4MoeConfig) -> tuple[str, ...]:
     """``ignored_weights``: name prefixes of the multi-token-prediction layers, dropped unread."""
     first = config.num_hidden_layers
     return tuple(f"model.layers.{first + i}." for i in range(config.num_nextn_predict_layers))
+
+
+def mtp_weight_shapes(config: Glm4MoeConfig) -> dict[str, tuple[int, ...]]:
+    """The tensors of the MTP depths: per depth ``model.layers.{L + i}.`` ``enorm`` / ``hnorm`` ``(M,)``,
+    ``eh_proj`` ``(M, 2M)``, ``shared_head.norm`` ``(M,)`` and a MoE ("sparse") decoder layer."""
+    m = config.hidden_size
+    per_depth = {"enorm.weight": (m,), "hnorm.weight": (m,), "eh_proj.weight": (m, 2 * m),
+                 "shared_head.norm.weight": (m,), **layer_shapes(config, "sparse")}
+    return {f"{prefix}{k}": s for prefix in mtp_weight_prefixes(config) for k, s in per_depth.items()}
+
+
+def mtp_copies(config: Glm4MoeConfig) -> dict[str, str]:
+    """Per-depth copies of the shared embedding and head a checkpoint may store (must be equal)."""
+    head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+    copies = {}
+    for prefix in mtp_weight_prefixes(config):
+        copies.update({f"{prefix}embed_tokens.weight": "model.embed_tokens.weight",
+                       f"{prefix}shared_head.head.weight": head})
+    return copies
 
 
 def weight_init(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray | None:
@@ -503,12 +532,76 @@ def decoder_layer(
     mask: np.ndarray,
 ) -> np.ndarray:
     """One pre-norm layer: attention, then the dense MLP or the MoE block as ``mlp_layer_types[layer]`` says."""
+    return pre_norm_layer(h, p, config, config.mlp_layer_types[layer], cos, sin, mask)
+
+
+def pre_norm_layer(
+    h: np.ndarray, p: dict[str, np.ndarray], config: Glm4MoeConfig, kind: str, cos: np.ndarray, sin: np.ndarray,
+    mask: np.ndarray,
+) -> np.ndarray:
+    """Attention, then the dense MLP (``kind`` "dense") or the MoE block ("sparse"), pre-norm, with residuals."""
     eps = config.rms_norm_eps
     h = h + attention_block(rms_norm(h, p["input_layernorm.weight"], eps), p, config, cos, sin, mask)
     x = rms_norm(h, p["post_attention_layernorm.weight"], eps)
-    if config.mlp_layer_types[layer] == "dense":
+    if kind == "dense":
         return h + dense_mlp(x, p, config)
     return h + moe_block(x, fuse_experts(p, config.n_routed_experts), config)
+
+
+def rope_tables(config: Glm4MoeConfig, num_tokens: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """``(cos, sin)`` ``(T, Dr/2)`` at positions ``0 .. T-1`` (partial rotary width)."""
+    inv_freq, scaling = rope_frequencies(config.rope_parameters, config.head_dim,
+                                         max_position_embeddings=config.max_position_embeddings)
+    return rope_cos_sin(np.arange(num_tokens), inv_freq, dtype, scaling)
+
+
+def mtp_block(h: np.ndarray, p: dict[str, np.ndarray], config: Glm4MoeConfig) -> np.ndarray:
+    """TRM_k of an MTP depth: a MoE decoder layer, causal, at positions ``0 .. T'-1``.
+
+    Always MoE ("sparse"): transformers builds MTP layers with ``first_k_dense_replace = 0``
+    (``configuration_utils.py`` ``get_mtp_config``), vLLM by index ``L + i >= first_k_dense_replace``.
+    """
+    t = h.shape[1]
+    cos, sin = rope_tables(config, t, h.dtype)
+    return pre_norm_layer(h, p, config, "sparse", cos, sin, causal_mask(t, t))
+
+
+def mtp_depth(
+    hidden_states: np.ndarray, next_token_embeddings: np.ndarray, weights: dict[str, np.ndarray], config,
+) -> np.ndarray:
+    """One MTP depth (:func:`refimpl.mtp.mtp_layer` with :func:`mtp_block`): ``h^k`` ``(B, T', M)``.
+
+    Args:
+        hidden_states: ``h^{k-1}`` ``(B, T', M)``. next_token_embeddings: ``E[t_{i+k}]`` ``(B, T', M)``.
+        weights: the depth's tensors relative to ``model.layers.{L + k - 1}.`` (per-expert, as published).
+        config: a config.json dict or a :class:`Glm4MoeConfig`.
+
+    Raises:
+        ConfigError / InputError: bad config. ShapeError, MissingWeightsError: bad arrays or names.
+    """
+    config = _moe_config(config)
+    missing = sorted(set(layer_shapes(config, "sparse")) - set(weights))
+    if missing:
+        raise MissingWeightsError(f"mtp_layer: weights lack {', '.join(missing[:4])}"
+                                  f"{' and more' if len(missing) > 4 else ''}")
+    return mtp_layer(hidden_states, next_token_embeddings, weights, rms_norm_eps=config.rms_norm_eps,
+                     block=lambda x: mtp_block(x, weights, config))
+
+
+def mtp_forward(
+    weights: dict[str, np.ndarray], config: Glm4MoeConfig, input_ids: np.ndarray, main_hidden: np.ndarray,
+) -> list[np.ndarray]:
+    """Draft logits of the MTP depths k = 1..D, ``(B, T-k, V)`` each (:func:`refimpl.mtp.mtp_chain`).
+
+    Args:
+        weights: the main model's and the MTP depths' tensors (:func:`mtp_weight_shapes`).
+        main_hidden: the main model's final-normed hidden state ``(B, T, M)`` (tap ``"norm"``).
+    """
+    embedding = weights["model.embed_tokens.weight"]
+    head = embedding if config.tie_word_embeddings else weights["lm_head.weight"]
+    depths = [partial(mtp_depth, weights=layer_weights(weights, layer), config=config)
+              for layer in range(config.num_hidden_layers, config.num_hidden_layers + config.num_nextn_predict_layers)]
+    return [lm_head(h, head) for h in mtp_chain(main_hidden, input_ids, embedding, depths)]
 
 
 def forward(
@@ -525,11 +618,8 @@ def forward(
         ``(logits (B, T, V), taps)``; taps ``"embed"``, ``"layers.{l}"``, ``"norm"``,
         each ``(B, T, M)``, in that order.
     """
-    dtype = weights["model.embed_tokens.weight"].dtype
     t = input_ids.shape[1]
-    inv_freq, scaling = rope_frequencies(config.rope_parameters, config.head_dim,
-                                         max_position_embeddings=config.max_position_embeddings)
-    cos, sin = rope_cos_sin(np.arange(t), inv_freq, dtype, scaling)
+    cos, sin = rope_tables(config, t, weights["model.embed_tokens.weight"].dtype)
     mask = causal_mask(t, t)
     return run_decoder(weights, config, input_ids,
                        lambda h, p, layer: decoder_layer(h, p, config, layer, cos, sin, mask))
@@ -580,4 +670,6 @@ ARCHITECTURE = Architecture(
     weight_init=weight_init,
     ignored_weights=mtp_weight_prefixes,
     convert_weights=convert_weights,
+    mtp=MtpHook(weight_shapes=mtp_weight_shapes, prefixes=mtp_weight_prefixes, copies=mtp_copies,
+                forward=mtp_forward),
 )

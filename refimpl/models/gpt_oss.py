@@ -44,8 +44,9 @@ bfloat16 / float16 (``multiply_then_cast``). The attention softmax runs in the a
 in transformers (no float32 island there).
 
 Checkpoints on the Hub store the expert matrices as MXFP4 blocks (``*_blocks``, ``*_scales``, with
-``quantization_config.quant_method = "mxfp4"``); this version refuses them with a CheckpointError
-(dequantised bfloat16 copies load as plain tensors).
+``quantization_config.quant_method = "mxfp4"``); the checkpoint reader dequantizes them exactly into
+the input-major stacks below (:mod:`refimpl.quantization.mxfp4`), and dequantised bfloat16 copies load
+as plain tensors.
 
 Paper: OpenAI, "gpt-oss-120b & gpt-oss-20b Model Card", arXiv:2508.10925, sec. 2 (MoE with
 top-4 routing and softmax over the selected, gated SwiGLU with clamping and residual, alternating
@@ -109,7 +110,6 @@ IGNORED_KEYS = frozenset({
 #: config.json keys read while resolving (not dataclass fields).
 _RESOLVED_KEYS = frozenset({
     "rope_parameters", "rope_scaling", "rope_theta", "partial_rotary_factor", "num_experts", "experts_per_token",
-    "quantization_config",
 })
 
 
@@ -148,14 +148,12 @@ class GptOssConfig:
         """Build from a parsed config.json.
 
         Raises:
-            CheckpointError: ``quantization_config`` asks for MXFP4 experts (the Hub checkpoints).
             ConfigError: missing, mistyped or out-of-range fields, heads that do not divide,
                 inconsistent layer types, sliding layers without a window, aliases that
                 disagree (``num_experts`` / ``num_local_experts``, ``experts_per_token`` /
                 ``num_experts_per_tok``), a partial rotary factor, or a RoPE type this
                 version does not implement.
         """
-        _refuse_quantized(raw)
         layers = get_positive_int(raw, "num_hidden_layers", 36)
         max_positions = get_positive_int(raw, "max_position_embeddings", 131072)
         config = cls(
@@ -201,17 +199,6 @@ class GptOssConfig:
             raise ConfigError(f"{NAME}: layer_types has 'sliding_attention' layers but sliding_window is null")
         # Refuses an unsupported or malformed RoPE scaling at load time, naming the key.
         rope_frequencies(self.rope_parameters, self.head_dim, max_position_embeddings=self.max_position_embeddings)
-
-
-def _refuse_quantized(raw: dict) -> None:
-    """CheckpointError for the MXFP4 experts of the Hub checkpoints; other quantizations are
-    refused by :func:`refimpl.config.check_known_keys`."""
-    quantization = raw.get("quantization_config")
-    if isinstance(quantization, dict) and quantization.get("quant_method") == "mxfp4":
-        raise CheckpointError(
-            f"{NAME}: this checkpoint stores its expert weights as MXFP4 blocks (mlp.experts.*_blocks and "
-            "*_scales, quantization_config quant_method 'mxfp4'); MXFP4 loading is not implemented yet: "
-            "use a dequantised (bfloat16) copy")
 
 
 def _num_local_experts(raw: dict) -> int:
@@ -377,8 +364,9 @@ def _moe_weights(weights: dict[str, np.ndarray], hidden: np.ndarray) -> dict[str
     """
     packed = sorted(n for n in weights if n.endswith(("_blocks", "_scales")))
     if packed:
-        raise CheckpointError(f"{NAME} moe_block: {packed} are MXFP4 expert blocks; MXFP4 is not supported yet "
-                              "(pass dequantised experts.gate_up_proj / experts.down_proj)")
+        raise CheckpointError(f"{NAME} moe_block: {packed} are MXFP4 expert blocks; the op takes dequantised "
+                              "input-major experts.gate_up_proj / experts.down_proj (refimpl.from_pretrained "
+                              "dequantizes MXFP4 checkpoints; refimpl.quantization.mxfp4 does it for arrays)")
     missing = [n for n in MOE_WEIGHTS if n not in weights]
     if missing:
         raise MissingWeightsError(f"{NAME} moe_block: missing weight(s) {missing}")
@@ -482,7 +470,7 @@ def forward(
 
 
 def _release(num_hidden_layers: int, num_local_experts: int) -> dict:
-    """A released gpt-oss config.json without its ``quantization_config`` (MXFP4, refused here)."""
+    """A released gpt-oss config.json without its ``quantization_config`` (storage only: MXFP4 experts)."""
     return {
         "architectures": [NAME], "model_type": "gpt_oss", "attention_bias": True, "attention_dropout": 0.0,
         "eos_token_id": 200002, "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu",

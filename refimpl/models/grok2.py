@@ -490,6 +490,23 @@ def decoder_layer(
                              p["pre_moe_norm.weight"], p["post_moe_norm.weight"], eps)
 
 
+def check_scaled_logits(logits: np.ndarray, normed: np.ndarray, config: Grok2Config) -> None:
+    """Refuse logits that ``output_multiplier_scale`` pushed beyond the float range.
+
+    Any positive finite scale is a valid config value, but whether ``s W_lm`` and the
+    logits stay finite depends on the weights and the compute dtype (1e300 overflows
+    float32 at once). Rather than return inf or NaN (or let the final soft-cap quietly
+    turn inf into +-c), the forward stops here when the normalised hidden states are
+    finite and the scaled logits are not.
+
+    Raises:
+        ConfigError: naming ``output_multiplier_scale``, its value and the dtype.
+    """
+    if np.isfinite(normed).all() and not np.isfinite(logits).all():
+        raise ConfigError(f"{NAME}: output_multiplier_scale = {config.output_multiplier_scale!r} makes the logits "
+                          f"overflow {logits.dtype.name} (scaled lm_head or logits beyond the float range)")
+
+
 def forward(
     weights: dict[str, np.ndarray], config: Grok2Config, input_ids: np.ndarray
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -506,6 +523,10 @@ def forward(
         then soft-capped when ``final_logit_softcapping`` is set); taps ``"embed"`` (the
         embedding *times* ``embedding_multiplier_scale``, the residual stream entering
         layer 0), ``"layers.{l}"`` and ``"norm"``, each ``(B, T, M)``, in that order.
+
+    Raises:
+        ConfigError: ``output_multiplier_scale`` makes the logits overflow the compute
+            dtype (:func:`check_scaled_logits`).
     """
     embedding = weights["model.embed_tokens.weight"]
     dtype = embedding.dtype
@@ -522,7 +543,9 @@ def forward(
     x = rms_norm(x, weights["model.norm.weight"], config.rms_norm_eps)
     taps["norm"] = x
     # sglang folds output_multiplier_scale into the lm_head weights at load time.
-    logits = lm_head(x, weights["lm_head.weight"] * dtype.type(config.output_multiplier_scale))
+    with np.errstate(over="ignore", invalid="ignore"):
+        logits = lm_head(x, weights["lm_head.weight"] * dtype.type(config.output_multiplier_scale))
+    check_scaled_logits(logits, x, config)
     if config.final_logit_softcapping is not None:
         logits = soft_cap(logits, config.final_logit_softcapping)
     return logits, taps

@@ -82,6 +82,7 @@ Both agree on every point above.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -317,7 +318,9 @@ def rope_inv_freq(config: Llama4TextConfig) -> tuple[np.ndarray, float]:
     """
     params = config.rope_parameters
     low = params.get("low_freq_factor")
-    is_number = isinstance(low, (int, float)) and not isinstance(low, bool) and math.isfinite(low) and low > 0
+    # An int beyond the float range (10**400) is not a usable number: rope_frequencies names it.
+    is_number = (isinstance(low, (int, float)) and not isinstance(low, bool) and abs(low) <= sys.float_info.max
+                 and math.isfinite(low) and low > 0)
     hard_switch = params.get("rope_type") == "llama3" and is_number and low == params.get("high_freq_factor")
     if not hard_switch:
         return rope_frequencies(params, config.head_dim, max_position_embeddings=config.max_position_embeddings)

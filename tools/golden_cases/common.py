@@ -32,6 +32,17 @@ class ModelCase:
     tolerance_class: str = "model_logits"
     #: multipliers for weights whose name contains the key, applied after drawing
     weight_scales: dict = field(default_factory=dict)
+    #: also write the checkpoint's multi-token-prediction depths (``num_nextn_predict_layers``
+    #: of the config) and their draft logits ``mtp_logits.{k}`` (``Architecture.mtp``)
+    mtp: bool = False
+    #: ``(weights, rng) -> weights``: the tensors as the checkpoint stores them, given the drawn
+    #: float32 ones (``make_goldens.random_weights``, the reference's names): renames, and the
+    #: copies and unread tensors a published checkpoint carries. ``rng`` is a stream of its own
+    #: (seed + 20000), so the drawn tensors keep their values. None: stored as drawn.
+    checkpoint_layout: Callable | None = None
+    #: ``(rng, batch, seq) -> int64 (B, T)`` input ids from the generator's id stream (seed + 10000);
+    #: None: uniform over ``[0, vocab_size)``.
+    make_input_ids: Callable | None = None
 
 
 @dataclass(frozen=True)
