@@ -307,7 +307,7 @@ def export_command(directory, dtype, level, op_names, golden_dir, case_globs):
     written = export_cases(directory, cases, golden_dir, dtype, manifest.corpus_version)
     click.echo(f"exported {written} case(s) ({dtype}) to {directory}; the engine writes "
                f"<outputs dir>/<case folder>/outputs.safetensors, then: llm-conformance check --outputs <outputs dir> "
-               f"--dtype {dtype}")
+               f"--exported {directory}")
 
 
 @cli.command("check")
@@ -361,6 +361,8 @@ def check_command(outputs_dir, exported_dir, dtype, level, op_names, golden_dir,
             click.echo(f"warning: {outputs_dir / name} matches no selected case; it is ignored", err=True)
 
     spec = {"backend_spec": "files", "backend_options": {}, "outputs_dir": str(Path(outputs_dir).resolve())}
+    if exported_dir is not None:
+        spec["exported_dir"] = str(Path(exported_dir).resolve())
     _run_and_report(functools.partial(FileOutputsBackend, outputs_dir), spec, dtype, level, op_names, golden_dir, case_globs,
                     report, skip_files, xfail_files, junit, compare_to, drift_factor, repro_dir,
                     select_hook=warn_stray, html_path=html_path)

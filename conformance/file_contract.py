@@ -20,7 +20,9 @@ Layout written by :func:`export_cases`::
 ``DIR2/<folder>/``:
 
 * ``outputs.safetensors``: every required output under its name (op cases: the
-  names in ``case.json`` ``outputs``; model cases: ``logits``), optionally the
+  names in ``case.json`` ``outputs``; model cases: ``logits``, and for cases with
+  ``mtp_depths`` D > 0 the draft logits ``mtp_logits.1`` .. ``mtp_logits.D``, depth k
+  of shape ``(B, T-k, V)``), optionally the
   named intermediates (``hidden_states.embed``, ``hidden_states.layers.0``, ...,
   ``hidden_states.norm``) which are then compared too and locate a divergence;
   any floating or integer dtype;
@@ -41,7 +43,7 @@ from safetensors.numpy import load_file, save_file
 
 from .backends.base import BackendOutput
 from .errors import ConformanceError, OutputError
-from .manifest import Case, inside, load_case_data, load_op_data
+from .manifest import MTP_PREFIX, Case, inside, load_case_data, load_case_mtp_logits, load_op_data
 from .repro import bundle_name
 from .runner import cast_input
 
@@ -86,11 +88,13 @@ def export_case(root: Path, case: Case, golden_dir: Path, dtype: str) -> dict:
                     optional_outputs={})
     else:
         input_ids, logits, hidden = load_case_data(golden_dir, case)
+        drafts = load_case_mtp_logits(golden_dir, case)
         inputs = {"input_ids": np.ascontiguousarray(input_ids)}
         shutil.copytree(inside(golden_dir, case.checkpoint, f"case {case.id}"), folder / "checkpoint")
-        info.update(architecture=case.architecture, checkpoint="checkpoint",
+        info.update(architecture=case.architecture, checkpoint="checkpoint", mtp_depths=case.mtp_depths,
                     inputs={"input_ids": _spec(input_ids)},
-                    outputs={"logits": {"shape": list(logits.shape)}},
+                    outputs={"logits": {"shape": list(logits.shape)},
+                             **{name: {"shape": list(v.shape)} for name, v in drafts.items()}},
                     optional_outputs={HIDDEN_PREFIX + k: {"shape": list(v.shape)} for k, v in hidden.items()})
     save_file(inputs, str(folder / INPUTS_FILE))
     (folder / CASE_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
@@ -156,7 +160,13 @@ class _FileModel:
             raise OutputError(f"{self.backend.outputs_file(self.case)} has no tensor 'logits' "
                               f"(it holds {', '.join(sorted(tensors)) or 'nothing'})")
         hidden = {k[len(HIDDEN_PREFIX):]: v for k, v in tensors.items() if k.startswith(HIDDEN_PREFIX)}
-        return BackendOutput(logits=tensors["logits"], hidden_states=hidden or None)
+        depths = sorted(int(k[len(MTP_PREFIX):]) for k in tensors
+                        if k.startswith(MTP_PREFIX) and k[len(MTP_PREFIX):].isdigit())
+        if depths and depths != list(range(1, len(depths) + 1)):
+            raise OutputError(f"{self.backend.outputs_file(self.case)}: draft logits must be mtp_logits.1 .. "
+                              f"mtp_logits.D without gaps, got depths {depths}")
+        drafts = [tensors[f"{MTP_PREFIX}{k}"] for k in depths] or None
+        return BackendOutput(logits=tensors["logits"], hidden_states=hidden or None, mtp_logits=drafts)
 
 
 class FileOutputsBackend:

@@ -76,6 +76,27 @@ def family(case_id: str) -> str:
     return "/".join(parts[:2]) if parts[0] == "op" and len(parts) > 2 else parts[0]
 
 
+def plot_points(result: CaseResult):
+    """``(names, values, shown, floor, top)`` of :func:`error_plot_png`: the tensors in forward
+    order, their relative RMS errors (inf for NaN/Inf), and the y values drawn (exact zeros
+    on ``floor``, below the bound and every nonzero error; non-finite ones at ``top``)."""
+    names = [n for n in tap_order(set(result.comparisons) - {"logits"})] + (
+        ["logits"] if "logits" in result.comparisons else [])
+    values = []
+    for name in names:
+        c = result.comparisons[name]
+        value = c.rel_rms if not c.nonfinite and math.isfinite(c.rel_rms) else math.inf
+        values.append(value)
+    finite = [v for v in values if math.isfinite(v) and v > 0]
+    bound = result.tolerance.rel_rms if result.tolerance is not None else None
+    # Exact zeros (an untouched embedding, say) sit on a floor well below both the bound
+    # and every nonzero error, drawn with their own marker, so they never look like a divergence.
+    floor = min(finite + ([bound] if bound else [])) / 100 if (finite or bound) else 1e-17
+    top = max(finite + ([bound] if bound else [])) * 10 if (finite or bound) else 1.0
+    shown = [max(v, floor) if math.isfinite(v) else top for v in values]
+    return names, values, shown, floor, top
+
+
 def error_plot_png(result: CaseResult) -> bytes:
     """PNG of the relative RMS error per compared tensor of a model case, in forward order.
 
@@ -87,20 +108,14 @@ def error_plot_png(result: CaseResult) -> bytes:
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    names = [n for n in tap_order(set(result.comparisons) - {"logits"})] + (
-        ["logits"] if "logits" in result.comparisons else [])
-    values = []
-    for name in names:
-        c = result.comparisons[name]
-        value = c.rel_rms if not c.nonfinite and math.isfinite(c.rel_rms) else math.inf
-        values.append(value)
-    finite = [v for v in values if math.isfinite(v) and v > 0]
-    floor = min(finite) / 10 if finite else 1e-17
-    top = max(finite) * 10 if finite else 1.0
-    shown = [max(v, floor) if math.isfinite(v) else top for v in values]
+    names, values, shown, floor, top = plot_points(result)
     fig = Figure(figsize=(max(6.0, 0.35 * len(names) + 2), 3.6), dpi=100)
     ax = fig.add_subplot()
     ax.plot(range(len(names)), shown, marker="o", color="#1f5fa8", label="relative RMS error")
+    zeros = [i for i, v in enumerate(values) if v == 0]
+    if zeros:
+        ax.plot(zeros, [floor] * len(zeros), linestyle="none", marker="v", color="#17702a", markersize=8,
+                label="exactly 0 (drawn at the floor)")
     for i, v in enumerate(values):
         if not math.isfinite(v):
             ax.plot([i], [top], marker="X", color="#b00020", markersize=10)

@@ -140,7 +140,9 @@ class IsolatedRunner:
             process.join(5)
             code = process.exitcode
             self.stop()
-            raise BackendError(f"the backend's worker process died while starting ({describe_exit(code)})") from None
+            raise BackendError(f"the backend's worker process died while starting ({describe_exit(code)}); if a "
+                               f"script of yours drives the run, guard its entry point with "
+                               f"`if __name__ == \"__main__\":` (the worker imports it), or use --no-isolate") from None
         if message[0] == "startup-error":
             self.stop()
             raise BackendError(message[1])

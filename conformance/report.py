@@ -56,8 +56,9 @@ def repro_command(meta: dict, case_id: str) -> str:
     """The command line that reruns one case with the same backend, options, dtype and corpus
     (for ``check``: the same engine outputs directory)."""
     if meta.get("outputs_dir"):
-        words = ["llm-conformance", "check", "--outputs", meta["outputs_dir"], "--dtype", meta["dtype"],
-                 "--golden-dir", meta["golden_dir"], "--case", case_id]
+        words = ["llm-conformance", "check", "--outputs", meta["outputs_dir"]]
+        words += ["--exported", meta["exported_dir"]] if meta.get("exported_dir") else ["--dtype", meta["dtype"]]
+        words += ["--golden-dir", meta["golden_dir"], "--case", case_id]
         return shlex.join(words)
     words = ["llm-conformance", "run", "--backend", meta["backend_spec"]]
     for key, value in meta.get("backend_options", {}).items():
@@ -212,9 +213,17 @@ def write_junit_report(path, results: list[CaseResult], meta: dict) -> None:
         "time": f"{sum(r.seconds for r in results):.3f}", "timestamp": str(meta.get("started_at", "")),
     })
     properties = ET.SubElement(suite, "properties")
-    for key in ("backend", "backend_spec", "dtype", "corpus_version", "golden_dir", "conformance_version"):
+    for key in ("backend", "backend_spec", "dtype", "corpus_version", "golden_dir", "conformance_version", "partial"):
         if key in meta:
             ET.SubElement(properties, "property", name=key, value=str(meta[key]))
+    if meta.get("partial"):
+        # An interrupted run must not read as green: one errored testcase says so.
+        suite.set("tests", str(len(results) + 1))
+        suite.set("errors", str(int(suite.get("errors")) + 1))
+        interrupted = ET.SubElement(suite, "testcase", {"classname": "llm-conformance", "name": "run interrupted",
+                                                        "time": "0.000"})
+        ET.SubElement(interrupted, "error", message="the run was interrupted (Ctrl-C); cases after the last one "
+                      "listed did not run", type="interrupted")
     for result in results:
         testcase = ET.SubElement(suite, "testcase", {
             "classname": result.case_id.rsplit("/", 1)[0].replace("/", "."),

@@ -28,8 +28,11 @@ def run_case(case_dir: Path, out_dir: Path) -> None:
             (out_dir / "NOT_IMPLEMENTED").write_text(f"this engine has no {info['dtype']} model path\n")
             return
         model = refimpl.from_pretrained(case_dir / info["checkpoint"], dtype=np.dtype(info["dtype"]))
-        out = model.forward(inputs["input_ids"], return_hidden_states=True)
+        drafts = info.get("mtp_depths", 0) > 0  # multi-token prediction: write mtp_logits.1 .. mtp_logits.D
+        out = model.forward(inputs["input_ids"], return_hidden_states=True, return_mtp_logits=drafts)
         tensors = {"logits": out.logits, **{f"hidden_states.{k}": v for k, v in out.hidden_states.items()}}
+        if drafts:
+            tensors.update({f"mtp_logits.{k}": v for k, v in enumerate(out.mtp_logits, 1)})
     else:
         # Widen low-precision inputs: this engine computes in float64 and rounds the result.
         arrays = {k: (v.astype(np.float64) if v.dtype.kind == "f" or v.dtype.name == "bfloat16" else v)
@@ -41,6 +44,8 @@ def run_case(case_dir: Path, out_dir: Path) -> None:
 
 
 def main(cases: str, outputs: str) -> None:
+    if not (Path(cases) / "CONTRACT.json").is_file():
+        sys.exit(f"error: {cases} has no CONTRACT.json; create it with llm-conformance export {cases}")
     contract = json.loads((Path(cases) / "CONTRACT.json").read_text())
     for entry in contract["cases"]:
         try:
@@ -50,4 +55,6 @@ def main(cases: str, outputs: str) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python examples/file_contract_engine.py CASES_DIR OUTPUTS_DIR")
     main(*sys.argv[1:3])

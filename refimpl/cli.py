@@ -174,6 +174,15 @@ def transformers_generation(checkpoint_dir: Path, prompt_ids: np.ndarray, max_ne
     except ConformanceError as exc:
         raise RefimplError(f"--compare-transformers: {exc}") from None
     torch, transformers = backend.torch, backend.transformers
+    from conformance.backends.transformers_backend import _known_architectures
+
+    from .checkpoint import read_config
+
+    architecture = (read_config(checkpoint_dir).get("architectures") or [None])[0]
+    if architecture not in _known_architectures(transformers):
+        # Grok's model_type "git" would otherwise load transformers' unrelated GitForCausalLM.
+        raise RefimplError(f"--compare-transformers: transformers {transformers.__version__} has no model class "
+                           f"'{architecture}'; there is nothing to compare with (the reference alone runs it)")
     with _transformers_quiet(transformers):
         try:
             model = backend.load_model(checkpoint_dir, "float32").model

@@ -233,6 +233,8 @@ class Model:
         self.architecture = architecture
         self.config = config
         self.dtype = resolve_dtype(dtype)
+        if not isinstance(lazy, (bool, np.bool_)):
+            raise InputError(f"lazy must be True or False, got {lazy!r}")
         self.lazy = bool(lazy)
         self.progress = (self.lazy and sys.stderr.isatty()) if progress is None else bool(progress)
         checked = check_weights(architecture, config, weights)

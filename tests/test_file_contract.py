@@ -18,7 +18,9 @@ from conformance.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_CASE = "qwen3/tied-mqa-prime-len"
-SELECTION = ("--case", MODEL_CASE, "--case", "op/rms_norm/*", "--case", "op/softmax_top_k/*")
+SELECTION = ("--case", MODEL_CASE, "--case", "op/rms_norm/*", "--case", "op/softmax_top_k/*",
+             "--case", "mtp/deepseek-v3-two-depths")
+MTP_CASE = "mtp/deepseek-v3-two-depths"
 
 
 def invoke(*args):
@@ -79,6 +81,23 @@ def test_engine_outputs_pass_like_run(exported, golden_dir, tmp_path):
     assert entries and all(e["status"] == "passed" for e in entries.values())
     contract = json.loads((cases / "CONTRACT.json").read_text())
     assert set(entries) == {c["id"] for c in contract["cases"]}
+
+
+def test_draft_logits_are_asked_for_and_checked_depth_by_depth(exported, golden_dir, tmp_path):
+    cases, outputs = exported
+    info = json.loads((cases / MTP_CASE.replace("/", "__") / "case.json").read_text())
+    assert info["mtp_depths"] == 2 and {"mtp_logits.1", "mtp_logits.2"} <= set(info["outputs"])
+    B, T, V = info["outputs"]["logits"]["shape"]
+    assert info["outputs"]["mtp_logits.2"]["shape"] == [B, T - 2, V]
+    outputs = copy_outputs(outputs, tmp_path / "out")
+    path = outputs / MTP_CASE.replace("/", "__") / "outputs.safetensors"
+    tensors = load_file(str(path))
+    del tensors["mtp_logits.2"]
+    save_file(tensors, str(path))
+    result, entries = check(cases, outputs, golden_dir, tmp_path, "--case", MTP_CASE)
+    assert result.exit_code == 1
+    assert entries[MTP_CASE]["status"] == "failed" and entries[MTP_CASE]["first_divergence"] == "mtp_logits.2"
+    assert f"--exported {cases.resolve()}" in entries[MTP_CASE]["repro"]
 
 
 def test_a_wrong_intermediate_fails_at_that_layer_with_a_check_repro(exported, golden_dir, tmp_path):

@@ -510,3 +510,16 @@ def test_console_script_process_prints_one_line_errors(tmp_path):
     assert pyproject["project"]["scripts"]["llm-refimpl"] == "refimpl.cli:main"
     deps = " ".join(pyproject["project"]["dependencies"])
     assert "tokenizers" in deps and "jinja2" in deps
+
+
+def test_compare_transformers_refuses_an_architecture_transformers_lacks(golden_dir, tmp_path):
+    # Grok's model_type "git" would load transformers' unrelated GitForCausalLM with random weights.
+    import shutil
+
+    grok = tmp_path / "grok"
+    shutil.copytree(golden_dir / "grok2" / "single-token" / "checkpoint", grok)
+    write_tokenizer(grok, template_source=None)
+    result = invoke("generate", grok, "--prompt", "q", "--max-new-tokens", 1, "--no-chat",
+                    "--compare-transformers")
+    assert result.exit_code == 2, result.output
+    assert "has no model class 'Grok1ForCausalLM'" in result.output and "Traceback" not in result.output

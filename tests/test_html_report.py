@@ -81,3 +81,19 @@ def test_page_lists_errors_and_marks_partial_runs_without_a_browser():
     assert text.index("op/rms_norm/plain") < text.index("qwen3/a")
     assert "No failing model case." in text
     assert family("op/rms_norm/plain") == "op/rms_norm" and family("qwen3/a") == "qwen3"
+
+
+def test_exact_zeros_are_drawn_below_the_bound_not_above_it():
+    from conformance.compare import Comparison
+    from conformance.html_report import plot_points
+    from conformance.tolerances import Tolerance
+
+    def comparison(rel):
+        return Comparison((1, 2, 3), (1, 2, 3), rel, (0, 0, 0), rel, 1.0, 0)
+
+    result = _result("qwen3/x", Status.FAILED, tolerance=Tolerance(rel_rms=2e-5, max_abs_rel=2e-4, argmax_margin=1e-3),
+                     comparisons={"embed": comparison(0.0), "layers.0": comparison(0.15), "logits": comparison(0.3)})
+    names, values, shown, floor, top = plot_points(result)
+    assert names == ["embed", "layers.0", "logits"]
+    assert shown[0] == floor < 2e-5 / 10  # the untouched embedding sits far below the bound line
+    assert shown[1:] == [0.15, 0.3] and top > 0.3

@@ -52,12 +52,13 @@ def test_nan_outputs_are_their_own_status(golden_dir, tmp_path, monkeypatch):
 
 
 def test_ctrl_c_writes_a_partial_report(golden_dir, tmp_path):
-    report, page = tmp_path / "report.json", tmp_path / "report.html"
+    report, page, junit = tmp_path / "report.json", tmp_path / "report.html", tmp_path / "report.xml"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     # Three cases run, then the fourth hangs; Ctrl-C arrives while it hangs.
     order = ["qwen3/tied-mqa-prime-len", "qwen3/untied-gqa-odd-len", "qwen3/mha-batch3", HANG]
     command = [sys.executable, "-m", "conformance", "run", "--backend", "odd_backends:crash_and_hang",
                "-o", f"hang={HANG}", "--golden-dir", str(golden_dir), "--report", str(report), "--html", str(page),
+               "--junit", str(junit),
                "--timeout", "300", *[a for case in order for a in ("--case", case)]]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
@@ -78,3 +79,5 @@ def test_ctrl_c_writes_a_partial_report(golden_dir, tmp_path):
     done = {e["case_id"]: e["status"] for e in data["results"]}
     assert done == {case: "passed" for case in order[:3]}
     assert "partial" in stderr.lower() and 'id="partial"' in page.read_text()
+    xml = junit.read_text()
+    assert 'name="run interrupted"' in xml and 'type="interrupted"' in xml and 'errors="1"' in xml

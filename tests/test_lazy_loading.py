@@ -269,3 +269,10 @@ def test_lazy_mtp_draft_logits_equal_eager(golden_dir, tmp_path):
     np.testing.assert_array_equal(got.logits, expected.logits)
     assert len(got.mtp_logits) == len(expected.mtp_logits) == 1
     np.testing.assert_array_equal(got.mtp_logits[0], expected.mtp_logits[0])
+
+
+def test_lazy_must_be_a_bool(golden_dir):
+    from refimpl.errors import InputError
+
+    with pytest.raises(InputError, match="lazy must be True or False, got 'false'"):
+        refimpl.from_pretrained(golden_dir / "qwen3" / "tied-mqa-prime-len" / "checkpoint", lazy="false")
