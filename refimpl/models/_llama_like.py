@@ -240,3 +240,30 @@ def run_decoder(
     taps["norm"] = h
     head = embedding if config.tie_word_embeddings else weights["lm_head.weight"]
     return lm_head(h, head), taps
+
+
+def decoder_layer_mtp_logits(
+    weights: dict[str, np.ndarray], config, input_ids: np.ndarray, main_hidden: np.ndarray, depth: Callable,
+    chain: Callable,
+) -> list[np.ndarray]:
+    """Draft logits of the MTP depths k = 1..D stored as extra decoder layers
+    ``model.layers.{L + k - 1}.*`` (DeepSeek-V3 / Kimi K2, GLM-4.5), ``(B, T-k, V)`` each.
+
+    Args:
+        weights: the main model's and the MTP depths' tensors.
+        config: with ``num_hidden_layers`` L, ``num_nextn_predict_layers`` D and ``tie_word_embeddings``.
+        input_ids: ``(B, T)``. main_hidden: the final-normed hidden state ``(B, T, M)`` (tap ``"norm"``).
+        depth: ``depth(hidden_states, next_token_embeddings, *, weights, config) -> (B, T', M)``, one
+            depth given its layer's tensors (the model module's ``mtp_depth``).
+        chain: :func:`refimpl.mtp.mtp_chain` (which hidden state and which token each depth reads),
+            passed by the model module so that its name there stays the one place to replace it.
+
+    The head and the embedding are the main model's.
+    """
+    from functools import partial
+
+    embedding = weights["model.embed_tokens.weight"]
+    head = embedding if config.tie_word_embeddings else weights["lm_head.weight"]
+    layers = range(config.num_hidden_layers, config.num_hidden_layers + config.num_nextn_predict_layers)
+    depths = [partial(depth, weights=layer_weights(weights, layer), config=config) for layer in layers]
+    return [lm_head(h, head) for h in chain(main_hidden, input_ids, embedding, depths)]

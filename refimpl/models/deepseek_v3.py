@@ -63,7 +63,6 @@ Checked against: transformers 5.24 ``models/deepseek_v3/modeling_deepseek_v3.py`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 
 import numpy as np
 
@@ -73,7 +72,6 @@ from ..errors import ConfigError, MissingWeightsError, ShapeError, UnexpectedWei
 from ..experts import swiglu_expert
 from ..linear import linear
 from ..mla import MlaDims, mla_dims, mla_literal, mla_softmax_scale, mla_weight_shapes
-from ..embedding import lm_head
 from ..mlp import activation, gated_mlp
 from ..moe import dispatch, first_k_dense_schedule
 from ..mtp import mtp_chain, mtp_layer
@@ -83,7 +81,7 @@ from ..routers import sigmoid_group_top_k
 from ..rope import rope_frequencies
 from ._expert_layout import MLP_EXPERTS, split_fused_experts
 from ._llama_like import (
-    ROPE_KEYS, layer_weights, num_key_value_heads, resolve_rope_parameters, run_decoder,
+    ROPE_KEYS, decoder_layer_mtp_logits, num_key_value_heads, resolve_rope_parameters, run_decoder,
 )
 
 NAME = "DeepseekV3ForCausalLM"
@@ -521,17 +519,14 @@ def mtp_depth(
 def mtp_forward(
     weights: dict[str, np.ndarray], config: DeepseekV3Config, input_ids: np.ndarray, main_hidden: np.ndarray,
 ) -> list[np.ndarray]:
-    """Draft logits of the MTP depths k = 1..D, ``(B, T-k, V)`` each (:func:`refimpl.mtp.mtp_chain`).
+    """Draft logits of the MTP depths k = 1..D, ``(B, T-k, V)`` each
+    (:func:`._llama_like.decoder_layer_mtp_logits` with this model's :func:`mtp_depth`).
 
     Args:
         weights: the main model's and the MTP depths' tensors (:func:`mtp_weight_shapes`).
         main_hidden: the main model's final-normed hidden state ``(B, T, M)`` (tap ``"norm"``).
     """
-    embedding = weights["model.embed_tokens.weight"]
-    head = embedding if config.tie_word_embeddings else weights["lm_head.weight"]
-    depths = [partial(mtp_depth, weights=layer_weights(weights, layer), config=config)
-              for layer in range(config.num_hidden_layers, config.num_hidden_layers + config.num_nextn_predict_layers)]
-    return [lm_head(h, head) for h in mtp_chain(main_hidden, input_ids, embedding, depths)]
+    return decoder_layer_mtp_logits(weights, config, input_ids, main_hidden, mtp_depth, mtp_chain)
 
 
 def forward(

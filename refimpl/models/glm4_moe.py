@@ -83,14 +83,12 @@ Checked against: transformers 5.24 ``models/glm4_moe/modeling_glm4_moe.py``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 
 import numpy as np
 
 from ..architecture import Architecture, MtpHook
 from ..attention import grouped_query_attention
 from ..config import check_known_keys, get_field, get_positive_int
-from ..embedding import lm_head
 from ..errors import ConfigError, InputError, MissingWeightsError, ShapeError
 from ..experts import swiglu_expert
 from ..linear import linear
@@ -104,7 +102,7 @@ from ..rope import apply_rope_rotate_half, rope_cos_sin, rope_frequencies
 from ..routers import sigmoid_group_top_k
 from ._expert_layout import MLP_EXPERTS, split_fused_experts
 from ._llama_like import (
-    ROPE_KEYS, attention_weight_shapes, implicit_head_dim, layer_weights, num_key_value_heads, projection,
+    ROPE_KEYS, decoder_layer_mtp_logits, attention_weight_shapes, implicit_head_dim, num_key_value_heads, projection,
     resolve_rope_parameters, run_decoder, tied_head,
 )
 
@@ -591,17 +589,14 @@ def mtp_depth(
 def mtp_forward(
     weights: dict[str, np.ndarray], config: Glm4MoeConfig, input_ids: np.ndarray, main_hidden: np.ndarray,
 ) -> list[np.ndarray]:
-    """Draft logits of the MTP depths k = 1..D, ``(B, T-k, V)`` each (:func:`refimpl.mtp.mtp_chain`).
+    """Draft logits of the MTP depths k = 1..D, ``(B, T-k, V)`` each
+    (:func:`._llama_like.decoder_layer_mtp_logits` with this model's :func:`mtp_depth`).
 
     Args:
         weights: the main model's and the MTP depths' tensors (:func:`mtp_weight_shapes`).
         main_hidden: the main model's final-normed hidden state ``(B, T, M)`` (tap ``"norm"``).
     """
-    embedding = weights["model.embed_tokens.weight"]
-    head = embedding if config.tie_word_embeddings else weights["lm_head.weight"]
-    depths = [partial(mtp_depth, weights=layer_weights(weights, layer), config=config)
-              for layer in range(config.num_hidden_layers, config.num_hidden_layers + config.num_nextn_predict_layers)]
-    return [lm_head(h, head) for h in mtp_chain(main_hidden, input_ids, embedding, depths)]
+    return decoder_layer_mtp_logits(weights, config, input_ids, main_hidden, mtp_depth, mtp_chain)
 
 
 def forward(
