@@ -105,14 +105,15 @@ from ..embedding import lm_head, scaled_embed_tokens
 from ..errors import ConfigError
 from ..laurel import laurel_residual
 from ..linear import linear
-from ..masks import causal_mask, sliding_window_mask
 from ..mlp import activation
 from ..per_layer_embedding import per_layer_input_update, per_layer_inputs
 from ..rmsnorm import rms_norm, rms_normalize
-from ..rope import apply_rope_rotate_half, rope_cos_sin, rope_frequencies
+from ..rope import apply_rope_rotate_half
 from ..softcap import soft_cap
 from ._llama_like import layer_weights, projection
-from .gemma3 import LAYER_TYPES, _layer_rope_parameters
+# The per-layer mask (W keys up to the query, or causal) and the RoPE tables (one per layer
+# type) are Gemma 3's, read from the same config fields.
+from .gemma3 import LAYER_TYPES, _layer_rope_parameters, layer_mask, rope_tables
 
 NAME = "Gemma3nForCausalLM"
 
@@ -410,23 +411,6 @@ def weight_init(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> 
     if name.endswith("altup.prediction_coefs.weight"):
         return rng.standard_normal(shape) * 0.25 / np.sqrt(shape[-1])
     return None
-
-
-def layer_mask(config: Gemma3nConfig, layer: int, num_tokens: int) -> np.ndarray:
-    """The ``(T, T)`` visibility of one layer: W keys up to the query's own, or causal."""
-    if config.layer_types[layer] == "sliding_attention":
-        return sliding_window_mask(num_tokens, num_tokens, config.sliding_window)
-    return causal_mask(num_tokens, num_tokens)
-
-
-def rope_tables(config: Gemma3nConfig, num_tokens: int, dtype) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``(cos, sin)``, each ``(T, D/2)`` in ``dtype``, for every layer (computed once per layer type)."""
-    by_type = {}
-    for tau, params in zip(config.layer_types, config.layer_rope_parameters):
-        if tau not in by_type:
-            inv_freq, scaling = rope_frequencies(params, config.head_dim)
-            by_type[tau] = rope_cos_sin(np.arange(num_tokens), inv_freq, dtype, scaling)
-    return [by_type[tau] for tau in config.layer_types]
 
 
 def norm(x: np.ndarray, weight: np.ndarray, config: Gemma3nConfig) -> np.ndarray:
