@@ -14,7 +14,7 @@ selected) are compared exactly, in every dtype; the tolerance applies to the res
 Model cases with multi-token-prediction outputs (``Case.mtp_depths`` D > 0) also compare
 the backend's ``mtp_logits`` as ``mtp_logits.1`` .. ``mtp_logits.{D}``, after the logits
 and with the same tolerance; a backend that returns none for such a case is "not
-implemented".
+implemented", one that returns fewer depths than the case has fails at the first missing one.
 
 Statuses:
     passed           every compared tensor is within its tolerance (integer outputs: equal)
