@@ -35,6 +35,11 @@ class Architecture:
             raises a CheckpointError (naming the layer) for a layout it cannot convert.
         mtp: optional :class:`MtpHook`: the multi-token-prediction modules a checkpoint may
             carry besides the main model (DeepSeek-V3, GLM-4.5, Qwen3-Next); see :mod:`refimpl.mtp`.
+        forward_step: ``(weights, config, input_ids, context) -> (logits, taps, caches)``: the
+            forward over one call's new tokens given a :class:`refimpl.kv_cache.StepContext`
+            (their positions, padding and the layers' caches from the previous call); returns
+            the caches for the next call, one per layer. ``forward`` is this with a fresh
+            context. None: the architecture has no incremental decoding.
     """
 
     name: str
@@ -48,6 +53,7 @@ class Architecture:
     ignored_weights: Callable | None = None
     convert_weights: Callable | None = None
     mtp: "MtpHook | None" = None
+    forward_step: Callable | None = None
 
 
 @dataclass(frozen=True)

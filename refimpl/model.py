@@ -27,6 +27,7 @@ from .lazy_weights import LazyTensor, LazyWeights, convert_all
 from .numerics import resolve_dtype
 from .quantization import scheme_from_config
 from .architecture import Architecture
+from .kv_cache import StepContext, fresh_context, next_context
 from .registry import get_architecture
 
 
@@ -45,6 +46,28 @@ class ModelOutput:
     logits: np.ndarray
     hidden_states: dict[str, np.ndarray] | None = None
     mtp_logits: list[np.ndarray] | None = None
+
+
+@dataclass(frozen=True)
+class DecodeCache:
+    """Everything a model carries from one incremental call to the next.
+
+    Attributes:
+        layers: one entry per decoder layer: a :class:`refimpl.kv_cache.KVCache`, a
+            :class:`refimpl.kv_cache.GatedDeltaNetCache`, or None (a layer that keeps nothing).
+        next_position: ``(B,)`` int64, the position the next token of each row gets.
+        length: slots per row so far (left-padding slots included).
+        last_added: tokens the last call appended (the most :meth:`Model.rollback` undoes).
+    """
+
+    layers: tuple
+    next_position: np.ndarray
+    length: int
+    last_added: int
+
+    @property
+    def batch(self) -> int:
+        return self.next_position.shape[0]
 
 
 def _name_list(names, limit: int = 8) -> str:
@@ -285,6 +308,90 @@ class Model:
             weights = self.weights.merged(self.mtp_weights) if self.lazy else {**self.weights, **self.mtp_weights}
             mtp = self.architecture.mtp.forward(weights, self.config, ids, taps["norm"])
         return ModelOutput(logits=logits, hidden_states=taps if return_hidden_states else None, mtp_logits=mtp)
+
+    def _step(self, ids: np.ndarray, context: StepContext, length: int) -> tuple[np.ndarray, DecodeCache]:
+        step = self.architecture.forward_step
+        if step is None:
+            raise ConfigError(f"{self.architecture.name}: this reference has no incremental decoding for it")
+        check_sequence_length(self.config, (ids.shape[0], length), self.dtype)
+        with self._layer_progress():
+            logits, _, layers = step(self.weights, self.config, ids, context)
+        last = context.positions[:, -1] + 1
+        next_position = np.where(context.valid[:, -1], last, 0).astype(np.int64)
+        return logits, DecodeCache(layers=tuple(layers), next_position=next_position, length=length,
+                                   last_added=ids.shape[1])
+
+    def prefill(self, input_ids, attention_mask=None) -> tuple[np.ndarray, DecodeCache]:
+        """Run a prompt and keep what later tokens need.
+
+        Args:
+            input_ids: integer ``(B, T)``.
+            attention_mask: None, or ``(B, T)`` 0/1 with 0 on leading pad slots only (left
+                padding). Token positions are ``cumsum(attention_mask) - 1`` per row
+                (:mod:`refimpl.kv_cache`); the logits of pad slots are undefined.
+
+        Returns:
+            ``(logits (B, T, V), cache)``; ``forward(input_ids).logits`` equals these logits
+            when there is no padding.
+
+        Raises:
+            InputError / ShapeError: bad ids or mask (named). ConfigError: an architecture
+                without incremental decoding.
+        """
+        ids = check_token_ids(input_ids, self.config.vocab_size)
+        context = fresh_context(*ids.shape, attention_mask)
+        return self._step(ids, context, ids.shape[1])
+
+    def decode(self, input_ids, cache: DecodeCache) -> tuple[np.ndarray, DecodeCache]:
+        """Feed one or more new tokens per row after ``cache``.
+
+        A call with n tokens is a chunked-prefill piece or a speculative verification: the
+        n tokens attend to the cache and causally to each other.
+
+        Args:
+            input_ids: integer ``(B, n)``, n >= 1, the same B as the cache.
+            cache: from :meth:`prefill`, :meth:`decode` or :meth:`rollback` of this model.
+
+        Returns:
+            ``(logits (B, n, V), cache)``; the logits equal the last n rows of one forward
+            over the whole sequence so far. ``cache`` is left unchanged (a new one is returned).
+
+        Raises:
+            InputError: bad ids, a batch size other than the cache's, or a cache that is
+                not a :class:`DecodeCache` of this model.
+        """
+        ids = check_token_ids(input_ids, self.config.vocab_size)
+        self._check_cache(cache)
+        if ids.shape[0] != cache.batch:
+            raise InputError(f"decode: input_ids has {ids.shape[0]} rows, the cache {cache.batch}")
+        context = next_context(cache.next_position, ids.shape[1], cache.layers)
+        return self._step(ids, context, cache.length + ids.shape[1])
+
+    def rollback(self, cache: DecodeCache, num_tokens: int) -> DecodeCache:
+        """Forget the last ``num_tokens`` tokens of every row (rejected speculative drafts).
+
+        The result equals the cache of a run that never saw those tokens (recurrent and conv
+        states included). Only tokens of the last call can be rolled back, once.
+
+        Raises:
+            InputError: ``num_tokens`` not an integer in ``[0, tokens of the last call]``, or
+                a cache not of this model.
+        """
+        self._check_cache(cache)
+        if isinstance(num_tokens, (bool, np.bool_)) or not isinstance(num_tokens, (int, np.integer)) \
+                or not 0 <= num_tokens <= cache.last_added:
+            raise InputError(f"rollback: num_tokens must be an integer in [0, {cache.last_added}] (the tokens "
+                             f"of the last call), got {num_tokens!r}")
+        if num_tokens and cache.length - num_tokens < 1:
+            raise InputError("rollback: cannot remove every token of the sequence")
+        layers = tuple(None if c is None else c.rollback(int(num_tokens)) for c in cache.layers)
+        return DecodeCache(layers=layers, next_position=cache.next_position - int(num_tokens),
+                           length=cache.length - int(num_tokens), last_added=0)
+
+    def _check_cache(self, cache) -> None:
+        if not isinstance(cache, DecodeCache) or len(cache.layers) != self.config.num_hidden_layers:
+            raise InputError(f"expected the DecodeCache of a prefill of this model "
+                             f"({self.config.num_hidden_layers} layers), got {type(cache).__name__}")
 
     def __call__(self, input_ids) -> np.ndarray:
         """Logits ``(B, T, V)`` for integer token ids ``(B, T)``."""

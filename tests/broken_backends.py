@@ -15,6 +15,7 @@ import numpy as np
 
 from conformance.backends.refimpl_backend import RefimplBackend, RefimplModel
 from refimpl.attention import grouped_query_attention
+from refimpl import kv_cache
 from refimpl.masks import sliding_window_mask
 from refimpl.models import gemma3, olmo2, qwen3
 from refimpl.rmsnorm import rms_norm
@@ -43,15 +44,25 @@ def rms_norm_qk_over_all_heads(x, weight, eps):
     return weight * x / np.sqrt(np.mean(x * x, axis=(-2, -1), keepdims=True) + x.dtype.type(eps))
 
 
-def gqa_heads_modulo(q, k, v, mask, scale):
+def gqa_heads_modulo(q, k, v, mask, scale, **kwargs):
     """Query head h reads key/value head h % Hkv instead of h // (H / Hkv)."""
     reps = q.shape[2] // k.shape[2]
-    return grouped_query_attention(q, np.tile(k, (1, 1, reps, 1)), np.tile(v, (1, 1, reps, 1)), mask, scale)
+    return grouped_query_attention(q, np.tile(k, (1, 1, reps, 1)), np.tile(v, (1, 1, reps, 1)), mask, scale,
+                                   **kwargs)
 
 
 def window_one_too_wide(num_queries, num_keys, window, past_length=0):
     """A sliding window of W + 1 keys (SWA-01: the window taken as the radius)."""
     return sliding_window_mask(num_queries, num_keys, window + 1, past_length)
+
+
+_visibility = kv_cache.visibility
+
+
+def visibility_window_one_too_wide(context, visible, *, sliding_window=None, attention_chunk_size=None):
+    """:func:`refimpl.kv_cache.visibility` with a window of W + 1 keys (SWA-01)."""
+    return _visibility(context, visible, sliding_window=None if sliding_window is None else sliding_window + 1,
+                               attention_chunk_size=attention_chunk_size)
 
 
 class _PatchedModel(RefimplModel):
@@ -100,12 +111,12 @@ def qk_norm_over_all_heads() -> _BrokenBackend:
 
 def gqa_modulo() -> _BrokenBackend:
     return _BrokenBackend("broken:gqa-h-mod-hkv",
-                          lambda: mock.patch.object(qwen3, "grouped_query_attention", gqa_heads_modulo))
+                          lambda: mock.patch.object(kv_cache, "grouped_query_attention", gqa_heads_modulo))
 
 
 def sliding_window_plus_one() -> _BrokenBackend:
     return _BrokenBackend("broken:window-plus-one",
-                          lambda: mock.patch.object(qwen3, "sliding_window_mask", window_one_too_wide))
+                          lambda: mock.patch.object(kv_cache, "visibility", visibility_window_one_too_wide))
 
 
 def window_without_flag() -> _BrokenBackend:

@@ -220,6 +220,35 @@ def rope_tables(config, num_tokens: int, dtype) -> tuple[np.ndarray, np.ndarray]
     return rope_cos_sin(np.arange(num_tokens), inv_freq, dtype, scaling)
 
 
+def rope_tables_at(config, positions: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """``(cos, sin)`` ``(B, T, D/2)`` at the tokens' ``positions`` ``(B, T)``, as :func:`rope_tables`."""
+    inv_freq, scaling = rope_frequencies(config.rope_parameters, config.head_dim,
+                                         max_position_embeddings=config.max_position_embeddings)
+    return rope_cos_sin(positions, inv_freq, dtype, scaling)
+
+
+def run_decoder_step(
+    weights: dict[str, np.ndarray], config, input_ids: np.ndarray, context,
+    layer: Callable[[np.ndarray, dict, int], tuple],
+) -> tuple[np.ndarray, dict[str, np.ndarray], tuple]:
+    """:func:`run_decoder` for one incremental call: ``layer(h, layer_weights, l) -> (h, cache)``.
+
+    ``context`` is the call's :class:`refimpl.kv_cache.StepContext` (the layer closes over it).
+
+    Returns:
+        ``(logits (B, T, V), taps, caches)`` with one cache per layer, in layer order.
+    """
+    caches = []
+
+    def keep(h, p, index):
+        h, kept = layer(h, p, index)
+        caches.append(kept)
+        return h
+
+    logits, taps = run_decoder(weights, config, input_ids, keep)
+    return logits, taps, tuple(caches)
+
+
 def run_decoder(
     weights: dict[str, np.ndarray], config, input_ids: np.ndarray,
     layer: Callable[[np.ndarray, dict, int], np.ndarray],

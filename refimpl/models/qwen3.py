@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..architecture import Architecture
-from ..attention import grouped_query_attention
 from ..config import check_known_keys, get_field, get_positive_int
 from ..embedding import embed_tokens, lm_head
 from ..errors import ConfigError
+from ..kv_cache import KVCache, StepContext, attend_with_cache, fresh_context
 from ..masks import causal_mask, sliding_window_mask
 from ..mlp import swiglu_mlp
 from ..rmsnorm import rms_norm
@@ -190,14 +190,22 @@ def weight_shapes(config: Qwen3Config) -> dict[str, tuple[int, ...]]:
     return decoder_weight_shapes(config, per_layer)
 
 
-def attention_block(
-    x: np.ndarray, p: dict[str, np.ndarray], config: Qwen3Config, cos: np.ndarray, sin: np.ndarray,
-    mask: np.ndarray,
-) -> np.ndarray:
-    """Qwen3 self-attention on normalised input ``x`` ``(B, T, M)``; returns ``(B, T, M)``.
+def layer_window(config: Qwen3Config, layer: int) -> int | None:
+    """``sliding_window`` on sliding layers, None on full-attention ones."""
+    return config.sliding_window if config.layer_types[layer] == "sliding_attention" else None
 
-    ``p`` holds the layer's ``self_attn.*`` tensors; ``cos, sin`` are ``(T, D/2)``;
-    ``mask`` is the layer's bool ``(T, T)`` visibility.
+
+def attention_block(
+    x: np.ndarray, p: dict[str, np.ndarray], config, cos: np.ndarray, sin: np.ndarray,
+    context: StepContext, layer: int, window: int | None,
+) -> tuple[np.ndarray, KVCache]:
+    """Qwen3 self-attention on normalised input ``x`` ``(B, T, M)``.
+
+    ``p`` holds the layer's ``self_attn.*`` tensors; ``cos, sin`` are ``(B, T, D/2)`` at the
+    tokens' positions; ``context`` carries the positions, padding and the caches; ``window``
+    is the layer's sliding window or None. Reads only ``head_dim`` and ``rms_norm_eps`` of
+    ``config`` (Qwen3-MoE shares it). Returns ``(B, T, M)`` and the layer's cache for the next
+    call (keys after QK-norm and RoPE).
     """
     b, t, _ = x.shape
     d, eps = config.head_dim, config.rms_norm_eps
@@ -206,51 +214,65 @@ def attention_block(
     k = rms_norm(projection(x, p, "self_attn.k_proj").reshape(b, t, -1, d), p["self_attn.k_norm.weight"], eps)
     v = projection(x, p, "self_attn.v_proj").reshape(b, t, -1, d)
     q, k = apply_rope_rotate_half(q, cos, sin), apply_rope_rotate_half(k, cos, sin)
-    out = grouped_query_attention(q, k, v, mask, scale=d**-0.5)
-    return projection(out.reshape(b, t, -1), p, "self_attn.o_proj")
+    out, kept = attend_with_cache(q, k, v, context, layer, scale=d**-0.5, sliding_window=window)
+    return projection(out.reshape(b, t, -1), p, "self_attn.o_proj"), kept
 
 
 def decoder_layer(
     h: np.ndarray, p: dict[str, np.ndarray], config: Qwen3Config, cos: np.ndarray, sin: np.ndarray,
-    mask: np.ndarray,
-) -> np.ndarray:
+    context: StepContext, layer: int,
+) -> tuple[np.ndarray, KVCache]:
     """One pre-norm decoder layer: attention then SwiGLU MLP, each with a residual."""
     eps = config.rms_norm_eps
-    h = h + attention_block(rms_norm(h, p["input_layernorm.weight"], eps), p, config, cos, sin, mask)
+    attended, kept = attention_block(rms_norm(h, p["input_layernorm.weight"], eps), p, config, cos, sin, context,
+                                     layer, layer_window(config, layer))
+    h = h + attended
     x = rms_norm(h, p["post_attention_layernorm.weight"], eps)
-    return h + swiglu_mlp(x, p["mlp.gate_proj.weight"], p["mlp.up_proj.weight"], p["mlp.down_proj.weight"])
+    return h + swiglu_mlp(x, p["mlp.gate_proj.weight"], p["mlp.up_proj.weight"], p["mlp.down_proj.weight"]), kept
 
 
-def forward(
-    weights: dict[str, np.ndarray], config: Qwen3Config, input_ids: np.ndarray
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Logits and named hidden states for checked token ids ``(B, T)``.
+def forward_step(
+    weights: dict[str, np.ndarray], config: Qwen3Config, input_ids: np.ndarray, context: StepContext
+) -> tuple[np.ndarray, dict[str, np.ndarray], tuple[KVCache, ...]]:
+    """Logits, named hidden states and layer caches for one call's new tokens ``(B, T)``.
 
     Args:
         weights: every tensor of :func:`weight_shapes`, all in one compute dtype.
         config: the model's config.
         input_ids: ``(B, T)`` int64 within the vocabulary.
+        context: the tokens' positions and padding and the caches of the previous call
+            (:mod:`refimpl.kv_cache`).
 
     Returns:
-        ``(logits, taps)``: logits ``(B, T, V)``; taps maps ``"embed"``,
+        ``(logits, taps, caches)``: logits ``(B, T, V)``; taps maps ``"embed"``,
         ``"layers.{l}"`` (output of layer l) and ``"norm"`` (final-normalised
-        hidden state) to ``(B, T, M)`` arrays, in that order.
+        hidden state) to ``(B, T, M)`` arrays, in that order; one KVCache per layer.
     """
     embedding = weights["model.embed_tokens.weight"]
     dtype = embedding.dtype
-    t = input_ids.shape[1]
     inv_freq, scaling = rope_frequencies(
         config.rope_parameters, config.head_dim, max_position_embeddings=config.max_position_embeddings)
-    cos, sin = rope_cos_sin(np.arange(t), inv_freq, dtype, scaling)
+    cos, sin = rope_cos_sin(context.positions, inv_freq, dtype, scaling)
     h = embed_tokens(input_ids, embedding)
     taps = {"embed": h}
+    caches = []
     for layer in range(config.num_hidden_layers):
-        h = decoder_layer(h, layer_weights(weights, layer), config, cos, sin, layer_mask(config, layer, t))
+        h, kept = decoder_layer(h, layer_weights(weights, layer), config, cos, sin, context, layer)
+        caches.append(kept)
         taps[f"layers.{layer}"] = h
     h = rms_norm(h, weights["model.norm.weight"], config.rms_norm_eps)
     taps["norm"] = h
     head = embedding if config.tie_word_embeddings else weights["lm_head.weight"]
-    return lm_head(h, head), taps
+    return lm_head(h, head), taps, tuple(caches)
+
+
+def forward(
+    weights: dict[str, np.ndarray], config: Qwen3Config, input_ids: np.ndarray
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Logits ``(B, T, V)`` and named hidden states of a whole sequence: :func:`forward_step`
+    from position 0 with no cache."""
+    logits, taps, _ = forward_step(weights, config, input_ids, fresh_context(*input_ids.shape))
+    return logits, taps
 
 
 #: Published flagship configs (config.json values that carry math).
@@ -282,6 +304,7 @@ ARCHITECTURE = Architecture(
     name=NAME,
     config_class=Qwen3Config,
     forward=forward,
+    forward_step=forward_step,
     weight_shapes=weight_shapes,
     optional_weights=tied_head,
     presets=PRESETS,

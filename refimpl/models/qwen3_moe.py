@@ -64,6 +64,7 @@ import numpy as np
 from ..architecture import Architecture
 from ..config import check_known_keys, get_field, get_positive_int
 from ..errors import ConfigError, MissingWeightsError, ShapeError
+from ..kv_cache import KVCache, StepContext, fresh_context
 from ..experts import swiglu_expert
 from ..linear import linear
 from ..masks import causal_mask, sliding_window_mask
@@ -75,7 +76,7 @@ from . import qwen3
 from ._expert_layout import MLP_EXPERTS, split_fused_experts
 from ._llama_like import (
     ROPE_KEYS, attention_weight_shapes, decoder_weight_shapes, gated_mlp_block, implicit_head_dim,
-    mlp_weight_shapes, resolve_rope_parameters, rope_tables, run_decoder, tied_head, validate_common,
+    mlp_weight_shapes, resolve_rope_parameters, rope_tables_at, run_decoder_step, tied_head, validate_common,
 )
 
 NAME = "Qwen3MoeForCausalLM"
@@ -328,21 +329,30 @@ def feed_forward(x: np.ndarray, p: dict[str, np.ndarray], config: Qwen3MoeConfig
     return gated_mlp_block(x, p, config.hidden_act)
 
 
+def forward_step(
+    weights: dict[str, np.ndarray], config: Qwen3MoeConfig, input_ids: np.ndarray, context: StepContext
+) -> tuple[np.ndarray, dict[str, np.ndarray], tuple]:
+    """Logits ``(B, T, V)``, taps ``embed``, ``layers.{l}``, ``norm`` and one KV cache per layer for
+    one call's new tokens ``(B, T)`` (:mod:`refimpl.kv_cache`)."""
+    cos, sin = rope_tables_at(config, context.positions, weights["model.embed_tokens.weight"].dtype)
+    eps = config.rms_norm_eps
+
+    def layer(h: np.ndarray, p: dict[str, np.ndarray], index: int) -> tuple[np.ndarray, KVCache]:
+        # Qwen3's attention (per-head QK-norm before RoPE); every layer slides when a window is set.
+        attended, kept = qwen3.attention_block(rms_norm(h, p["input_layernorm.weight"], eps), p, config, cos, sin,
+                                               context, index, config.sliding_window)
+        h = h + attended
+        return h + feed_forward(rms_norm(h, p["post_attention_layernorm.weight"], eps), p, config, index), kept
+
+    return run_decoder_step(weights, config, input_ids, context, layer)
+
+
 def forward(
     weights: dict[str, np.ndarray], config: Qwen3MoeConfig, input_ids: np.ndarray
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Logits ``(B, T, V)`` and taps ``embed``, ``layers.{l}``, ``norm`` for checked ids ``(B, T)``."""
-    t = input_ids.shape[1]
-    cos, sin = rope_tables(config, t, weights["model.embed_tokens.weight"].dtype)
-    mask = layer_mask(config, t)
-    eps = config.rms_norm_eps
-
-    def layer(h: np.ndarray, p: dict[str, np.ndarray], index: int) -> np.ndarray:
-        # Qwen3's attention (per-head QK-norm before RoPE); it reads only head_dim and rms_norm_eps.
-        h = h + qwen3.attention_block(rms_norm(h, p["input_layernorm.weight"], eps), p, config, cos, sin, mask)
-        return h + feed_forward(rms_norm(h, p["post_attention_layernorm.weight"], eps), p, config, index)
-
-    return run_decoder(weights, config, input_ids, layer)
+    logits, taps, _ = forward_step(weights, config, input_ids, fresh_context(*input_ids.shape))
+    return logits, taps
 
 
 def _qwen3_moe(**sizes) -> dict:
@@ -372,6 +382,7 @@ ARCHITECTURE = Architecture(
     name=NAME,
     config_class=Qwen3MoeConfig,
     forward=forward,
+    forward_step=forward_step,
     weight_shapes=weight_shapes,
     optional_weights=tied_head,
     convert_weights=convert_weights,
