@@ -224,10 +224,10 @@ def rollback_kv(cache: KVCache, num_tokens: int) -> KVCache:
                          "and only its tokens can be rolled back")
     if num_tokens == 0:
         return replace(cache, last_added=0, evicted=None)
-    kept = cache._slots(slice(0, cache.length - num_tokens))
-    if cache.evicted is not None and cache.evicted.length:
-        restored = cache.evicted._slots(slice(max(cache.evicted.length - num_tokens, 0), None))
-        kept = _concat(restored, kept)
+    # The tail of what the last call saw (evicted slots, then kept ones), minus the rolled-back
+    # tokens; some of those may have been evicted themselves when the call added more than span.
+    seen = cache if cache.evicted is None or not cache.evicted.length else _concat(cache.evicted, cache)
+    kept = seen._slots(slice(0, seen.length - num_tokens))
     if cache.span is not None and kept.length > cache.span:
         kept = kept._slots(slice(kept.length - cache.span, None))
     return replace(kept, span=cache.span, last_added=0, evicted=None)

@@ -258,7 +258,7 @@ def _plain_w_norm(x, weight, config):
     return rms_norm(x, weight, config.rms_norm_eps)
 
 
-_gqa = gemma3.grouped_query_attention
+_attend = gemma3.attend_with_cache
 
 
 MISTAKES = {
@@ -280,7 +280,7 @@ MISTAKES = {
     "global-theta-on-local": ("gemma3/default-pattern-6-layers",
                               lambda c: _with_rope(c, "sliding_attention", rope_theta=1e6), {}),
     "attention-softcap-applied": ("gemma3/attn-softcap-ignored", lambda c: c,
-                                  {"grouped_query_attention": lambda *a, **k: _gqa(*a, softcap=1.0, **k)}),
+                                  {"attend_with_cache": lambda *a, **k: _attend(*a, softcap=1.0, **k)}),
     "embedding-not-scaled": ("gemma3/single-token-untied", lambda c: c,
                              {"scaled_embed_tokens": lambda ids, table, scale: table[ids]}),
 }

@@ -20,10 +20,8 @@ transformers = pytest.importorskip("transformers")
 
 import refimpl  # noqa: E402
 from hf_agreement import assert_agrees_to_float64, build_case, hf_lifted, hf_logits, rel_rms  # noqa: E402
-from refimpl.attention import grouped_query_attention  # noqa: E402
 from refimpl.models import olmo2  # noqa: E402
 from refimpl.models._llama_like import projection, split_heads  # noqa: E402
-from refimpl.rope import apply_rope_rotate_half  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
 #: seed, layers, heads, kv heads, hidden, tied, batch, seq, extra config
@@ -115,7 +113,7 @@ def golden_error(golden_dir, case_id, patch=None):
     return rel_rms(logits, io["logits"])
 
 
-def per_head_qk_norm_attention(h, p, config, rope, mask):
+def per_head_qk_norm_attention(h, p, config, rope, context, layer):
     """The Qwen3 placement on OLMo 2: RMS statistics per head (over D), whole weight applied after."""
     d, eps = config.head_dim, config.rms_norm_eps
 
@@ -127,17 +125,17 @@ def per_head_qk_norm_attention(h, p, config, rope, mask):
     q = per_head(projection(h, p, "self_attn.q_proj"), p["self_attn.q_norm.weight"])
     k = per_head(projection(h, p, "self_attn.k_proj"), p["self_attn.k_norm.weight"])
     v = split_heads(projection(h, p, "self_attn.v_proj"), d)
-    q, k = apply_rope_rotate_half(q, *rope), apply_rope_rotate_half(k, *rope)
-    out = grouped_query_attention(q, k, v, mask, scale=d**-0.5)
-    return projection(out.reshape(*h.shape[:2], -1), p, "self_attn.o_proj")
+    return olmo2.attend_step(q, k, v, p, rope, context, layer, None)
 
 
-def pre_norm_layer(h, p, config, rope, mask):
+def pre_norm_layer(h, p, config, rope, context, layer):
     """Llama placement with OLMo 2's norm weights: ``h + attn(norm(h))`` instead of ``h + norm(attn(h))``."""
     eps = config.rms_norm_eps
-    h = h + olmo2.attention_block(olmo2.rms_norm(h, p["post_attention_layernorm.weight"], eps), p, config, rope, mask)
+    attended, kept = olmo2.attention_block(olmo2.rms_norm(h, p["post_attention_layernorm.weight"], eps), p, config,
+                                           rope, context, layer)
+    h = h + attended
     x = olmo2.rms_norm(h, p["post_feedforward_layernorm.weight"], eps)
-    return h + olmo2.gated_mlp_block(x, p, config.hidden_act)
+    return h + olmo2.gated_mlp_block(x, p, config.hidden_act), kept
 
 
 def test_golden_case_is_reproduced(golden_dir):

@@ -30,6 +30,7 @@ from ..attention import grouped_query_attention
 from ..config import get_field, get_positive_int
 from ..embedding import embed_tokens, lm_head
 from ..errors import ConfigError
+from ..kv_cache import KVCache, StepContext, attend_with_cache
 from ..linear import linear
 from ..mlp import activation
 from ..rmsnorm import rms_norm
@@ -197,6 +198,32 @@ def attend(
         q, k = apply_rope_rotate_half(q, *rope), apply_rope_rotate_half(k, *rope)
     out = grouped_query_attention(q, k, v, mask, scale=d**-0.5)
     return projection(out.reshape(b, t, -1), p, "self_attn.o_proj")
+
+
+def attend_step(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, p: dict[str, np.ndarray], rope: tuple | None,
+    context: StepContext, layer: int, window: int | None,
+) -> tuple[np.ndarray, KVCache]:
+    """:func:`attend` for one incremental call: RoPE at the tokens' positions (unless ``rope``
+    is None), GQA with scale ``D**-0.5`` over layer ``layer``'s cache and the new keys, heads
+    merged, ``o_proj``.
+
+    Args:
+        q: ``(B, T, H, D)``; k, v: ``(B, T, Hkv, D)``, the call's new tokens.
+        p: the layer's tensors (``self_attn.o_proj.*`` is used).
+        rope: ``(cos, sin)``, each ``(B, T, D/2)`` at ``context.positions``, or None (NoPE layer).
+        context: the call's :class:`refimpl.kv_cache.StepContext`; ``layer`` indexes its caches.
+        window: the layer's sliding window W (its cache keeps W slots), or None (keeps all).
+
+    Returns:
+        ``(B, T, M)`` in the dtype of ``q``, and the layer's :class:`refimpl.kv_cache.KVCache`
+        for the next call (keys after RoPE).
+    """
+    b, t, _, d = q.shape
+    if rope is not None:
+        q, k = apply_rope_rotate_half(q, *rope), apply_rope_rotate_half(k, *rope)
+    out, kept = attend_with_cache(q, k, v, context, layer, scale=d**-0.5, sliding_window=window)
+    return projection(out.reshape(b, t, -1), p, "self_attn.o_proj"), kept
 
 
 def gated_mlp_block(x: np.ndarray, p: dict[str, np.ndarray], hidden_act: str) -> np.ndarray:

@@ -7,7 +7,7 @@ Forward pass, sandwich norms, per layer l of type tau_l (weights under ``model.l
     q   = RMSNorm1p_per_head(x Wq^T + bq; q_norm)   (B, T, H, D)   QK-norm over D, before RoPE
     k   = RMSNorm1p_per_head(x Wk^T + bk; k_norm)   (B, T, Hkv, D)
     v   = x Wv^T + bv                               (B, T, Hkv, D)  v is not normalised
-    q, k = RoPE_rotate_half(q, k; rope parameters of tau_l, positions 0..T-1)
+    q, k = RoPE_rotate_half(q, k; rope parameters of tau_l, positions)
     a   = o_proj( GQA(q, k, v; scale = query_pre_attn_scalar^-0.5, mask of tau_l) ) (+ bo)
     h   = h + RMSNorm1p(a; post_attention_layernorm)
     h   = h + RMSNorm1p( GeGLU_tanh( RMSNorm1p(h; pre_feedforward_layernorm) ); post_feedforward_layernorm )
@@ -49,6 +49,12 @@ How config.json is resolved (transformers 5.24 ``Gemma3TextConfig``):
 * Omitted keys take ``Gemma3TextConfig``'s class defaults (the published 4B and 27B
   ``text_config`` omit heads, head_dim, vocabulary, window pattern and RoPE bases).
 
+Incremental decoding: each layer keeps a :class:`refimpl.kv_cache.KVCache` of its keys
+(after the (1 + w) QK-norm and its type's RoPE) and values: a sliding layer the last W
+slots (a ring of W: the W - 1 keys a new token still sees, and its own), a global layer
+every slot. The RoPE tables are taken per layer type at the tokens' absolute positions.
+:func:`forward` is :func:`forward_step` from position 0.
+
 Dtype: computed in the dtype of the weights (float64 or float32). transformers
 multiplies by ``1 + w`` in float32 before casting back (``multiply_then_cast``); that
 differs from this only in bfloat16/float16. The embedding scale is rounded to the
@@ -73,10 +79,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..architecture import Architecture
-from ..attention import grouped_query_attention
 from ..config import check_known_keys, get_field, get_positive_int
 from ..embedding import lm_head, scaled_embed_tokens
 from ..errors import ConfigError
+from ..kv_cache import KVCache, StepContext, attend_with_cache, fresh_context
 from ..masks import causal_mask, sliding_window_mask
 from ..mlp import activation, gated_mlp
 from ..rmsnorm import rms_norm
@@ -311,13 +317,25 @@ def layer_mask(config: Gemma3Config, layer: int, num_tokens: int) -> np.ndarray:
 
 
 def rope_tables(config: Gemma3Config, num_tokens: int, dtype) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``(cos, sin)``, each ``(T, D/2)`` in ``dtype``, for every layer (computed once per layer type)."""
+    """``(cos, sin)``, each ``(T, D/2)`` in ``dtype``, for every layer at positions ``0..T-1``."""
+    return rope_tables_at(config, np.arange(num_tokens), dtype)
+
+
+def rope_tables_at(config: Gemma3Config, positions: np.ndarray, dtype) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(cos, sin)`` for every layer at ``positions`` ``(T,)`` or ``(B, T)``, each table
+    ``positions.shape + (D/2,)`` in ``dtype``, with the RoPE parameters of the layer's type
+    (computed once per layer type)."""
     by_type = {}
     for tau, params in zip(config.layer_types, config.layer_rope_parameters):
         if tau not in by_type:
             inv_freq, scaling = rope_frequencies(params, config.head_dim)
-            by_type[tau] = rope_cos_sin(np.arange(num_tokens), inv_freq, dtype, scaling)
+            by_type[tau] = rope_cos_sin(positions, inv_freq, dtype, scaling)
     return [by_type[tau] for tau in config.layer_types]
+
+
+def layer_window(config: Gemma3Config, layer: int) -> int | None:
+    """``sliding_window`` on a ``"sliding_attention"`` layer, None (causal over all keys) on a global one."""
+    return config.sliding_window if config.layer_types[layer] == "sliding_attention" else None
 
 
 def weight_shapes(config: Gemma3Config) -> dict[str, tuple[int, ...]]:
@@ -347,13 +365,14 @@ def norm_1p(x: np.ndarray, weight: np.ndarray, config: Gemma3Config) -> np.ndarr
 
 def attention_block(
     x: np.ndarray, p: dict[str, np.ndarray], config: Gemma3Config, cos: np.ndarray, sin: np.ndarray,
-    mask: np.ndarray,
-) -> np.ndarray:
-    """Gemma 3 self-attention on normalised input ``x`` ``(B, T, M)``; returns ``(B, T, M)``.
+    context: StepContext, layer: int,
+) -> tuple[np.ndarray, KVCache]:
+    """Gemma 3 self-attention of layer ``layer`` on normalised input ``x`` ``(B, T, M)``.
 
-    ``p`` holds the layer's ``self_attn.*`` tensors; ``cos, sin`` are ``(T, D/2)`` for
-    the layer's type; ``mask`` is its bool ``(T, T)`` visibility. No attention
-    soft-cap (see ``IGNORED_KEYS``).
+    ``p`` holds the layer's ``self_attn.*`` tensors; ``cos, sin`` are ``(B, T, D/2)`` at the
+    tokens' positions for the layer's type; ``context`` carries the positions, padding and the
+    caches. No attention soft-cap (see ``IGNORED_KEYS``). Returns ``(B, T, M)`` and the layer's
+    cache for the next call (keys after QK-norm and RoPE; the last W slots on a sliding layer).
     """
     b, t, _ = x.shape
     d = config.head_dim
@@ -363,51 +382,56 @@ def attention_block(
     v = projection(x, p, "self_attn.v_proj").reshape(b, t, -1, d)
     q, k = apply_rope_rotate_half(q, cos, sin), apply_rope_rotate_half(k, cos, sin)
     # Scale query_pre_attn_scalar ** -0.5, not D ** -0.5 (bug class SCL-01).
-    out = grouped_query_attention(q, k, v, mask, scale=config.query_pre_attn_scalar ** -0.5)
-    return projection(out.reshape(b, t, -1), p, "self_attn.o_proj")
+    out, kept = attend_with_cache(q, k, v, context, layer, scale=config.query_pre_attn_scalar ** -0.5,
+                                  sliding_window=layer_window(config, layer))
+    return projection(out.reshape(b, t, -1), p, "self_attn.o_proj"), kept
 
 
 def decoder_layer(
     h: np.ndarray, p: dict[str, np.ndarray], config: Gemma3Config, cos: np.ndarray, sin: np.ndarray,
-    mask: np.ndarray,
-) -> np.ndarray:
-    """One sandwich-norm decoder layer: norm, attention, norm, residual; norm, GeGLU, norm, residual."""
-    a = attention_block(norm_1p(h, p["input_layernorm.weight"], config), p, config, cos, sin, mask)
+    context: StepContext, layer: int,
+) -> tuple[np.ndarray, KVCache]:
+    """One sandwich-norm decoder layer: norm, attention, norm, residual; norm, GeGLU, norm, residual.
+    Also returns the layer's cache."""
+    a, kept = attention_block(norm_1p(h, p["input_layernorm.weight"], config), p, config, cos, sin, context, layer)
     h = h + norm_1p(a, p["post_attention_layernorm.weight"], config)
     x = norm_1p(h, p["pre_feedforward_layernorm.weight"], config)
     m = gated_mlp(x, p["mlp.gate_proj.weight"], p["mlp.up_proj.weight"], p["mlp.down_proj.weight"],
                   config.hidden_activation)
-    return h + norm_1p(m, p["post_feedforward_layernorm.weight"], config)
+    return h + norm_1p(m, p["post_feedforward_layernorm.weight"], config), kept
 
 
-def forward(
-    weights: dict[str, np.ndarray], config: Gemma3Config, input_ids: np.ndarray
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Logits and named hidden states for checked token ids ``(B, T)``.
+def forward_step(
+    weights: dict[str, np.ndarray], config: Gemma3Config, input_ids: np.ndarray, context: StepContext
+) -> tuple[np.ndarray, dict[str, np.ndarray], tuple[KVCache, ...]]:
+    """Logits, named hidden states and layer caches for one call's new tokens ``(B, T)``.
 
     Args:
         weights: every tensor of :func:`weight_shapes`, all in one compute dtype.
         config: the model's config.
         input_ids: ``(B, T)`` int64 within the vocabulary.
+        context: the tokens' positions and padding and the caches of the previous call
+            (:mod:`refimpl.kv_cache`).
 
     Returns:
-        ``(logits, taps)``: logits ``(B, T, V)`` (soft-capped when
+        ``(logits, taps, caches)``: logits ``(B, T, V)`` (soft-capped when
         ``final_logit_softcapping`` is set); taps maps ``"embed"`` (the *scaled*
         embedding, as transformers' ``embed_tokens`` module returns it),
         ``"layers.{l}"`` (output of layer l) and ``"norm"`` (final-normalised hidden
-        state) to ``(B, T, M)`` arrays, in that order.
+        state) to ``(B, T, M)`` arrays, in that order; one KVCache per layer.
 
     Dtype: everything in the dtype of the weights; ``sqrt(M)`` is rounded to it.
     """
     embedding = weights["model.embed_tokens.weight"]
-    t = input_ids.shape[1]
-    tables = rope_tables(config, t, embedding.dtype)
+    tables = rope_tables_at(config, context.positions, embedding.dtype)
     # Python's M ** 0.5, as transformers computes the buffer (modeling_gemma3.py:468).
     h = scaled_embed_tokens(input_ids, embedding, config.hidden_size ** 0.5)
     taps = {"embed": h}
+    caches = []
     for layer in range(config.num_hidden_layers):
         cos, sin = tables[layer]
-        h = decoder_layer(h, layer_weights(weights, layer), config, cos, sin, layer_mask(config, layer, t))
+        h, kept = decoder_layer(h, layer_weights(weights, layer), config, cos, sin, context, layer)
+        caches.append(kept)
         taps[f"layers.{layer}"] = h
     h = norm_1p(h, weights["model.norm.weight"], config)
     taps["norm"] = h
@@ -415,6 +439,15 @@ def forward(
     logits = lm_head(h, embedding if config.tie_word_embeddings else weights["lm_head.weight"])
     if config.final_logit_softcapping is not None:
         logits = soft_cap(logits, config.final_logit_softcapping)
+    return logits, taps, tuple(caches)
+
+
+def forward(
+    weights: dict[str, np.ndarray], config: Gemma3Config, input_ids: np.ndarray
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Logits ``(B, T, V)`` and named hidden states of a whole sequence: :func:`forward_step`
+    from position 0 with no cache."""
+    logits, taps, _ = forward_step(weights, config, input_ids, fresh_context(*input_ids.shape))
     return logits, taps
 
 
@@ -471,6 +504,7 @@ ARCHITECTURE = Architecture(
     name=NAME,
     config_class=Gemma3Config,
     forward=forward,
+    forward_step=forward_step,
     weight_shapes=weight_shapes,
     optional_weights=tied_head,
     presets=PRESETS,

@@ -7,7 +7,7 @@ Forward pass, Llama pre-norm, per layer l (weights under ``model.layers.{l}.``):
     q   = x Wq^T   (B, T, H, D)      no biases, no QK-norm
     k   = x Wk^T   (B, T, Hkv, D)
     v   = x Wv^T   (B, T, Hkv, D)
-    q, k = RoPE_rotate_half(q, k; rope_parameters, positions 0..T-1)
+    q, k = RoPE_rotate_half(q, k; rope_parameters, positions)
     h   = h + o_proj( GQA(q, k, v; scale = D^-0.5, mask) )
     mask: causal within sliding_window W on EVERY layer when W is not null, else causal
     h   = h + SwiGLU( RMSNorm(h; post_attention_layernorm) )   (the pre-MLP norm)
@@ -31,6 +31,11 @@ Config quirks that change numbers (transformers 5.24):
 * ``attention_bias`` is not a Mistral field: projections never have biases
   (``modeling_mistral.py:134-137``); ``true`` is refused rather than ignored.
 
+Incremental decoding: every layer keeps a :class:`refimpl.kv_cache.KVCache` of its
+keys (after RoPE) and values: the last W slots (a ring of W: the W - 1 keys a new token
+still sees, and its own) when ``sliding_window`` is set, every slot when it is null;
+:func:`forward` is :func:`forward_step` from position 0.
+
 Dtype: computed in the dtype of the weights (float64 or float32).
 
 Paper: Jiang et al., "Mistral 7B", arXiv:2310.06825, sec. 2 (sliding window attention,
@@ -49,11 +54,11 @@ import numpy as np
 from ..architecture import Architecture
 from ..config import check_known_keys, get_field, get_positive_int
 from ..errors import ConfigError
-from ..masks import causal_mask, sliding_window_mask
+from ..kv_cache import KVCache, StepContext, fresh_context
 from ..rmsnorm import rms_norm
 from ._llama_like import (
-    ROPE_KEYS, attend, attention_weight_shapes, decoder_weight_shapes, gated_mlp_block, implicit_head_dim,
-    mlp_weight_shapes, projection, resolve_rope_parameters, rope_tables, run_decoder,
+    ROPE_KEYS, attend_step, attention_weight_shapes, decoder_weight_shapes, gated_mlp_block, implicit_head_dim,
+    mlp_weight_shapes, projection, resolve_rope_parameters, rope_tables_at, run_decoder_step,
     split_heads, tied_head, validate_common,
 )
 
@@ -146,55 +151,62 @@ def weight_shapes(config: MistralConfig) -> dict[str, tuple[int, ...]]:
     return decoder_weight_shapes(config, per_layer)
 
 
-def attention_mask(config: MistralConfig, num_tokens: int) -> np.ndarray:
-    """The ``(T, T)`` visibility shared by all layers: sliding-window causal, or causal when W is null."""
-    if config.sliding_window is None:
-        return causal_mask(num_tokens, num_tokens)
-    return sliding_window_mask(num_tokens, num_tokens, config.sliding_window)
-
-
 def attention_block(
-    x: np.ndarray, p: dict[str, np.ndarray], config: MistralConfig, rope: tuple, mask: np.ndarray
-) -> np.ndarray:
-    """Mistral self-attention on normalised input ``x`` ``(B, T, M)``; returns ``(B, T, M)``.
+    x: np.ndarray, p: dict[str, np.ndarray], config: MistralConfig, rope: tuple, context: StepContext, layer: int
+) -> tuple[np.ndarray, KVCache]:
+    """Mistral self-attention on normalised input ``x`` ``(B, T, M)``.
 
-    ``p`` holds the layer's tensors; ``rope`` is ``(cos, sin)`` ``(T, D/2)``;
-    ``mask`` the bool ``(T, T)`` visibility.
+    ``p`` holds the layer's tensors; ``rope`` is ``(cos, sin)`` ``(B, T, D/2)`` at the tokens'
+    positions; ``context`` carries the positions, padding and the caches. Every layer uses the
+    one ``sliding_window`` (None: causal over all keys). Returns ``(B, T, M)`` and the layer's
+    cache for the next call (the last W keys and values, or all of them).
     """
     d = config.head_dim
     q = split_heads(projection(x, p, "self_attn.q_proj"), d)
     k = split_heads(projection(x, p, "self_attn.k_proj"), d)
     v = split_heads(projection(x, p, "self_attn.v_proj"), d)
-    return attend(q, k, v, p, rope, mask)
+    return attend_step(q, k, v, p, rope, context, layer, config.sliding_window)
 
 
 def decoder_layer(
-    h: np.ndarray, p: dict[str, np.ndarray], config: MistralConfig, rope: tuple, mask: np.ndarray
-) -> np.ndarray:
-    """One pre-norm decoder layer: attention then SwiGLU MLP, each with a residual."""
+    h: np.ndarray, p: dict[str, np.ndarray], config: MistralConfig, rope: tuple, context: StepContext, layer: int
+) -> tuple[np.ndarray, KVCache]:
+    """One pre-norm decoder layer: attention then SwiGLU MLP, each with a residual; also the layer's cache."""
     eps = config.rms_norm_eps
-    h = h + attention_block(rms_norm(h, p["input_layernorm.weight"], eps), p, config, rope, mask)
-    return h + gated_mlp_block(rms_norm(h, p["post_attention_layernorm.weight"], eps), p, config.hidden_act)
+    attended, kept = attention_block(rms_norm(h, p["input_layernorm.weight"], eps), p, config, rope, context, layer)
+    h = h + attended
+    return h + gated_mlp_block(rms_norm(h, p["post_attention_layernorm.weight"], eps), p, config.hidden_act), kept
 
 
-def forward(
-    weights: dict[str, np.ndarray], config: MistralConfig, input_ids: np.ndarray
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Logits and named hidden states for checked token ids ``(B, T)``.
+def forward_step(
+    weights: dict[str, np.ndarray], config: MistralConfig, input_ids: np.ndarray, context: StepContext
+) -> tuple[np.ndarray, dict[str, np.ndarray], tuple[KVCache, ...]]:
+    """Logits, named hidden states and layer caches for one call's new tokens ``(B, T)``.
 
     Args:
         weights: every tensor of :func:`weight_shapes`, all in one compute dtype.
         config: the model's config.
         input_ids: ``(B, T)`` int64 within the vocabulary.
+        context: the tokens' positions and padding and the caches of the previous call
+            (:mod:`refimpl.kv_cache`).
 
     Returns:
-        ``(logits, taps)``: logits ``(B, T, V)``; taps maps ``"embed"``,
-        ``"layers.{l}"`` (output of layer l) and ``"norm"`` to ``(B, T, M)`` arrays.
+        ``(logits, taps, caches)``: logits ``(B, T, V)``; taps maps ``"embed"``,
+        ``"layers.{l}"`` (output of layer l) and ``"norm"`` to ``(B, T, M)`` arrays; one
+        KVCache per layer.
     """
-    t = input_ids.shape[1]
-    rope = rope_tables(config, t, weights["model.embed_tokens.weight"].dtype)
-    mask = attention_mask(config, t)
-    return run_decoder(weights, config, input_ids, lambda h, p, _layer: decoder_layer(h, p, config, rope, mask))
+    rope = rope_tables_at(config, context.positions, weights["model.embed_tokens.weight"].dtype)
+    return run_decoder_step(weights, config, input_ids, context,
+                            lambda h, p, layer: decoder_layer(h, p, config, rope, context, layer))
+
+
+def forward(
+    weights: dict[str, np.ndarray], config: MistralConfig, input_ids: np.ndarray
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Logits ``(B, T, V)`` and named hidden states of a whole sequence: :func:`forward_step`
+    from position 0 with no cache."""
+    logits, taps, _ = forward_step(weights, config, input_ids, fresh_context(*input_ids.shape))
+    return logits, taps
 
 
 #: Published flagship configs (config.json values that carry math).
@@ -217,6 +229,7 @@ ARCHITECTURE = Architecture(
     name=NAME,
     config_class=MistralConfig,
     forward=forward,
+    forward_step=forward_step,
     weight_shapes=weight_shapes,
     optional_weights=tied_head,
     presets=PRESETS,

@@ -6,7 +6,7 @@ Forward pass, post-norm inside the residual, per layer l (weights under ``model.
     q   = RMSNorm(h Wq^T + bq; q_norm)      (B, T, H*D)      QK-norm over the WHOLE projection,
     k   = RMSNorm(h Wk^T + bk; k_norm)      (B, T, Hkv*D)    all heads of a token jointly,
     v   = h Wv^T + bv                       (B, T, Hkv*D)    before the head split and RoPE
-    q, k, v -> (B, T, H|Hkv, D);  q, k = RoPE_rotate_half(q, k; rope_parameters, positions 0..T-1)
+    q, k, v -> (B, T, H|Hkv, D);  q, k = RoPE_rotate_half(q, k; rope_parameters, positions)
     h   = h + RMSNorm( o_proj( GQA(q, k, v; scale = D^-0.5, causal) ); post_attention_layernorm )
     h   = h + RMSNorm( SwiGLU(h); post_feedforward_layernorm )
     logits = RMSNorm(h_L; norm) W_lm^T        (W_lm = E when tie_word_embeddings)
@@ -18,6 +18,10 @@ config.json carries a ``head_dim``. q_norm has H*D entries and k_norm Hkv*D (bug
 classes QKN-02, QKN-07). Every RMSNorm is the plain ``w * x / rms(x)``: eps inside
 the root, weight not offset (NRM-*). The biases b exist only when
 ``attention_bias`` is true (no released OLMo 2 uses them); the MLP never has biases.
+
+Incremental decoding: every layer attends causally over all earlier tokens and
+keeps a plain :class:`refimpl.kv_cache.KVCache` of every key (after the whole-projection
+QK-norm and RoPE) and value; :func:`forward` is :func:`forward_step` from position 0.
 
 Dtype: computed in the dtype of the weights (float64 or float32). transformers
 multiplies by the norm weight before casting back to the input dtype, unlike Llama;
@@ -38,11 +42,11 @@ import numpy as np
 
 from ..architecture import Architecture
 from ..config import check_known_keys, get_field, get_positive_int
-from ..masks import causal_mask
+from ..kv_cache import KVCache, StepContext, fresh_context
 from ..rmsnorm import rms_norm
 from ._llama_like import (
-    ROPE_KEYS, attend, attention_weight_shapes, decoder_weight_shapes, gated_mlp_block, implicit_head_dim,
-    mlp_weight_shapes, num_key_value_heads, projection, resolve_rope_parameters, rope_tables, run_decoder,
+    ROPE_KEYS, attend_step, attention_weight_shapes, decoder_weight_shapes, gated_mlp_block, implicit_head_dim,
+    mlp_weight_shapes, num_key_value_heads, projection, resolve_rope_parameters, rope_tables_at, run_decoder_step,
     split_heads, tied_head, validate_common,
 )
 
@@ -131,48 +135,61 @@ def weight_shapes(config: Olmo2Config) -> dict[str, tuple[int, ...]]:
 
 
 def attention_block(
-    h: np.ndarray, p: dict[str, np.ndarray], config: Olmo2Config, rope: tuple, mask: np.ndarray
-) -> np.ndarray:
-    """OLMo 2 self-attention on the raw residual stream ``h`` ``(B, T, M)``; returns ``(B, T, M)``.
+    h: np.ndarray, p: dict[str, np.ndarray], config: Olmo2Config, rope: tuple, context: StepContext, layer: int
+) -> tuple[np.ndarray, KVCache]:
+    """OLMo 2 self-attention on the raw residual stream ``h`` ``(B, T, M)``.
 
-    ``p`` holds the layer's tensors; ``rope`` is ``(cos, sin)`` ``(T, D/2)``;
-    ``mask`` the bool ``(T, T)`` causal visibility.
+    ``p`` holds the layer's tensors; ``rope`` is ``(cos, sin)`` ``(B, T, D/2)`` at the tokens'
+    positions; ``context`` carries the positions, padding and the caches (causal attention).
+    Returns ``(B, T, M)`` and the layer's cache for the next call (keys after QK-norm and RoPE).
     """
     d, eps = config.head_dim, config.rms_norm_eps
     # QK-norm over the whole projection (H*D and Hkv*D channels), before the head split and RoPE.
     q = rms_norm(projection(h, p, "self_attn.q_proj"), p["self_attn.q_norm.weight"], eps)
     k = rms_norm(projection(h, p, "self_attn.k_proj"), p["self_attn.k_norm.weight"], eps)
     v = projection(h, p, "self_attn.v_proj")
-    return attend(split_heads(q, d), split_heads(k, d), split_heads(v, d), p, rope, mask)
+    return attend_step(split_heads(q, d), split_heads(k, d), split_heads(v, d), p, rope, context, layer, None)
 
 
 def decoder_layer(
-    h: np.ndarray, p: dict[str, np.ndarray], config: Olmo2Config, rope: tuple, mask: np.ndarray
-) -> np.ndarray:
-    """One post-norm layer: ``h + norm(attn(h))``, then ``h + norm(mlp(h))``."""
+    h: np.ndarray, p: dict[str, np.ndarray], config: Olmo2Config, rope: tuple, context: StepContext, layer: int
+) -> tuple[np.ndarray, KVCache]:
+    """One post-norm layer: ``h + norm(attn(h))``, then ``h + norm(mlp(h))``; also returns the layer's cache."""
     eps = config.rms_norm_eps
-    h = h + rms_norm(attention_block(h, p, config, rope, mask), p["post_attention_layernorm.weight"], eps)
-    return h + rms_norm(gated_mlp_block(h, p, config.hidden_act), p["post_feedforward_layernorm.weight"], eps)
+    attended, kept = attention_block(h, p, config, rope, context, layer)
+    h = h + rms_norm(attended, p["post_attention_layernorm.weight"], eps)
+    return h + rms_norm(gated_mlp_block(h, p, config.hidden_act), p["post_feedforward_layernorm.weight"], eps), kept
 
 
-def forward(
-    weights: dict[str, np.ndarray], config: Olmo2Config, input_ids: np.ndarray
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Logits and named hidden states for checked token ids ``(B, T)``.
+def forward_step(
+    weights: dict[str, np.ndarray], config: Olmo2Config, input_ids: np.ndarray, context: StepContext
+) -> tuple[np.ndarray, dict[str, np.ndarray], tuple[KVCache, ...]]:
+    """Logits, named hidden states and layer caches for one call's new tokens ``(B, T)``.
 
     Args:
         weights: every tensor of :func:`weight_shapes`, all in one compute dtype.
         config: the model's config.
         input_ids: ``(B, T)`` int64 within the vocabulary.
+        context: the tokens' positions and padding and the caches of the previous call
+            (:mod:`refimpl.kv_cache`).
 
     Returns:
-        ``(logits, taps)``: logits ``(B, T, V)``; taps maps ``"embed"``,
-        ``"layers.{l}"`` (output of layer l) and ``"norm"`` to ``(B, T, M)`` arrays.
+        ``(logits, taps, caches)``: logits ``(B, T, V)``; taps maps ``"embed"``,
+        ``"layers.{l}"`` (output of layer l) and ``"norm"`` to ``(B, T, M)`` arrays; one
+        KVCache per layer.
     """
-    t = input_ids.shape[1]
-    rope = rope_tables(config, t, weights["model.embed_tokens.weight"].dtype)
-    mask = causal_mask(t, t)
-    return run_decoder(weights, config, input_ids, lambda h, p, _layer: decoder_layer(h, p, config, rope, mask))
+    rope = rope_tables_at(config, context.positions, weights["model.embed_tokens.weight"].dtype)
+    return run_decoder_step(weights, config, input_ids, context,
+                            lambda h, p, layer: decoder_layer(h, p, config, rope, context, layer))
+
+
+def forward(
+    weights: dict[str, np.ndarray], config: Olmo2Config, input_ids: np.ndarray
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Logits ``(B, T, V)`` and named hidden states of a whole sequence: :func:`forward_step`
+    from position 0 with no cache."""
+    logits, taps, _ = forward_step(weights, config, input_ids, fresh_context(*input_ids.shape))
+    return logits, taps
 
 
 #: Published flagship configs (config.json values that carry math).
@@ -208,6 +225,7 @@ ARCHITECTURE = Architecture(
     name=NAME,
     config_class=Olmo2Config,
     forward=forward,
+    forward_step=forward_step,
     weight_shapes=weight_shapes,
     optional_weights=tied_head,
     presets=PRESETS,

@@ -30,6 +30,12 @@ The per-layer schedules are resolved once, as transformers 5.24's
 A NoPE layer is otherwise identical: same scale, same mask rule, no rotation.
 Absent ``rope_theta`` means 2e6 (``default_theta``), not 10000; SmolLM3-3B sets 5e6.
 
+Incremental decoding: every layer keeps a :class:`refimpl.kv_cache.KVCache` of its
+keys and values, RoPE layers their rotated keys and NoPE layers their keys as projected
+(a NoPE key needs no position later); a ``"sliding_attention"`` layer keeps the last W
+slots, a ``"full_attention"`` layer every slot. :func:`forward` is :func:`forward_step`
+from position 0.
+
 Dtype: computed in the dtype of the weights (float64 or float32).
 
 Paper: Hugging Face, "SmolLM3: smol, multilingual, long-context reasoner" (blog,
@@ -50,11 +56,11 @@ import numpy as np
 from ..architecture import Architecture
 from ..config import check_known_keys, get_field, get_positive_int
 from ..errors import ConfigError
-from ..masks import causal_mask, sliding_window_mask
+from ..kv_cache import KVCache, StepContext, fresh_context
 from ..rmsnorm import rms_norm
 from ._llama_like import (
-    ROPE_KEYS, attend, attention_weight_shapes, decoder_weight_shapes, gated_mlp_block, implicit_head_dim,
-    mlp_weight_shapes, num_key_value_heads, projection, resolve_rope_parameters, rope_tables, run_decoder,
+    ROPE_KEYS, attend_step, attention_weight_shapes, decoder_weight_shapes, gated_mlp_block, implicit_head_dim,
+    mlp_weight_shapes, num_key_value_heads, projection, resolve_rope_parameters, rope_tables_at, run_decoder_step,
     split_heads, tied_head, validate_common,
 )
 
@@ -205,59 +211,72 @@ def weight_shapes(config: SmolLM3Config) -> dict[str, tuple[int, ...]]:
     return decoder_weight_shapes(config, per_layer)
 
 
-def layer_mask(config: SmolLM3Config, layer: int, num_tokens: int) -> np.ndarray:
-    """The ``(T, T)`` visibility of one layer: causal, or sliding-window causal."""
-    if config.layer_types[layer] == "sliding_attention":
-        return sliding_window_mask(num_tokens, num_tokens, config.sliding_window)
-    return causal_mask(num_tokens, num_tokens)
+def layer_window(config: SmolLM3Config, layer: int) -> int | None:
+    """``sliding_window`` on a ``"sliding_attention"`` layer, None (causal over all keys) otherwise."""
+    return config.sliding_window if config.layer_types[layer] == "sliding_attention" else None
 
 
 def attention_block(
-    x: np.ndarray, p: dict[str, np.ndarray], config: SmolLM3Config, rope: tuple | None, mask: np.ndarray
-) -> np.ndarray:
-    """SmolLM3 self-attention on normalised input ``x`` ``(B, T, M)``; returns ``(B, T, M)``.
+    x: np.ndarray, p: dict[str, np.ndarray], config: SmolLM3Config, rope: tuple | None, context: StepContext,
+    layer: int,
+) -> tuple[np.ndarray, KVCache]:
+    """SmolLM3 self-attention of layer ``layer`` on normalised input ``x`` ``(B, T, M)``.
 
-    ``rope`` is ``(cos, sin)`` ``(T, D/2)`` on a RoPE layer and None on a NoPE layer;
-    ``mask`` is the layer's bool ``(T, T)`` visibility.
+    ``rope`` is ``(cos, sin)`` ``(B, T, D/2)`` at the tokens' positions on a RoPE layer and None
+    on a NoPE layer; ``context`` carries the positions, padding and the caches. Returns
+    ``(B, T, M)`` and the layer's cache for the next call (keys unrotated on a NoPE layer).
     """
     d = config.head_dim
     q = split_heads(projection(x, p, "self_attn.q_proj"), d)
     k = split_heads(projection(x, p, "self_attn.k_proj"), d)
     v = split_heads(projection(x, p, "self_attn.v_proj"), d)
-    return attend(q, k, v, p, rope, mask)
+    return attend_step(q, k, v, p, rope, context, layer, layer_window(config, layer))
 
 
 def decoder_layer(
-    h: np.ndarray, p: dict[str, np.ndarray], config: SmolLM3Config, rope: tuple | None, mask: np.ndarray
-) -> np.ndarray:
-    """One pre-norm decoder layer: attention then SwiGLU MLP, each with a residual."""
+    h: np.ndarray, p: dict[str, np.ndarray], config: SmolLM3Config, rope: tuple | None, context: StepContext,
+    layer: int,
+) -> tuple[np.ndarray, KVCache]:
+    """One pre-norm decoder layer: attention then SwiGLU MLP, each with a residual; also the layer's cache."""
     eps = config.rms_norm_eps
-    h = h + attention_block(rms_norm(h, p["input_layernorm.weight"], eps), p, config, rope, mask)
-    return h + gated_mlp_block(rms_norm(h, p["post_attention_layernorm.weight"], eps), p, config.hidden_act)
+    attended, kept = attention_block(rms_norm(h, p["input_layernorm.weight"], eps), p, config, rope, context, layer)
+    h = h + attended
+    return h + gated_mlp_block(rms_norm(h, p["post_attention_layernorm.weight"], eps), p, config.hidden_act), kept
 
 
-def forward(
-    weights: dict[str, np.ndarray], config: SmolLM3Config, input_ids: np.ndarray
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Logits and named hidden states for checked token ids ``(B, T)``.
+def forward_step(
+    weights: dict[str, np.ndarray], config: SmolLM3Config, input_ids: np.ndarray, context: StepContext
+) -> tuple[np.ndarray, dict[str, np.ndarray], tuple[KVCache, ...]]:
+    """Logits, named hidden states and layer caches for one call's new tokens ``(B, T)``.
 
     Args:
         weights: every tensor of :func:`weight_shapes`, all in one compute dtype.
         config: the model's config.
         input_ids: ``(B, T)`` int64 within the vocabulary.
+        context: the tokens' positions and padding and the caches of the previous call
+            (:mod:`refimpl.kv_cache`).
 
     Returns:
-        ``(logits, taps)``: logits ``(B, T, V)``; taps maps ``"embed"``,
-        ``"layers.{l}"`` (output of layer l) and ``"norm"`` to ``(B, T, M)`` arrays.
+        ``(logits, taps, caches)``: logits ``(B, T, V)``; taps maps ``"embed"``,
+        ``"layers.{l}"`` (output of layer l) and ``"norm"`` to ``(B, T, M)`` arrays; one
+        KVCache per layer.
     """
-    t = input_ids.shape[1]
-    rope = rope_tables(config, t, weights["model.embed_tokens.weight"].dtype)
+    rope = rope_tables_at(config, context.positions, weights["model.embed_tokens.weight"].dtype)
 
     def layer(h, p, index):
         layer_rope = rope if config.no_rope_layers[index] else None
-        return decoder_layer(h, p, config, layer_rope, layer_mask(config, index, t))
+        return decoder_layer(h, p, config, layer_rope, context, index)
 
-    return run_decoder(weights, config, input_ids, layer)
+    return run_decoder_step(weights, config, input_ids, context, layer)
+
+
+def forward(
+    weights: dict[str, np.ndarray], config: SmolLM3Config, input_ids: np.ndarray
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Logits ``(B, T, V)`` and named hidden states of a whole sequence: :func:`forward_step`
+    from position 0 with no cache."""
+    logits, taps, _ = forward_step(weights, config, input_ids, fresh_context(*input_ids.shape))
+    return logits, taps
 
 
 #: Published flagship configs (config.json values that carry math).
@@ -280,6 +299,7 @@ ARCHITECTURE = Architecture(
     name=NAME,
     config_class=SmolLM3Config,
     forward=forward,
+    forward_step=forward_step,
     weight_shapes=weight_shapes,
     optional_weights=tied_head,
     presets=PRESETS,
