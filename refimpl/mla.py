@@ -45,8 +45,11 @@ Quirks: q_a_layernorm and kv_a_layernorm use eps = 1e-6 (:data:`LATENT_NORM_EPS`
 whatever ``rms_norm_eps`` says (transformers builds them without eps, and DeepSeek's
 reference ``RMSNorm(dim, eps=1e-6)`` does the same). ``attention_bias`` adds biases to
 q_a_proj, kv_a_proj_with_mqa and o_proj only, never to q_b_proj, q_proj or kv_b_proj.
-Attention is causal over the T tokens of the call (no cache); ``positions`` only
-feed RoPE.
+:func:`mla_literal` and :func:`mla_absorbed` are causal over the T tokens of the call
+(no cache; ``positions`` only feed RoPE). For incremental decoding a model splits them:
+:func:`mla_project` computes a call's queries and new cache entries, and
+:func:`mla_attend_literal` / :func:`mla_attend_absorbed` attend over any S latent slots
+(cached ones followed by the new) under a ``(B, T, S)`` mask built from positions.
 
 Notation:
 
@@ -317,6 +320,92 @@ def _prepare(hidden_states, positions, weights, params: dict):
     return x, w, dims, cos, sin, scale, bool(params["rope_interleave"])
 
 
+@dataclass(frozen=True)
+class MlaStep:
+    """One call's MLA projections: the new tokens' queries and cache entries, with what attention reads.
+
+    Attributes:
+        q_nope: ``q^C`` ``(B, T, H, Dn)``. q_rope: rotated ``q^R`` ``(B, T, H, Dr)``.
+        c_kv: the new tokens' ``c^{KV}`` ``(B, T, Dc)`` after kv_a_layernorm.
+        k_rope: their rotated ``k^R`` ``(B, T, Dr)`` (transformers' layout).
+        weights: the checked module-relative tensors (``kv_b_proj``, ``o_proj`` are read here).
+        dims: the widths. scale: the softmax scale ``s``.
+    """
+
+    q_nope: np.ndarray
+    q_rope: np.ndarray
+    c_kv: np.ndarray
+    k_rope: np.ndarray
+    weights: dict
+    dims: MlaDims
+    scale: float
+
+
+def mla_project(
+    hidden_states: np.ndarray, positions: np.ndarray, weights: dict, *, num_attention_heads: int,
+    q_lora_rank: int | None, kv_lora_rank: int, qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int,
+    rope_parameters: dict, rope_interleave: bool, rms_norm_eps: float, max_position_embeddings: int,
+    attention_bias: bool,
+) -> MlaStep:
+    """Everything of one call that does not depend on earlier tokens: queries, new ``c^{KV}`` and ``k^R``.
+
+    Arguments and errors as :func:`mla_literal`; ``positions`` are the tokens' absolute
+    positions (RoPE only).
+    """
+    x, w, dims, cos, sin, scale, interleave = _prepare(hidden_states, positions, weights, locals())
+    q_nope, q_rope = mla_queries(x, w, dims, cos, sin, interleave)
+    c_kv, k_rope = mla_latent(x, w, dims, cos, sin, interleave)
+    return MlaStep(q_nope=q_nope, q_rope=q_rope, c_kv=c_kv, k_rope=k_rope, weights=w, dims=dims, scale=scale)
+
+
+def mla_attend_literal(step: MlaStep, c_kv: np.ndarray, k_rope: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The queries of ``step`` attending over S latent slots with per-head keys and values expanded.
+
+    Args:
+        step: from :func:`mla_project`.
+        c_kv: ``(B, S, Dc)`` and k_rope: ``(B, S, Dr)``: the slots attended over (cached ones
+            followed by ``step``'s own, or just ``step.c_kv`` / ``step.k_rope``).
+        mask: bool ``(T, S)`` or ``(B, T, S)``, True where query t sees slot s.
+
+    Returns:
+        ``(B, T, M)`` after o_proj, in the compute dtype.
+    """
+    w, dims = step.weights, step.dims
+    b, t, h, _ = step.q_nope.shape
+    s = c_kv.shape[1]
+    # V3 eqs. 2 and 5: per-head k^C and v^C from the latent; k^R broadcast to every head.
+    k_nope = linear(c_kv, w["kv_b_proj.weight"]).reshape(b, s, h, -1)
+    k_nope, v = k_nope[..., :dims.qk_nope_head_dim], k_nope[..., dims.qk_nope_head_dim:]
+    k = np.concatenate([k_nope, np.broadcast_to(k_rope[:, :, None, :], (b, s, h, dims.qk_rope_head_dim))], axis=-1)
+    q = np.concatenate([step.q_nope, step.q_rope], axis=-1)
+    # V3 eqs. 10-11: softmax attention per head over the visible slots, then W^O.
+    out = grouped_query_attention(q, k, v, mask, step.scale)
+    return _project(out.reshape(b, t, h * dims.v_head_dim), w, "o_proj")
+
+
+def mla_attend_absorbed(step: MlaStep, c_kv: np.ndarray, k_rope: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """:func:`mla_attend_literal` with W^{UK} and W^{UV} absorbed: nothing per head is built from the slots.
+
+    ``q~_i = [(W^{UK}_i)^T q^C_i ; q^R_i]`` (Dc + Dr) attends with one shared key/value head
+    over keys ``[c^{KV}_j ; k^R_j]`` and values ``c^{KV}_j`` (exactly the cache entries),
+    giving a latent ``o~_i`` (Dc); then ``o_i = W^{UV}_i o~_i``. Arguments and returns as
+    :func:`mla_attend_literal`.
+
+    Paper: DeepSeek-V2, arXiv:2405.04434, sec. 2.1.2 (absorption during inference).
+    """
+    w, dims = step.weights, step.dims
+    b, t, h, _ = step.q_nope.shape
+    w_uk, w_uv = split_kv_b_proj(w["kv_b_proj.weight"], dims)
+    # q^C . (W^UK c) = ((W^UK)^T q^C) . c: the query moves into the latent space.
+    q_latent = np.einsum("bthn,hnc->bthc", step.q_nope, w_uk)
+    q = np.concatenate([q_latent, step.q_rope], axis=-1)
+    k = np.concatenate([c_kv, k_rope], axis=-1)[:, :, None, :]
+    out_latent = grouped_query_attention(q, k, c_kv[:, :, None, :], mask, step.scale)
+    # sum_j p_j W^UV c_j = W^UV sum_j p_j c_j: W^UV after attention.
+    out = np.einsum("bthc,hvc->bthv", out_latent, w_uv)
+    return _project(out.reshape(b, t, h * dims.v_head_dim), w, "o_proj")
+
+
 def mla_literal(
     hidden_states: np.ndarray, positions: np.ndarray, weights: dict, *, num_attention_heads: int,
     q_lora_rank: int | None, kv_lora_rank: int, qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int,
@@ -346,19 +435,9 @@ def mla_literal(
             non-integer positions. ShapeError: shapes that do not fit.
         MissingWeightsError / UnexpectedWeightsError: the weight names do not match the config.
     """
-    x, w, dims, cos, sin, scale, interleave = _prepare(hidden_states, positions, weights, locals())
-    b, t, _ = x.shape
-    h = dims.num_attention_heads
-    q_nope, q_rope = mla_queries(x, w, dims, cos, sin, interleave)
-    c_kv, k_rope = mla_latent(x, w, dims, cos, sin, interleave)
-    # V3 eqs. 2 and 5: per-head k^C and v^C from the latent; k^R broadcast to every head.
-    k_nope = linear(c_kv, w["kv_b_proj.weight"]).reshape(b, t, h, -1)
-    k_nope, v = k_nope[..., :dims.qk_nope_head_dim], k_nope[..., dims.qk_nope_head_dim:]
-    k = np.concatenate([k_nope, np.broadcast_to(k_rope[:, :, None, :], (b, t, h, dims.qk_rope_head_dim))], axis=-1)
-    q = np.concatenate([q_nope, q_rope], axis=-1)
-    # V3 eqs. 10-11: causal softmax attention per head, then W^O.
-    out = grouped_query_attention(q, k, v, causal_mask(t, t), scale)
-    return _project(out.reshape(b, t, h * dims.v_head_dim), w, "o_proj")
+    step = mla_project(hidden_states, positions, weights, **_params(locals()))
+    t = step.c_kv.shape[1]
+    return mla_attend_literal(step, step.c_kv, step.k_rope, causal_mask(t, t))
 
 
 def mla_absorbed(
@@ -376,20 +455,9 @@ def mla_absorbed(
 
     Paper: DeepSeek-V2, arXiv:2405.04434, sec. 2.1.2 (absorption during inference).
     """
-    x, w, dims, cos, sin, scale, interleave = _prepare(hidden_states, positions, weights, locals())
-    b, t, _ = x.shape
-    h = dims.num_attention_heads
-    q_nope, q_rope = mla_queries(x, w, dims, cos, sin, interleave)
-    c_kv, k_rope = mla_latent(x, w, dims, cos, sin, interleave)
-    w_uk, w_uv = split_kv_b_proj(w["kv_b_proj.weight"], dims)
-    # q^C . (W^UK c) = ((W^UK)^T q^C) . c: the query moves into the latent space.
-    q_latent = np.einsum("bthn,hnc->bthc", q_nope, w_uk)
-    q = np.concatenate([q_latent, q_rope], axis=-1)
-    k = np.concatenate([c_kv, k_rope], axis=-1)[:, :, None, :]
-    out_latent = grouped_query_attention(q, k, c_kv[:, :, None, :], causal_mask(t, t), scale)
-    # sum_j p_j W^UV c_j = W^UV sum_j p_j c_j: W^UV after attention.
-    out = np.einsum("bthc,hvc->bthv", out_latent, w_uv)
-    return _project(out.reshape(b, t, h * dims.v_head_dim), w, "o_proj")
+    step = mla_project(hidden_states, positions, weights, **_params(locals()))
+    t = step.c_kv.shape[1]
+    return mla_attend_absorbed(step, step.c_kv, step.k_rope, causal_mask(t, t))
 
 
 def mla_cache_entries(
@@ -405,5 +473,10 @@ def mla_cache_entries(
     as "keys" ``(B, 1, S, Dc)`` and "values" ``(B, 1, S, Dr)``). Arguments and errors as
     :func:`mla_literal`.
     """
-    x, w, dims, cos, sin, _, interleave = _prepare(hidden_states, positions, weights, locals())
-    return mla_latent(x, w, dims, cos, sin, interleave)
+    step = mla_project(hidden_states, positions, weights, **_params(locals()))
+    return step.c_kv, step.k_rope
+
+
+def _params(arguments: dict) -> dict:
+    """The keyword arguments of the public forms (everything but the arrays)."""
+    return {k: v for k, v in arguments.items() if k not in ("hidden_states", "positions", "weights")}

@@ -11,14 +11,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from contextlib import ExitStack
 from unittest import mock
 
 import numpy as np
 
 from broken_backends import _BrokenBackend
 from refimpl import mla
-from refimpl.attention import grouped_query_attention
-from refimpl.masks import causal_mask
 from refimpl.model import check_weights
 from refimpl.models import deepseek_v3
 from refimpl.rope import apply_rope_rotate_half
@@ -137,31 +136,31 @@ def latent_norm_eps_from_config() -> _BrokenBackend:
     return EpsFromConfig("broken:mla-latent-eps-from-config")
 
 
-def _absorbed_attention(w_uv_heads):
-    """The absorbed form with W^UV taken from the heads ``w_uv_heads(H)`` (identity = correct)."""
-    def attention(x, positions, weights, **params):
-        xx, w, dims, cos, sin, scale, interleave = mla._prepare(x, positions, weights, params)
-        b, t, _ = xx.shape
-        q_nope, q_rope = mla.mla_queries(xx, w, dims, cos, sin, interleave)
-        c_kv, k_rope = mla.mla_latent(xx, w, dims, cos, sin, interleave)
-        w_uk, w_uv = mla.split_kv_b_proj(w["kv_b_proj.weight"], dims)
-        q = np.concatenate([np.einsum("bthn,hnc->bthc", q_nope, w_uk), q_rope], axis=-1)
-        k = np.concatenate([c_kv, k_rope], axis=-1)[:, :, None]
-        latent = grouped_query_attention(q, k, c_kv[:, :, None], causal_mask(t, t), scale)
-        out = np.einsum("bthc,hvc->bthv", latent, w_uv[w_uv_heads(dims.num_attention_heads)])
-        return mla.linear(out.reshape(b, t, -1), w["o_proj.weight"], w.get("o_proj.bias"))
-    return attention
+def _w_uv_heads_reversed(step, c_kv, k_rope, mask):
+    """Absorbed attention applying head h's latent output through W^UV of head H-1-h (W^UK kept)."""
+    dims = step.dims
+    per_head = step.weights["kv_b_proj.weight"].reshape(dims.num_attention_heads, -1, dims.kv_lora_rank)
+    w_uk, w_uv = per_head[:, :dims.qk_nope_head_dim], per_head[:, dims.qk_nope_head_dim:]
+    swapped = np.concatenate([w_uk, w_uv[::-1]], axis=1).reshape(-1, dims.kv_lora_rank)
+    wrong = dataclasses.replace(step, weights={**step.weights, "kv_b_proj.weight": swapped})
+    return mla.mla_attend_absorbed(wrong, c_kv, k_rope, mask)
 
 
 def absorbed_mla() -> _BrokenBackend:
-    """Not broken: the absorbed MLA form (refimpl.mla.mla_absorbed) in place of the literal one."""
-    return _BrokenBackend("absorbed-mla", lambda: mock.patch.object(deepseek_v3, "mla_literal", mla.mla_absorbed))
+    """Not broken: the absorbed MLA form (refimpl.mla.mla_attend_absorbed) for fresh calls too."""
+    return _BrokenBackend("absorbed-mla",
+                          lambda: mock.patch.object(deepseek_v3, "mla_attend_literal", mla.mla_attend_absorbed))
 
 
 def absorbed_w_uv_wrong_head() -> _BrokenBackend:
-    """Absorbed MLA applying head h's latent output through W^UV of head H-1-h (a head-sharding slip)."""
-    return _BrokenBackend("broken:mla-absorbed-w-uv-wrong-head", lambda: mock.patch.object(
-        deepseek_v3, "mla_literal", _absorbed_attention(lambda h: np.arange(h)[::-1])))
+    """Absorbed MLA applying head h's latent output through W^UV of head H-1-h (a head-sharding slip),
+    in fresh calls and in calls continuing a cache."""
+    def patch():
+        stack = ExitStack()
+        for name in ("mla_attend_literal", "mla_attend_absorbed"):
+            stack.enter_context(mock.patch.object(deepseek_v3, name, _w_uv_heads_reversed))
+        return stack
+    return _BrokenBackend("broken:mla-absorbed-w-uv-wrong-head", patch)
 
 
 class _RawConfigEdit(_BrokenBackend):

@@ -3,7 +3,7 @@
 Forward pass, pre-norm, per layer l (weights under ``model.layers.{l}.``)::
 
     h_0 = E[input_ids]                                    no embedding scale
-    h   = h + MLA( RMSNorm(h; input_layernorm) )          refimpl.mla.mla_literal, causal, positions 0..T-1
+    h   = h + MLA( RMSNorm(h; input_layernorm) )          refimpl.mla, causal, at the tokens' positions
     x   = RMSNorm(h; post_attention_layernorm)
     h   = h + SwiGLU_F(x)                                 dense layer: l < first_k_dense_replace
     h   = h + MoE(x)                                      otherwise (moe_block):
@@ -35,6 +35,23 @@ carries them complete, ``Model.forward(ids, return_mtp_logits=True)`` computes t
 logits (:mod:`refimpl.mtp`): depth d holds ``enorm``, ``hnorm``, ``eh_proj``,
 ``shared_head.norm`` and a MoE decoder layer (:func:`mtp_block`); its ``embed_tokens`` and
 ``shared_head.head``, when stored, must equal the main model's.
+
+Incremental decoding (:func:`forward_step`, :mod:`refimpl.kv_cache`): every layer keeps one
+:class:`~refimpl.kv_cache.KVCache` (span None) whose keys are ``c^{KV}`` ``(B, S, kv_lora_rank)``
+after kv_a_layernorm and whose values are the roped ``k^R`` ``(B, S, qk_rope_head_dim)``, in
+transformers' layout (de-interleaved when ``rope_interleave``): Dc + Dr numbers per token and
+layer, nothing per head (transformers' ``DynamicLayer`` keeps the same two tensors as "keys"
+``(B, 1, S, Dc)`` and "values" ``(B, 1, S, Dr)``). A fresh call (prefill, and :func:`forward`)
+attends in the literal form (:func:`refimpl.mla.mla_attend_literal`: per-head keys and values
+expanded through kv_b_proj, what transformers computes), so the golden logits are unchanged; a
+call continuing a cache (decode, a chunked-prefill piece, a speculative verification) attends in
+the absorbed form (:func:`refimpl.mla.mla_attend_absorbed`: q^C through W^{UK} into the latent
+space, one shared key/value head over ``[c^{KV} ; k^R]`` and ``c^{KV}``, then W^{UV} and o_proj),
+reading the cache exactly as stored, as inference engines decode (DeepSeek-V2 sec. 2.1.2; vLLM
+``v1/attention/backends/mla/common.py`` uses the expanded form for prefill and the absorbed one
+for decode). Both forms are equal up to rounding (~1e-15 relative in float64). The new tokens of
+a call see the cached slots and each other causally (:func:`refimpl.kv_cache.visibility`, from
+positions; bug class MLA-08). The MTP depths run over the whole sequence without a cache.
 
 Quirks (spec sheet sec. 1.4): the router runs in float32 in transformers
 (``gate.weight`` and the bias are kept float32 on load); group score = sum of the two
@@ -70,8 +87,12 @@ from ..architecture import Architecture, MtpHook
 from ..config import check_known_keys, get_field, get_positive_int
 from ..errors import ConfigError, MissingWeightsError, ShapeError, UnexpectedWeightsError
 from ..experts import swiglu_expert
+from ..kv_cache import KVCache, StepContext, extend_kv, fresh_context, visibility
 from ..linear import linear
-from ..mla import MlaDims, mla_dims, mla_literal, mla_softmax_scale, mla_weight_shapes
+from ..mla import (
+    MlaDims, mla_attend_absorbed, mla_attend_literal, mla_dims, mla_project, mla_softmax_scale,
+    mla_weight_shapes,
+)
 from ..mlp import activation, gated_mlp
 from ..moe import dispatch, first_k_dense_schedule
 from ..mtp import mtp_chain, mtp_layer
@@ -81,7 +102,7 @@ from ..routers import sigmoid_group_top_k
 from ..rope import rope_frequencies
 from ._expert_layout import MLP_EXPERTS, split_fused_experts
 from ._llama_like import (
-    ROPE_KEYS, decoder_layer_mtp_logits, num_key_value_heads, resolve_rope_parameters, run_decoder,
+    ROPE_KEYS, decoder_layer_mtp_logits, num_key_value_heads, resolve_rope_parameters, run_decoder_step,
 )
 
 NAME = "DeepseekV3ForCausalLM"
@@ -451,12 +472,9 @@ def moe_block(hidden_states: np.ndarray, weights: dict[str, np.ndarray], config)
     return (routed + shared).reshape(x.shape)
 
 
-def attention_block(x: np.ndarray, p: dict[str, np.ndarray], config: DeepseekV3Config) -> np.ndarray:
-    """MLA on normalised ``x`` ``(B, T, M)`` at positions 0..T-1, causal; returns ``(B, T, M)``."""
-    b, t, _ = x.shape
-    attn = {k[len("self_attn."):]: v for k, v in p.items() if k.startswith("self_attn.")}
-    return mla_literal(
-        x, np.broadcast_to(np.arange(t, dtype=np.int64), (b, t)), attn,
+def mla_params(config: DeepseekV3Config) -> dict:
+    """The keyword arguments of :func:`refimpl.mla.mla_project` taken from the config."""
+    return dict(
         num_attention_heads=config.num_attention_heads, q_lora_rank=config.q_lora_rank,
         kv_lora_rank=config.kv_lora_rank, qk_nope_head_dim=config.qk_nope_head_dim,
         qk_rope_head_dim=config.qk_rope_head_dim, v_head_dim=config.v_head_dim,
@@ -465,21 +483,50 @@ def attention_block(x: np.ndarray, p: dict[str, np.ndarray], config: DeepseekV3C
         attention_bias=config.attention_bias)
 
 
-def decoder_layer(h: np.ndarray, p: dict[str, np.ndarray], config: DeepseekV3Config, layer: int) -> np.ndarray:
+def attention_block(
+    x: np.ndarray, p: dict[str, np.ndarray], config: DeepseekV3Config, context: StepContext, layer: int,
+) -> tuple[np.ndarray, KVCache]:
+    """MLA on normalised ``x`` ``(B, T, M)`` for one call's tokens.
+
+    The layer's cache holds ``c^{KV}`` ``(B, S, Dc)`` as its keys and the roped ``k^R``
+    ``(B, S, Dr)`` as its values (span None). The new tokens see the cached slots and, causally,
+    each other (:func:`refimpl.kv_cache.visibility`, from positions).
+
+    Returns:
+        ``(B, T, M)`` and the layer's cache for the next call.
+    """
+    attn = {k[len("self_attn."):]: v for k, v in p.items() if k.startswith("self_attn.")}
+    step = mla_project(x, context.positions, attn, **mla_params(config))
+    cache = context.layer_cache(layer)
+    visible, kept = extend_kv(cache, step.c_kv, step.k_rope, context)
+    mask = visibility(context, visible)
+    # A fresh call expands per-head keys and values (the definition, what transformers runs); a call
+    # continuing a cache attends in the latent space over the cached slots (absorbed, as inference engines do).
+    attend = mla_attend_literal if cache is None else mla_attend_absorbed
+    return attend(step, visible.keys, visible.values, mask), kept
+
+
+def decoder_layer(
+    h: np.ndarray, p: dict[str, np.ndarray], config: DeepseekV3Config, context: StepContext, layer: int,
+) -> tuple[np.ndarray, KVCache]:
     """One pre-norm layer: MLA, then the dense MLP or the MoE block (as ``moe_layers[layer]``
-    says), each with a residual."""
-    return pre_norm_layer(h, p, config, moe=config.moe_layers[layer])
+    says), each with a residual; returns the new ``h`` and the layer's cache."""
+    return pre_norm_layer(h, p, config, context, layer, moe=config.moe_layers[layer])
 
 
-def pre_norm_layer(h: np.ndarray, p: dict[str, np.ndarray], config: DeepseekV3Config, *, moe: bool) -> np.ndarray:
+def pre_norm_layer(
+    h: np.ndarray, p: dict[str, np.ndarray], config: DeepseekV3Config, context: StepContext, layer: int, *,
+    moe: bool,
+) -> tuple[np.ndarray, KVCache]:
     """MLA then the MoE block (``moe``) or the dense MLP, pre-norm, each with a residual."""
     eps = config.rms_norm_eps
-    h = h + attention_block(rms_norm(h, p["input_layernorm.weight"], eps), p, config)
+    attended, kept = attention_block(rms_norm(h, p["input_layernorm.weight"], eps), p, config, context, layer)
+    h = h + attended
     x = rms_norm(h, p["post_attention_layernorm.weight"], eps)
     if moe:
-        return h + moe_block(x, moe_module_weights(p, config), config)
+        return h + moe_block(x, moe_module_weights(p, config), config), kept
     return h + gated_mlp(x, p["mlp.gate_proj.weight"], p["mlp.up_proj.weight"], p["mlp.down_proj.weight"],
-                         config.hidden_act)
+                         config.hidden_act), kept
 
 
 def mtp_block(h: np.ndarray, p: dict[str, np.ndarray], config: DeepseekV3Config) -> np.ndarray:
@@ -487,9 +534,9 @@ def mtp_block(h: np.ndarray, p: dict[str, np.ndarray], config: DeepseekV3Config)
 
     Always MoE: the published depth (layer 61) is one, transformers builds MTP layers with
     ``first_k_dense_replace = 0`` (``configuration_utils.py`` ``get_mtp_config``) and vLLM by its
-    index ``L + d >= first_k_dense_replace``.
+    index ``L + d >= first_k_dense_replace``. Run over the whole sequence, without a cache.
     """
-    return pre_norm_layer(h, p, config, moe=True)
+    return pre_norm_layer(h, p, config, fresh_context(*h.shape[:2]), 0, moe=True)[0]
 
 
 def mtp_depth(
@@ -529,17 +576,33 @@ def mtp_forward(
     return decoder_layer_mtp_logits(weights, config, input_ids, main_hidden, mtp_depth, mtp_chain)
 
 
+def forward_step(
+    weights: dict[str, np.ndarray], config: DeepseekV3Config, input_ids: np.ndarray, context: StepContext,
+) -> tuple[np.ndarray, dict[str, np.ndarray], tuple[KVCache, ...]]:
+    """Logits, named hidden states and layer caches for one call's new tokens ``(B, T)``.
+
+    Args:
+        weights: every tensor of :func:`weight_shapes`, all in one compute dtype.
+        input_ids: ``(B, T)`` int64 within the vocabulary.
+        context: the tokens' positions and padding and the caches of the previous call
+            (:mod:`refimpl.kv_cache`).
+
+    Returns:
+        ``(logits (B, T, V), taps, caches)``; taps ``"embed"``, ``"layers.{l}"`` (output of
+        layer l), ``"norm"`` (final-normalised), each ``(B, T, M)``, in that order; one
+        :class:`refimpl.kv_cache.KVCache` of ``c^{KV}`` / ``k^R`` per layer.
+    """
+    return run_decoder_step(weights, config, input_ids, context,
+                            lambda h, p, layer: decoder_layer(h, p, config, context, layer))
+
+
 def forward(
     weights: dict[str, np.ndarray], config: DeepseekV3Config, input_ids: np.ndarray
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Logits and named hidden states for checked token ids ``(B, T)``.
-
-    Returns:
-        ``(logits (B, T, V), taps)``; taps ``"embed"``, ``"layers.{l}"`` (output of
-        layer l), ``"norm"`` (final-normalised), each ``(B, T, M)``, in that order.
-    """
-    return run_decoder(weights, config, input_ids,
-                       lambda h, p, layer: decoder_layer(h, p, config, layer))
+    """Logits ``(B, T, V)`` and named hidden states of a whole sequence: :func:`forward_step`
+    from position 0 with no cache."""
+    logits, taps, _ = forward_step(weights, config, input_ids, fresh_context(*input_ids.shape))
+    return logits, taps
 
 
 def _release(**fields) -> dict:
@@ -584,6 +647,7 @@ ARCHITECTURE = Architecture(
     name=NAME,
     config_class=DeepseekV3Config,
     forward=forward,
+    forward_step=forward_step,
     weight_shapes=weight_shapes,
     optional_weights=optional_weights,
     presets=PRESETS,
