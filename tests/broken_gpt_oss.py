@@ -14,6 +14,7 @@ from unittest import mock
 import numpy as np
 
 from broken_backends import _BrokenBackend, _ConfigEdit, _DefaultEps, _FinalNormEps
+from refimpl import kv_cache
 from refimpl.attention import grouped_query_attention
 from refimpl.linear import linear
 from refimpl.models import _llama_like, gpt_oss
@@ -91,9 +92,10 @@ def _attention_without_sinks(q, k, v, mask, scale, *, sinks=None, softcap=None):
 
 
 def sink_dropped() -> _BrokenBackend:
-    """SINK-01: the sink logit never reaches the softmax denominator."""
+    """SINK-01: the sink logit never reaches the softmax denominator (gpt-oss attends through
+    :func:`refimpl.kv_cache.attend_with_cache`, which alone passes sinks there)."""
     return _BrokenBackend("broken:SINK-01", lambda: mock.patch.object(
-        gpt_oss, "grouped_query_attention", _attention_without_sinks))
+        kv_cache, "grouped_query_attention", _attention_without_sinks))
 
 
 def _swap_types(config):

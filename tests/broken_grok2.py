@@ -50,9 +50,9 @@ def temperature_before_cap() -> _BrokenBackend:
 
     def wrong(q, k, v, mask, *, scale, softcap, temperature):
         # tau * s inside the cap, then a plain capped attention (temperature 1 afterwards).
-        t = q.shape[1]
-        scaled_q = q * np.asarray(temperature, dtype=q.dtype)[None, :, None, None]
-        return original(scaled_q, k, v, mask, scale=scale, softcap=softcap, temperature=np.ones(t))
+        tau = np.asarray(temperature, dtype=q.dtype)
+        scaled_q = q * (tau[None, :] if tau.ndim == 1 else tau)[..., None, None]
+        return original(scaled_q, k, v, mask, scale=scale, softcap=softcap, temperature=np.ones(tau.shape))
 
     return _BrokenBackend("broken:grok-temperature-before-cap", _patch("capped_tempered_attention", wrong))
 

@@ -13,8 +13,8 @@ from unittest import mock
 import numpy as np
 
 from broken_backends import _BrokenBackend, _ConfigEdit
+from refimpl import kv_cache
 from refimpl.attention import grouped_query_attention
-from refimpl.masks import sliding_window_mask
 from refimpl.models import llama4
 from refimpl.moe import dispatch
 from refimpl.rmsnorm import rms_normalize
@@ -50,25 +50,31 @@ def shared_expert_dropped() -> _BrokenBackend:
     return _BrokenBackend("broken:MOE-shared-expert-dropped", edit_weights=drop)
 
 
+def _chunked_visibility(same_chunk):
+    """:func:`refimpl.kv_cache.visibility` with the chunk rule ``same_chunk(key_pos, query_pos, C)``
+    in place of ``j // C == p // C`` (only Llama 4's chunked layers pass ``attention_chunk_size``)."""
+    original = kv_cache.visibility
+
+    def visibility(context, visible, *, sliding_window=None, attention_chunk_size=None):
+        if attention_chunk_size is None:
+            return original(context, visible, sliding_window=sliding_window)
+        p = context.positions[:, :, None]
+        j = visible.positions[:, None, :]
+        return visible.valid[:, None, :] & (j <= p) & same_chunk(j, p, attention_chunk_size)
+
+    return lambda: mock.patch.object(kv_cache, "visibility", visibility)
+
+
 def chunk_boundary_off_by_one() -> _BrokenBackend:
     """Chunks counted from 1-based positions: ``(j + 1) // C == (p + 1) // C``, so every
     boundary sits one token early (the last token of a chunk starts the next one)."""
-    def shifted(num_queries, num_keys, attention_chunk_size, past_length=0):
-        p = past_length + np.arange(num_queries)[:, None]
-        j = np.arange(num_keys)[None, :]
-        return (j <= p) & ((j + 1) // attention_chunk_size == (p + 1) // attention_chunk_size)
-
-    return _BrokenBackend("broken:CHK-boundary-off-by-one",
-                          lambda: mock.patch.object(llama4, "chunked_attention_mask", shifted))
+    return _BrokenBackend("broken:CHK-boundary-off-by-one", _chunked_visibility(
+        lambda j, p, chunk: (j + 1) // chunk == (p + 1) // chunk))
 
 
 def chunk_as_sliding_window() -> _BrokenBackend:
     """Chunked attention implemented as a sliding window of C keys (the SWA path reused)."""
-    def window(num_queries, num_keys, attention_chunk_size, past_length=0):
-        return sliding_window_mask(num_queries, num_keys, attention_chunk_size, past_length)
-
-    return _BrokenBackend("broken:CHK-sliding-window",
-                          lambda: mock.patch.object(llama4, "chunked_attention_mask", window))
+    return _BrokenBackend("broken:CHK-sliding-window", _chunked_visibility(lambda j, p, chunk: p - j < chunk))
 
 
 def rope_on_nope_layers() -> _BrokenBackend:
@@ -86,14 +92,17 @@ def temperature_missing() -> _BrokenBackend:
 
 def temperature_on_rope_layers() -> _BrokenBackend:
     """The query temperature applied on RoPE layers as well as on NoPE layers."""
-    original = llama4.rope_layer_qk
+    original_block, original_qk = llama4.attention_block, llama4.rope_layer_qk
 
-    def with_temperature(q, k, cos, sin, config):
-        q, k = original(q, k, cos, sin, config)
-        return llama4.nope_layer_qk(q, k, config)
+    def block(x, p, config, layer, rope, context):
+        def with_temperature(q, k, cos, sin, config):
+            q, k = original_qk(q, k, cos, sin, config)
+            return llama4.nope_layer_qk(q, k, config, context.positions)
 
-    return _BrokenBackend("broken:TEMP-on-rope-layers",
-                          lambda: mock.patch.object(llama4, "rope_layer_qk", with_temperature))
+        with mock.patch.object(llama4, "rope_layer_qk", with_temperature):
+            return original_block(x, p, config, layer, rope, context)
+
+    return _BrokenBackend("broken:TEMP-on-rope-layers", lambda: mock.patch.object(llama4, "attention_block", block))
 
 
 def qk_norm_before_rope() -> _BrokenBackend:
@@ -111,10 +120,10 @@ def qk_norm_on_nope_layers() -> _BrokenBackend:
     """QK-norm applied on every layer when ``use_qk_norm``, NoPE layers included."""
     original = llama4.nope_layer_qk
 
-    def normed(q, k, config):
+    def normed(q, k, config, positions):
         if config.use_qk_norm:
             q, k = rms_normalize(q, config.rms_norm_eps), rms_normalize(k, config.rms_norm_eps)
-        return original(q, k, config)
+        return original(q, k, config, positions)
 
     return _BrokenBackend("broken:QKN-on-nope-layers", lambda: mock.patch.object(llama4, "nope_layer_qk", normed))
 
@@ -151,7 +160,7 @@ def attention_scale_from_hidden_per_head() -> _BrokenBackend:
         def attention(q, k, v, mask, scale, **options):
             return grouped_query_attention(q, k, v, mask, wrong, **options)
 
-        with mock.patch.object(llama4, "grouped_query_attention", attention):
+        with mock.patch.object(kv_cache, "grouped_query_attention", attention):
             return original(x, p, config, *args, **kwargs)
 
     return _BrokenBackend("broken:SCL-hidden-per-head", lambda: mock.patch.object(llama4, "attention_block", block))

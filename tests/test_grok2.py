@@ -17,7 +17,7 @@ from safetensors.numpy import save_file
 
 import refimpl
 from refimpl.errors import ConfigError, MissingWeightsError, UnexpectedWeightsError
-from refimpl.masks import causal_mask
+from refimpl.kv_cache import fresh_context
 from refimpl.mlp import ACTIVATIONS, gelu, gelu_tanh
 from refimpl.models import grok2
 
@@ -142,9 +142,9 @@ def test_sandwich_norms_four_per_layer_and_final_norm_on_the_residual():
     _, taps = grok2.forward(w, config, ids)
     p = layer(w, 1)
     x = taps["layers.0"]
-    rope = grok2.rope_tables(config, ids.shape[1], np.float64)
+    rope = grok2.rope_tables(config, np.arange(ids.shape[1]), np.float64)
     tau = grok2.attention_temperature(np.arange(ids.shape[1]), config.attn_temperature_len)
-    attn = grok2.attention_block(rms(x, p["pre_attn_norm.weight"]), p, config, rope, tau, causal_mask(9, 9))
+    attn, _ = grok2.attention_block(rms(x, p["pre_attn_norm.weight"]), p, config, rope, tau, fresh_context(2, 9), 0)
     x = x + rms(attn, p["post_attn_norm.weight"])
     x = x + rms(grok2.moe_block(rms(x, p["pre_moe_norm.weight"]), p, config), p["post_moe_norm.weight"])
     np.testing.assert_allclose(taps["layers.1"], x, rtol=1e-12, atol=1e-12)
@@ -159,9 +159,9 @@ def test_attention_block_rope_cap_then_temperature_matches_loops():
     config, w, ids = setup(scales={"q_proj": 2.0, "k_proj": 2.0})
     p = layer(w, 0)
     h = np.random.default_rng(5).standard_normal((2, 9, config.hidden_size))
-    rope = grok2.rope_tables(config, 9, np.float64)
+    rope = grok2.rope_tables(config, np.arange(9), np.float64)
     tau = grok2.attention_temperature(np.arange(9), config.attn_temperature_len)
-    got = grok2.attention_block(h, p, config, rope, tau, causal_mask(9, 9))
+    got, _ = grok2.attention_block(h, p, config, rope, tau, fresh_context(2, 9), 0)
     np.testing.assert_allclose(got, independent_attention(h, p, config), rtol=1e-10, atol=1e-12)
     # Temperature before the cap is a different function when the cap bites.
     assert rel(independent_attention(h, p, config, temperature_first=True), got) > 1e-3

@@ -162,12 +162,12 @@ def test_schedules_resolve_as_transformers_does():
 def test_temperature_matches_the_published_figures():
     # Spec sheet sec. 3.1 (floor_scale 8192, attn_scale 0.1): exactly 1 up to index 8190,
     # 1 + 0.1 ln 2 at 8191, 1 + 0.1 ln 3 at 16383, 1 + 0.1 ln 13 at 100000.
-    tau = llama4.attention_temperature(100001, 8192, 0.1)
+    tau = llama4.attention_temperature(np.arange(100001), 8192, 0.1)
     assert np.all(tau[:8191] == 1.0)
     assert tau[8191] == pytest.approx(1 + 0.1 * math.log(2), rel=1e-15)
     assert tau[16383] == pytest.approx(1 + 0.1 * math.log(3), rel=1e-15)
     assert tau[100000] == pytest.approx(1.2564949357461537, rel=1e-15)
-    assert llama4.attention_temperature(2, 8192, 0.1, past_length=8190).tolist() == [1.0, tau[8191]]
+    assert llama4.attention_temperature(np.array([[8190, 8191]]), 8192, 0.1).tolist() == [[1.0, tau[8191]]]
 
 
 def test_scout_hard_switch_frequencies_match_transformers_buffer():

@@ -157,7 +157,7 @@ def test_rotary_width_is_read_as_transformers_reads_it(tmp_path, fragment, width
     assert ours.rope_parameters == theirs.rope_parameters
     with torch.device("meta"):
         rotary = transformers.models.minimax_m2.modeling_minimax_m2.MiniMaxM2RotaryEmbedding(theirs)
-    cos, _ = minimax_m2.rotary_tables(ours, 3, np.float64)
+    cos, _ = minimax_m2.rotary_tables(ours, np.arange(3), np.float64)
     assert 2 * rotary.inv_freq.shape[0] == 2 * cos.shape[1] == width
 
 

@@ -28,6 +28,11 @@ gated MLP with ``act = hidden_act``: silu in both releases; transformers applies
 ``config.hidden_act`` in the dense MLPs, the shared expert and the routed experts
 alike (``Glm4MoeMLP``, ``Glm4MoeExperts``), so gelu and gelu_pytorch_tanh are accepted too.
 
+Incremental decoding (:func:`forward_step`, :mod:`refimpl.kv_cache`): every layer is full
+causal attention and caches every key (after QK-norm and the partial RoPE) and value;
+positions are each token's index in its own sequence. The MTP depths (:func:`mtp_forward`)
+are not part of the incremental path: they run over a whole sequence, without a cache.
+
 Notation:
     paper symbol                code name                                   shape
     E (embedding)               ``model.embed_tokens.weight``               (V, M)
@@ -87,12 +92,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..architecture import Architecture, MtpHook
-from ..attention import grouped_query_attention
 from ..config import check_known_keys, get_field, get_positive_int
 from ..errors import ConfigError, InputError, MissingWeightsError, ShapeError
 from ..experts import swiglu_expert
+from ..kv_cache import KVCache, StepContext, attend_with_cache, fresh_context
 from ..linear import linear
-from ..masks import causal_mask
 from ..mlp import ACTIVATIONS, gated_mlp
 from ..moe import dispatch, first_k_dense_schedule
 from ..mtp import mtp_chain, mtp_layer
@@ -103,7 +107,7 @@ from ..routers import sigmoid_group_top_k
 from ._expert_layout import MLP_EXPERTS, split_fused_experts
 from ._llama_like import (
     ROPE_KEYS, decoder_layer_mtp_logits, attention_weight_shapes, implicit_head_dim, num_key_value_heads, projection,
-    resolve_rope_parameters, run_decoder, tied_head,
+    resolve_rope_parameters, run_decoder_step, tied_head,
 )
 
 NAME = "Glm4MoeForCausalLM"
@@ -413,13 +417,14 @@ def weight_init(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> 
 
 def attention_block(
     x: np.ndarray, p: dict[str, np.ndarray], config: Glm4MoeConfig, cos: np.ndarray, sin: np.ndarray,
-    mask: np.ndarray,
-) -> np.ndarray:
-    """GLM-4.5 self-attention on normalised input ``x`` ``(B, T, M)``; returns ``(B, T, M)``.
+    context: StepContext, layer: int,
+) -> tuple[np.ndarray, KVCache]:
+    """GLM-4.5 self-attention on normalised input ``x`` ``(B, T, M)``.
 
-    ``p`` holds the layer's ``self_attn.*`` tensors; ``cos, sin`` are ``(T, Dr/2)`` with
-    Dr < D (partial rotary: the first Dr channels of each head turn, the rest pass);
-    ``mask`` is bool ``(T, T)``.
+    ``p`` holds the layer's ``self_attn.*`` tensors; ``cos, sin`` are ``(B, T, Dr/2)`` at the
+    tokens' positions, with Dr < D (partial rotary: the first Dr channels of each head turn, the
+    rest pass); ``context`` carries the positions, padding and the caches of the previous call.
+    Returns ``(B, T, M)`` and the layer's cache for the next call (keys after QK-norm and RoPE).
     """
     b, t, _ = x.shape
     d, eps = config.head_dim, config.rms_norm_eps
@@ -430,8 +435,8 @@ def attention_block(
     if config.use_qk_norm:
         q, k = rms_norm(q, p["self_attn.q_norm.weight"], eps), rms_norm(k, p["self_attn.k_norm.weight"], eps)
     q, k = apply_rope_rotate_half(q, cos, sin), apply_rope_rotate_half(k, cos, sin)
-    out = grouped_query_attention(q, k, v, mask, scale=d**-0.5)
-    return linear(out.reshape(b, t, -1), p["self_attn.o_proj.weight"])
+    out, kept = attend_with_cache(q, k, v, context, layer, scale=d**-0.5)
+    return linear(out.reshape(b, t, -1), p["self_attn.o_proj.weight"]), kept
 
 
 def _moe_config(config) -> Glm4MoeConfig:
@@ -527,41 +532,46 @@ def dense_mlp(x: np.ndarray, p: dict[str, np.ndarray], config: Glm4MoeConfig) ->
 
 def decoder_layer(
     h: np.ndarray, p: dict[str, np.ndarray], config: Glm4MoeConfig, layer: int, cos: np.ndarray, sin: np.ndarray,
-    mask: np.ndarray,
-) -> np.ndarray:
-    """One pre-norm layer: attention, then the dense MLP or the MoE block as ``mlp_layer_types[layer]`` says."""
-    return pre_norm_layer(h, p, config, config.mlp_layer_types[layer], cos, sin, mask)
+    context: StepContext,
+) -> tuple[np.ndarray, KVCache]:
+    """One pre-norm layer: attention, then the dense MLP or the MoE block as ``mlp_layer_types[layer]`` says;
+    returns the new hidden state and the layer's cache."""
+    return pre_norm_layer(h, p, config, config.mlp_layer_types[layer], cos, sin, context, layer)
 
 
 def pre_norm_layer(
     h: np.ndarray, p: dict[str, np.ndarray], config: Glm4MoeConfig, kind: str, cos: np.ndarray, sin: np.ndarray,
-    mask: np.ndarray,
-) -> np.ndarray:
-    """Attention, then the dense MLP (``kind`` "dense") or the MoE block ("sparse"), pre-norm, with residuals."""
+    context: StepContext, layer: int,
+) -> tuple[np.ndarray, KVCache]:
+    """Attention (over entry ``layer`` of the context's caches), then the dense MLP (``kind`` "dense") or
+    the MoE block ("sparse"), pre-norm, with residuals; returns the new hidden state and the layer's cache."""
     eps = config.rms_norm_eps
-    h = h + attention_block(rms_norm(h, p["input_layernorm.weight"], eps), p, config, cos, sin, mask)
+    attended, kept = attention_block(rms_norm(h, p["input_layernorm.weight"], eps), p, config, cos, sin, context,
+                                     layer)
+    h = h + attended
     x = rms_norm(h, p["post_attention_layernorm.weight"], eps)
     if kind == "dense":
-        return h + dense_mlp(x, p, config)
-    return h + moe_block(x, fuse_experts(p, config.n_routed_experts), config)
+        return h + dense_mlp(x, p, config), kept
+    return h + moe_block(x, fuse_experts(p, config.n_routed_experts), config), kept
 
 
-def rope_tables(config: Glm4MoeConfig, num_tokens: int, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """``(cos, sin)`` ``(T, Dr/2)`` at positions ``0 .. T-1`` (partial rotary width)."""
+def rope_tables(config: Glm4MoeConfig, positions: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """``(cos, sin)`` ``(B, T, Dr/2)`` at integer ``positions`` ``(B, T)`` (partial rotary width)."""
     inv_freq, scaling = rope_frequencies(config.rope_parameters, config.head_dim,
                                          max_position_embeddings=config.max_position_embeddings)
-    return rope_cos_sin(np.arange(num_tokens), inv_freq, dtype, scaling)
+    return rope_cos_sin(positions, inv_freq, dtype, scaling)
 
 
 def mtp_block(h: np.ndarray, p: dict[str, np.ndarray], config: Glm4MoeConfig) -> np.ndarray:
-    """TRM_k of an MTP depth: a MoE decoder layer, causal, at positions ``0 .. T'-1``.
+    """TRM_k of an MTP depth: a MoE decoder layer, causal, at positions ``0 .. T'-1`` (a whole
+    sequence, no cache).
 
     Always MoE ("sparse"): transformers builds MTP layers with ``first_k_dense_replace = 0``
     (``configuration_utils.py`` ``get_mtp_config``), vLLM by index ``L + i >= first_k_dense_replace``.
     """
-    t = h.shape[1]
-    cos, sin = rope_tables(config, t, h.dtype)
-    return pre_norm_layer(h, p, config, "sparse", cos, sin, causal_mask(t, t))
+    context = fresh_context(*h.shape[:2])
+    cos, sin = rope_tables(config, context.positions, h.dtype)
+    return pre_norm_layer(h, p, config, "sparse", cos, sin, context, 0)[0]
 
 
 def mtp_depth(
@@ -599,25 +609,34 @@ def mtp_forward(
     return decoder_layer_mtp_logits(weights, config, input_ids, main_hidden, mtp_depth, mtp_chain)
 
 
-def forward(
-    weights: dict[str, np.ndarray], config: Glm4MoeConfig, input_ids: np.ndarray
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Logits and named hidden states for checked token ids ``(B, T)``.
+def forward_step(
+    weights: dict[str, np.ndarray], config: Glm4MoeConfig, input_ids: np.ndarray, context: StepContext
+) -> tuple[np.ndarray, dict[str, np.ndarray], tuple[KVCache, ...]]:
+    """Logits, named hidden states and layer caches for one call's new tokens ``(B, T)``.
 
     Args:
         weights: every tensor of :func:`weight_shapes`, all in one compute dtype.
         config: the model's config.
         input_ids: ``(B, T)`` int64 within the vocabulary.
+        context: the tokens' positions and padding and the caches of the previous call
+            (:mod:`refimpl.kv_cache`).
 
     Returns:
-        ``(logits (B, T, V), taps)``; taps ``"embed"``, ``"layers.{l}"``, ``"norm"``,
-        each ``(B, T, M)``, in that order.
+        ``(logits (B, T, V), taps, caches)``; taps ``"embed"``, ``"layers.{l}"``, ``"norm"``,
+        each ``(B, T, M)``, in that order; one KVCache per layer.
     """
-    t = input_ids.shape[1]
-    cos, sin = rope_tables(config, t, weights["model.embed_tokens.weight"].dtype)
-    mask = causal_mask(t, t)
-    return run_decoder(weights, config, input_ids,
-                       lambda h, p, layer: decoder_layer(h, p, config, layer, cos, sin, mask))
+    cos, sin = rope_tables(config, context.positions, weights["model.embed_tokens.weight"].dtype)
+    return run_decoder_step(weights, config, input_ids, context,
+                            lambda h, p, layer: decoder_layer(h, p, config, layer, cos, sin, context))
+
+
+def forward(
+    weights: dict[str, np.ndarray], config: Glm4MoeConfig, input_ids: np.ndarray
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Logits ``(B, T, V)`` and named hidden states of a whole sequence: :func:`forward_step`
+    from position 0 with no cache."""
+    logits, taps, _ = forward_step(weights, config, input_ids, fresh_context(*input_ids.shape))
+    return logits, taps
 
 
 #: Published flagship configs (config.json values that carry math).
@@ -654,6 +673,7 @@ ARCHITECTURE = Architecture(
     name=NAME,
     config_class=Glm4MoeConfig,
     forward=forward,
+    forward_step=forward_step,
     weight_shapes=weight_shapes,
     optional_weights=tied_head,
     presets=PRESETS,

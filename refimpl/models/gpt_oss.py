@@ -5,7 +5,7 @@ Forward pass, pre-norm, per layer l of type tau_l (weights under ``model.layers.
     h_0 = E[input_ids]
     x   = RMSNorm(h; input_layernorm)
     q   = x Wq^T + bq      (B, T, H, D)        k = x Wk^T + bk, v = x Wv^T + bv   (B, T, Hkv, D)
-    q, k = RoPE_rotate_half(q, k; YaRN, positions 0..T-1)   cos and sin carry the YaRN magnitude
+    q, k = RoPE_rotate_half(q, k; YaRN, token positions)   cos and sin carry the YaRN magnitude
     a[i] = sum_j p_ij v_j,   p_ij = exp(s_ij) / (exp(z_h) + sum_j' exp(s_ij'))     s = D^-1/2 q.k
     h   = h + (a Wo^T + bo)                    the sink z_h takes mass but carries no value
     mask: causal within the last W = ``sliding_window`` keys on "sliding_attention" layers, causal otherwise
@@ -22,6 +22,12 @@ Released layer pattern: layer l slides iff l is even (``layer_types`` [sliding, 
 W = 128 keys including the query's own (bug classes SWA-01, SWA-05, PAT-05). RoPE is YaRN over the
 whole head (Dr = D = 64), theta 150000, factor 32, ``truncate: false`` (a fractional correction range),
 magnitude 0.1 ln 32 + 1 = 1.3466 on cos and sin (bug class RSC-12).
+
+Incremental decoding (:func:`forward_step`, :mod:`refimpl.kv_cache`): a token's position p is
+its index in its own sequence (``cumsum(attention_mask) - 1`` under left padding). A full
+layer caches every key (after RoPE) and value; a sliding layer keeps the last W = 128 slots
+(the W - 1 keys a later query can still see plus the newest, the ring of bug class SWA-04).
+The sinks are weights, not cached state: every call's softmax carries them again.
 
 Notation:
     paper symbol              code name                                 shape
@@ -68,18 +74,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..architecture import Architecture
-from ..attention import grouped_query_attention
 from ..config import check_known_keys, get_field, get_positive_int
 from ..errors import CheckpointError, ConfigError, MissingWeightsError, ShapeError, UnexpectedWeightsError
 from ..experts import clamped_swiglu_expert
+from ..kv_cache import KVCache, StepContext, attend_with_cache, fresh_context
 from ..linear import linear
-from ..masks import causal_mask, sliding_window_mask
 from ..moe import dispatch
 from ..numerics import as_float_array, check_finite_positive, check_same_dtype
 from ..rmsnorm import rms_norm
 from ..rope import apply_rope_rotate_half, rope_cos_sin, rope_frequencies
 from ..routers import top_k_softmax
-from ._llama_like import attention_weight_shapes, decoder_weight_shapes, projection, run_decoder, tied_head
+from ._llama_like import attention_weight_shapes, decoder_weight_shapes, projection, run_decoder_step, tied_head
 
 NAME = "GptOssForCausalLM"
 
@@ -318,29 +323,30 @@ def weight_init(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> 
     return None
 
 
-def layer_mask(config: GptOssConfig, layer: int, num_tokens: int) -> np.ndarray:
-    """The ``(T, T)`` visibility mask of one layer: sliding-window causal (W keys) or causal."""
-    if config.layer_types[layer] == "sliding_attention":
-        return sliding_window_mask(num_tokens, num_tokens, config.sliding_window)
-    return causal_mask(num_tokens, num_tokens)
+def layer_window(config: GptOssConfig, layer: int) -> int | None:
+    """W = ``sliding_window`` keys (the query's own included) on sliding layers, None on full ones."""
+    return config.sliding_window if config.layer_types[layer] == "sliding_attention" else None
 
 
-def rope_tables(config: GptOssConfig, num_tokens: int, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """``(cos, sin)`` ``(T, D/2)`` for positions ``0..T-1``, times YaRN's magnitude (1.3466 in the releases)."""
+def rope_tables(config: GptOssConfig, positions: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """``(cos, sin)`` ``(B, T, D/2)`` at the tokens' ``positions`` ``(B, T)``, times YaRN's magnitude
+    (1.3466 in the releases)."""
     inv_freq, attention_scaling = rope_frequencies(
         config.rope_parameters, config.head_dim, max_position_embeddings=config.max_position_embeddings)
-    return rope_cos_sin(np.arange(num_tokens), inv_freq, dtype, attention_scaling)
+    return rope_cos_sin(positions, inv_freq, dtype, attention_scaling)
 
 
 def attention_block(
     x: np.ndarray, p: dict[str, np.ndarray], config: GptOssConfig, cos: np.ndarray, sin: np.ndarray,
-    mask: np.ndarray,
-) -> np.ndarray:
-    """gpt-oss self-attention on normalised input ``x`` ``(B, T, M)``; returns ``(B, T, M)``.
+    context: StepContext, layer: int,
+) -> tuple[np.ndarray, KVCache]:
+    """gpt-oss self-attention on normalised input ``x`` ``(B, T, M)``.
 
-    ``p`` holds the layer's ``self_attn.*`` tensors; ``cos, sin`` are ``(T, D/2)``; ``mask`` is
-    the layer's bool ``(T, T)`` visibility. The per-head sink logit enters every row's softmax
-    denominator, unscaled and unmasked (model card sec. 2; ``eager_attention_forward``).
+    ``p`` holds the layer's ``self_attn.*`` tensors; ``cos, sin`` are ``(B, T, D/2)`` at the
+    tokens' positions; ``context`` carries the positions, padding and the caches of the previous
+    call. The per-head sink logit enters every row's softmax denominator, unscaled and unmasked
+    (model card sec. 2; ``eager_attention_forward``). Returns ``(B, T, M)`` and the layer's cache
+    for the next call: every key on a full layer, the last W on a sliding one (keys after RoPE).
     """
     b, t, _ = x.shape
     d = config.head_dim
@@ -348,8 +354,9 @@ def attention_block(
     k = projection(x, p, "self_attn.k_proj").reshape(b, t, -1, d)
     v = projection(x, p, "self_attn.v_proj").reshape(b, t, -1, d)
     q, k = apply_rope_rotate_half(q, cos, sin), apply_rope_rotate_half(k, cos, sin)
-    out = grouped_query_attention(q, k, v, mask, scale=d ** -0.5, sinks=p["self_attn.sinks"])
-    return projection(out.reshape(b, t, -1), p, "self_attn.o_proj")
+    out, kept = attend_with_cache(q, k, v, context, layer, scale=d ** -0.5, sliding_window=layer_window(config, layer),
+                                  sinks=p["self_attn.sinks"])
+    return projection(out.reshape(b, t, -1), p, "self_attn.o_proj"), kept
 
 
 def _moe_weights(weights: dict[str, np.ndarray], hidden: np.ndarray) -> dict[str, np.ndarray]:
@@ -437,36 +444,48 @@ def moe_block(hidden_states: np.ndarray, weights: dict[str, np.ndarray], config)
 
 def decoder_layer(
     h: np.ndarray, p: dict[str, np.ndarray], config: GptOssConfig, cos: np.ndarray, sin: np.ndarray,
-    mask: np.ndarray,
-) -> np.ndarray:
-    """One pre-norm decoder layer: attention with sinks, then the MoE block, each with a residual."""
+    context: StepContext, layer: int,
+) -> tuple[np.ndarray, KVCache]:
+    """One pre-norm decoder layer: attention with sinks, then the MoE block, each with a residual;
+    returns the new hidden state and the layer's cache."""
     eps = config.rms_norm_eps
-    h = h + attention_block(rms_norm(h, p["input_layernorm.weight"], eps), p, config, cos, sin, mask)
+    attended, kept = attention_block(rms_norm(h, p["input_layernorm.weight"], eps), p, config, cos, sin, context,
+                                     layer)
+    h = h + attended
     x = rms_norm(h, p["post_attention_layernorm.weight"], eps)
     experts = {name: p[f"mlp.{name}"] for name in MOE_WEIGHTS}
-    return h + moe_block(x, experts, config)
+    return h + moe_block(x, experts, config), kept
 
 
-def forward(
-    weights: dict[str, np.ndarray], config: GptOssConfig, input_ids: np.ndarray
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Logits and named hidden states for checked token ids ``(B, T)``.
+def forward_step(
+    weights: dict[str, np.ndarray], config: GptOssConfig, input_ids: np.ndarray, context: StepContext
+) -> tuple[np.ndarray, dict[str, np.ndarray], tuple[KVCache, ...]]:
+    """Logits, named hidden states and layer caches for one call's new tokens ``(B, T)``.
 
     Args:
         weights: every tensor of :func:`weight_shapes`, all in one compute dtype.
         config: the model's config.
         input_ids: ``(B, T)`` int64 within the vocabulary.
+        context: the tokens' positions and padding and the caches of the previous call
+            (:mod:`refimpl.kv_cache`).
 
     Returns:
-        ``(logits, taps)``: logits ``(B, T, V)``; taps maps ``"embed"``, ``"layers.{l}"``
+        ``(logits, taps, caches)``: logits ``(B, T, V)``; taps maps ``"embed"``, ``"layers.{l}"``
         (output of layer l) and ``"norm"`` (final-normalised hidden state) to ``(B, T, M)``
-        arrays, in that order.
+        arrays, in that order; one KVCache per layer.
     """
-    t = input_ids.shape[1]
-    cos, sin = rope_tables(config, t, weights["model.embed_tokens.weight"].dtype)
-    masks = [layer_mask(config, layer, t) for layer in range(config.num_hidden_layers)]
-    return run_decoder(weights, config, input_ids,
-                       lambda h, p, layer: decoder_layer(h, p, config, cos, sin, masks[layer]))
+    cos, sin = rope_tables(config, context.positions, weights["model.embed_tokens.weight"].dtype)
+    return run_decoder_step(weights, config, input_ids, context,
+                            lambda h, p, layer: decoder_layer(h, p, config, cos, sin, context, layer))
+
+
+def forward(
+    weights: dict[str, np.ndarray], config: GptOssConfig, input_ids: np.ndarray
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Logits ``(B, T, V)`` and named hidden states of a whole sequence: :func:`forward_step`
+    from position 0 with no cache."""
+    logits, taps, _ = forward_step(weights, config, input_ids, fresh_context(*input_ids.shape))
+    return logits, taps
 
 
 def _release(num_hidden_layers: int, num_local_experts: int) -> dict:
@@ -505,6 +524,7 @@ ARCHITECTURE = Architecture(
     name=NAME,
     config_class=GptOssConfig,
     forward=forward,
+    forward_step=forward_step,
     weight_shapes=weight_shapes,
     optional_weights=tied_head,
     presets=PRESETS,

@@ -8,7 +8,7 @@ against" below). Forward pass, sandwich norms, per layer l (weights under
     x_0 = E[input_ids] * s_emb                        s_emb = embedding_multiplier_scale
     h   = RMSNorm(x; pre_attn_norm)
     q, k, v = h Wq^T, h Wk^T, h Wv^T                  (B,T,H,D), (B,T,Hkv,D), (B,T,Hkv,D); no biases
-    q, k = RoPE_rotate_half(q, k)                     all D dims, theta = int(rope_theta), positions p = 0..T-1
+    q, k = RoPE_rotate_half(q, k)                     all D dims, theta = int(rope_theta), positions p = 0, 1, ...
     s[i, j] = D^-1/2 q_i . k_j                        scale
     s[i, j] = c_a tanh(s[i, j] / c_a)                 cap c_a = attn_logit_softcapping (<= 0: none)
     s[i, j] = tau(p_i) s[i, j]                        temperature, after the cap (see below)
@@ -35,6 +35,12 @@ MoE block (``moe_block``; sglang ``Grok1DecoderLayer.moe_with_rmoe``)::
     y   = (mlp + moe) / sqrt(2)   if residual_moe,   else moe
 
 GELU is the exact erf form ``0.5 z (1 + erf(z / sqrt 2))`` (:func:`refimpl.mlp.gelu`).
+
+Incremental decoding (:func:`forward_step`, :mod:`refimpl.kv_cache`): every layer is full
+causal attention (the published config has no sliding window) and caches every key (after
+RoPE) and value. The temperature is not cached state: each new query gets tau(p) at its
+own position p, its index in its own sequence (sglang's ``seq_len - 1`` in a decode,
+prefix length plus index in an extend).
 
 Notation:
     paper / sglang symbol   code name                                      shape
@@ -85,8 +91,8 @@ from ..attention import masked_softmax
 from ..config import check_known_keys, get_field, get_positive_int
 from ..embedding import lm_head, scaled_embed_tokens
 from ..errors import ConfigError, MissingWeightsError, ShapeError
+from ..kv_cache import KVCache, StepContext, extend_kv, fresh_context, visibility
 from ..linear import linear
-from ..masks import causal_mask
 from ..mlp import gated_mlp
 from ..moe import dispatch
 from ..numerics import as_float_array, as_integer_array, check_finite_nonnegative, check_finite_positive
@@ -364,10 +370,11 @@ def capped_tempered_attention(
 
     Args:
         q: ``(B, T, H, D)`` after RoPE; k: ``(B, S, Hkv, D)`` after RoPE; v: ``(B, S, Hkv, Dv)``.
-        mask: bool ``(T, S)``, True where visible (every row sees at least one key).
+        mask: bool ``(T, S)`` or ``(B, T, S)``, True where visible (a row with no visible key
+            gives zeros).
         scale: ``D ** -0.5``.
         softcap: c > 0, or None for no cap.
-        temperature: ``(T,)`` multipliers from :func:`attention_temperature`.
+        temperature: ``(T,)`` or ``(B, T)`` multipliers from :func:`attention_temperature`.
 
     Returns:
         ``(B, T, H, Dv)`` in the dtype of ``q``.
@@ -377,43 +384,52 @@ def capped_tempered_attention(
     """
     q, k, v = (as_float_array(f"capped_tempered_attention: {n}", a, ndim=4) for n, a in (("q", q), ("k", k), ("v", v)))
     b, t, h, d = q.shape
-    hkv = k.shape[2]
-    if hkv == 0 or h % hkv or k.shape[:3] != v.shape[:3] or k.shape[3] != d or mask.shape != (t, k.shape[1]):
-        raise ShapeError(f"capped_tempered_attention: q{q.shape}, k{k.shape}, v{v.shape}, mask{mask.shape} do not fit")
-    if np.shape(temperature) != (t,):
-        raise ShapeError(f"capped_tempered_attention: temperature must be ({t},), got {np.shape(temperature)}")
+    hkv, s = k.shape[2], k.shape[1]
+    if hkv == 0 or h % hkv or k.shape[:3] != v.shape[:3] or k.shape[3] != d or np.shape(mask) not in ((t, s), (b, t, s)):
+        raise ShapeError(f"capped_tempered_attention: q{q.shape}, k{k.shape}, v{v.shape}, mask{np.shape(mask)} "
+                         "do not fit")
+    if np.shape(temperature) not in ((t,), (b, t)):
+        raise ShapeError(f"capped_tempered_attention: temperature must be ({t},) or ({b}, {t}), "
+                         f"got {np.shape(temperature)}")
     dtype = q.dtype
     qg = q.reshape(b, t, hkv, h // hkv, d).transpose(0, 2, 3, 1, 4)  # (B, Hkv, G, T, D)
     scores = (qg @ k.transpose(0, 2, 3, 1)[:, :, None]) * dtype.type(scale)  # (B, Hkv, G, T, S)
     if softcap is not None:
         scores = soft_cap(scores, softcap)
     # The temperature multiplies the capped scores of query row i.
-    scores = scores * np.asarray(temperature, dtype=dtype)[:, None]
-    p = masked_softmax(scores, mask)
+    tau = np.asarray(temperature, dtype=dtype)
+    scores = scores * (tau[:, None] if tau.ndim == 1 else tau[:, None, None, :, None])
+    p = masked_softmax(scores, mask[:, None, None] if np.ndim(mask) == 3 else mask)
     out = p @ v.transpose(0, 2, 1, 3)[:, :, None]  # (B, Hkv, G, T, Dv)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, v.shape[-1])
 
 
-def rope_tables(config: Grok2Config, num_tokens: int, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """``(cos, sin)`` ``(T, D/2)`` for positions ``0..T-1``, base ``int(rope_theta)``, all D dims."""
-    return rope_cos_sin(np.arange(num_tokens), default_inv_freq(config.head_dim, config.rope_theta), dtype)
+def rope_tables(config: Grok2Config, positions: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """``(cos, sin)`` ``(B, T, D/2)`` (or ``(T, D/2)``) at integer ``positions`` ``(B, T)`` (or ``(T,)``),
+    base ``int(rope_theta)``, all D dims."""
+    return rope_cos_sin(positions, default_inv_freq(config.head_dim, config.rope_theta), dtype)
 
 
 def attention_block(
     h: np.ndarray, p: dict[str, np.ndarray], config: Grok2Config, rope: tuple[np.ndarray, np.ndarray],
-    temperature: np.ndarray, mask: np.ndarray,
-) -> np.ndarray:
+    temperature: np.ndarray, context: StepContext, layer: int,
+) -> tuple[np.ndarray, KVCache]:
     """Self-attention on normalised ``h`` ``(B, T, M)``: projections, NeoX RoPE, capped and
-    tempered GQA, ``o_proj``; returns ``(B, T, M)``."""
+    tempered GQA over layer ``layer``'s cache and the new keys, ``o_proj``.
+
+    ``rope`` and ``temperature`` are at the tokens' positions (``context.positions``).
+    Returns ``(B, T, M)`` and the layer's cache for the next call (every key, after RoPE).
+    """
     b, t, _ = h.shape
     d = config.head_dim
     q = linear(h, p["self_attn.q_proj.weight"]).reshape(b, t, -1, d)
     k = linear(h, p["self_attn.k_proj.weight"]).reshape(b, t, -1, d)
     v = linear(h, p["self_attn.v_proj.weight"]).reshape(b, t, -1, d)
     q, k = apply_rope_rotate_half(q, *rope), apply_rope_rotate_half(k, *rope)
-    out = capped_tempered_attention(q, k, v, mask, scale=d ** -0.5, softcap=config.attn_logit_softcapping,
-                                    temperature=temperature)
-    return linear(out.reshape(b, t, -1), p["self_attn.o_proj.weight"])
+    visible, kept = extend_kv(context.layer_cache(layer), k, v, context)
+    out = capped_tempered_attention(q, visible.keys, visible.values, visibility(context, visible),
+                                    scale=d ** -0.5, softcap=config.attn_logit_softcapping, temperature=temperature)
+    return linear(out.reshape(b, t, -1), p["self_attn.o_proj.weight"]), kept
 
 
 # MoE block
@@ -480,14 +496,22 @@ def sandwich_residual(x: np.ndarray, sublayer, pre_norm: np.ndarray, post_norm: 
 
 def decoder_layer(
     x: np.ndarray, p: dict[str, np.ndarray], config: Grok2Config, rope: tuple[np.ndarray, np.ndarray],
-    temperature: np.ndarray, mask: np.ndarray,
-) -> np.ndarray:
-    """One Grok layer: sandwich-normed attention, then the sandwich-normed MoE block."""
+    temperature: np.ndarray, context: StepContext, layer: int,
+) -> tuple[np.ndarray, KVCache]:
+    """One Grok layer: sandwich-normed attention, then the sandwich-normed MoE block; returns the
+    new residual stream and the layer's cache."""
     eps = config.rms_norm_eps
-    x = sandwich_residual(x, lambda h: attention_block(h, p, config, rope, temperature, mask),
-                          p["pre_attn_norm.weight"], p["post_attn_norm.weight"], eps)
-    return sandwich_residual(x, lambda h: moe_block(h, p, config),
-                             p["pre_moe_norm.weight"], p["post_moe_norm.weight"], eps)
+    kept = []
+
+    def attend(h: np.ndarray) -> np.ndarray:
+        out, cache = attention_block(h, p, config, rope, temperature, context, layer)
+        kept.append(cache)
+        return out
+
+    x = sandwich_residual(x, attend, p["pre_attn_norm.weight"], p["post_attn_norm.weight"], eps)
+    x = sandwich_residual(x, lambda h: moe_block(h, p, config), p["pre_moe_norm.weight"], p["post_moe_norm.weight"],
+                          eps)
+    return x, kept[0]
 
 
 def check_scaled_logits(logits: np.ndarray, normed: np.ndarray, config: Grok2Config) -> None:
@@ -507,22 +531,25 @@ def check_scaled_logits(logits: np.ndarray, normed: np.ndarray, config: Grok2Con
                           f"overflow {logits.dtype.name} (scaled lm_head or logits beyond the float range)")
 
 
-def forward(
-    weights: dict[str, np.ndarray], config: Grok2Config, input_ids: np.ndarray
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Logits and named hidden states for checked token ids ``(B, T)``.
+def forward_step(
+    weights: dict[str, np.ndarray], config: Grok2Config, input_ids: np.ndarray, context: StepContext
+) -> tuple[np.ndarray, dict[str, np.ndarray], tuple[KVCache, ...]]:
+    """Logits, named hidden states and layer caches for one call's new tokens ``(B, T)``.
 
     Args:
         weights: every tensor of :func:`weight_shapes`, all in one compute dtype.
         config: the model's config.
-        input_ids: ``(B, T)`` int64 within the vocabulary; positions are ``0..T-1``
-            in every row (no padding), so the temperature engages from position L + 1.
+        input_ids: ``(B, T)`` int64 within the vocabulary.
+        context: the tokens' positions and padding and the caches of the previous call
+            (:mod:`refimpl.kv_cache`); RoPE and the temperature read ``context.positions``, so
+            the temperature engages from position L + 1 of each sequence.
 
     Returns:
-        ``(logits, taps)``: logits ``(B, T, V)`` (scaled by ``output_multiplier_scale``,
+        ``(logits, taps, caches)``: logits ``(B, T, V)`` (scaled by ``output_multiplier_scale``,
         then soft-capped when ``final_logit_softcapping`` is set); taps ``"embed"`` (the
         embedding *times* ``embedding_multiplier_scale``, the residual stream entering
-        layer 0), ``"layers.{l}"`` and ``"norm"``, each ``(B, T, M)``, in that order.
+        layer 0), ``"layers.{l}"`` and ``"norm"``, each ``(B, T, M)``, in that order; one
+        KVCache per layer.
 
     Raises:
         ConfigError: ``output_multiplier_scale`` makes the logits overflow the compute
@@ -530,15 +557,15 @@ def forward(
     """
     embedding = weights["model.embed_tokens.weight"]
     dtype = embedding.dtype
-    t = input_ids.shape[1]
-    rope = rope_tables(config, t, dtype)
-    temperature = attention_temperature(np.arange(t), config.attn_temperature_len)
-    mask = causal_mask(t, t)
+    rope = rope_tables(config, context.positions, dtype)
+    temperature = attention_temperature(context.positions, config.attn_temperature_len)
     # The scale is rounded to the compute dtype, then multiplies the rows.
     x = scaled_embed_tokens(input_ids, embedding, config.embedding_multiplier_scale)
     taps = {"embed": x}
+    caches = []
     for layer in range(config.num_hidden_layers):
-        x = decoder_layer(x, layer_weights(weights, layer), config, rope, temperature, mask)
+        x, kept = decoder_layer(x, layer_weights(weights, layer), config, rope, temperature, context, layer)
+        caches.append(kept)
         taps[f"layers.{layer}"] = x
     x = rms_norm(x, weights["model.norm.weight"], config.rms_norm_eps)
     taps["norm"] = x
@@ -548,6 +575,15 @@ def forward(
     check_scaled_logits(logits, x, config)
     if config.final_logit_softcapping is not None:
         logits = soft_cap(logits, config.final_logit_softcapping)
+    return logits, taps, tuple(caches)
+
+
+def forward(
+    weights: dict[str, np.ndarray], config: Grok2Config, input_ids: np.ndarray
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Logits ``(B, T, V)`` and named hidden states of a whole sequence: :func:`forward_step`
+    from position 0 with no cache (no padding: positions ``0..T-1`` in every row)."""
+    logits, taps, _ = forward_step(weights, config, input_ids, fresh_context(*input_ids.shape))
     return logits, taps
 
 
@@ -578,6 +614,7 @@ ARCHITECTURE = Architecture(
     name=NAME,
     config_class=Grok2Config,
     forward=forward,
+    forward_step=forward_step,
     weight_shapes=weight_shapes,
     optional_weights=lambda config: {},
     presets=PRESETS,

@@ -6,7 +6,7 @@ Forward pass, pre-norm, per layer l (weights under ``model.layers.{l}.``)::
     x   = RMSNorm(h; input_layernorm)
     q   = x Wq^T (+ bq)   (B, T, H, D);  k = x Wk^T (+ bk), v = x Wv^T (+ bv)   (B, T, Hkv, D)
     RoPE layer  (no_rope_layers[l] == 1):
-        q, k = RoPE_interleaved(q, k; pairs (2i, 2i+1), positions 0..T-1)   complex-multiply form
+        q, k = RoPE_interleaved(q, k; pairs (2i, 2i+1), positions p)      complex-multiply form
         q, k = q / rms(q), k / rms(k)               per head over D, no weight; only if use_qk_norm
     NoPE layer  (no_rope_layers[l] == 0):
         q    = q * tau(p)                           only if attn_temperature_tuning
@@ -23,6 +23,13 @@ Forward pass, pre-norm, per layer l (weights under ``model.layers.{l}.``)::
     SwiGLU: down( act(gate x) * up x ), act = hidden_act (silu in the releases; transformers
             applies config.hidden_act to the dense MLP, the shared and the routed experts alike)
     logits = RMSNorm(h_L; norm) W_lm^T             (W_lm = E when tie_word_embeddings)
+
+Incremental decoding (:func:`forward_step`, :mod:`refimpl.kv_cache`): p is a token's position
+in its own sequence (``cumsum(attention_mask) - 1`` under left padding); RoPE, the chunk
+boundaries and the NoPE temperature tau(p) all read it. A chunked layer keeps the last C slots
+(a query sees at most the C - 1 keys before it in its chunk, plus itself); a full-attention
+layer (the NoPE ones) keeps every key. Keys are cached after RoPE and QK-norm; the temperature
+scales queries only, so nothing cached depends on it.
 
 Notation:
     paper / config symbol        code name                                   shape
@@ -88,20 +95,19 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..architecture import Architecture
-from ..attention import grouped_query_attention
 from ..config import check_known_keys, get_field, get_positive_int
 from ..errors import ConfigError, MissingWeightsError, ShapeError, UnexpectedWeightsError, WeightShapeError
 from ..experts import swiglu_expert
+from ..kv_cache import KVCache, StepContext, attend_with_cache, fresh_context
 from ..linear import linear
-from ..masks import causal_mask, chunked_attention_mask
 from ..mlp import ACTIVATIONS, gated_mlp
 from ..moe import dispatch, interleaved_schedule
-from ..numerics import as_float_array
+from ..numerics import as_float_array, as_integer_array
 from ..rmsnorm import rms_normalize, rms_norm
 from ..rope import apply_rope_interleaved, default_inv_freq, rope_cos_sin, rope_frequencies, rotary_dim
 from ..routers import llama4_top_k_sigmoid
 from ._llama_like import (
-    ROPE_KEYS, attention_weight_shapes, decoder_weight_shapes, projection, resolve_rope_parameters, run_decoder,
+    ROPE_KEYS, attention_weight_shapes, decoder_weight_shapes, projection, resolve_rope_parameters, run_decoder_step,
     split_heads, tied_head,
 )
 
@@ -337,36 +343,41 @@ def rope_inv_freq(config: Llama4TextConfig) -> tuple[np.ndarray, float]:
     return np.where(wavelen > threshold, inv_freq / params["factor"], inv_freq), 1.0
 
 
-def attention_temperature(num_tokens: int, floor_scale: int, attn_scale: float, past_length: int = 0) -> np.ndarray:
+def attention_temperature(positions: np.ndarray, floor_scale: int, attn_scale: float) -> np.ndarray:
     """Query temperature of NoPE layers, ``tau(p) = 1 + attn_scale * ln(1 + floor((p + 1) / floor_scale))``.
 
-    ``p = past_length + i`` is the absolute (cache) position of query i, not
-    ``position_ids``. tau is exactly 1 for ``p < floor_scale - 1`` and first exceeds it
-    at ``p = floor_scale - 1`` (8191 for the released models: ``1 + 0.1 ln 2``).
+    ``p`` is the query's absolute position in its own sequence (0 for its first token).
+    tau is exactly 1 for ``p < floor_scale - 1`` and first exceeds it at
+    ``p = floor_scale - 1`` (8191 for the released models: ``1 + 0.1 ln 2``).
 
     Args:
-        num_tokens: T.
+        positions: integer positions p, any shape (``(B, T)`` in a forward).
         floor_scale: positive integer (8192 released).
         attn_scale: >= 0 (0.1 released).
-        past_length: keys before the first query.
 
     Returns:
-        ``(T,)`` float64.
+        float64, the shape of ``positions``.
+
+    Raises:
+        InputError: ``positions`` is not an integer array.
+
+    Left padding: transformers takes p from the cache length (``past_seen_tokens + i``), which
+    counts a row's pad slots; here p is the token's own position (``cumsum(attention_mask) - 1``,
+    the position RoPE uses), so a left-padded row equals the same row alone, as in Meta's code,
+    where every row starts at slot 0 (docs/architectures/llama4.md, "Decoding cache").
 
     Paper: arXiv:2501.19399 (attention scaled by the log of the context length).
     Checked against: transformers 5.24 ``modeling_llama4.py:359-367`` and meta-llama/llama-models
     ``models/llama4/model.py`` ``Attention.forward`` (``torch.log(torch.floor(...) + 1.0)``).
     """
-    positions = past_length + np.arange(num_tokens)
+    p = as_integer_array("Llama 4 attention_temperature: positions", positions)
     # floor((p + 1) / floor_scale) as exact integer division.
-    return 1.0 + attn_scale * np.log1p(((positions + 1) // floor_scale).astype(np.float64))
+    return 1.0 + attn_scale * np.log1p(((p + 1) // floor_scale).astype(np.float64))
 
 
-def layer_mask(config: Llama4TextConfig, layer: int, num_tokens: int) -> np.ndarray:
-    """The ``(T, T)`` visibility of one layer: chunked causal or causal."""
-    if config.layer_types[layer] == "chunked_attention":
-        return chunked_attention_mask(num_tokens, num_tokens, config.attention_chunk_size)
-    return causal_mask(num_tokens, num_tokens)
+def layer_chunk(config: Llama4TextConfig, layer: int) -> int | None:
+    """C = ``attention_chunk_size`` on "chunked_attention" layers, None on full-attention ones."""
+    return config.attention_chunk_size if config.layer_types[layer] == "chunked_attention" else None
 
 
 def moe_weight_shapes(config: Llama4TextConfig) -> dict[str, tuple[int, ...]]:
@@ -500,22 +511,25 @@ def rope_layer_qk(q: np.ndarray, k: np.ndarray, cos: np.ndarray, sin: np.ndarray
     return q, k
 
 
-def nope_layer_qk(q: np.ndarray, k: np.ndarray, config: Llama4TextConfig):
-    """NoPE layer: no rotation and no QK-norm; queries times the temperature tau(p) when
-    ``attn_temperature_tuning`` (keys untouched)."""
+def nope_layer_qk(q: np.ndarray, k: np.ndarray, config: Llama4TextConfig, positions: np.ndarray):
+    """NoPE layer: no rotation and no QK-norm; queries times the temperature tau(p) at their
+    ``positions`` ``(B, T)`` when ``attn_temperature_tuning`` (keys untouched)."""
     if not config.attn_temperature_tuning:
         return q, k
-    tau = attention_temperature(q.shape[1], config.floor_scale, config.attn_scale)
-    return q * tau.astype(q.dtype)[:, None, None], k
+    tau = attention_temperature(positions, config.floor_scale, config.attn_scale)
+    return q * tau.astype(q.dtype)[:, :, None, None], k
 
 
 def attention_block(
-    x: np.ndarray, p: dict[str, np.ndarray], config: Llama4TextConfig, layer: int, rope: tuple, mask: np.ndarray
-) -> np.ndarray:
-    """Llama 4 self-attention on normalised input ``x`` ``(B, T, M)``; returns ``(B, T, M)``.
+    x: np.ndarray, p: dict[str, np.ndarray], config: Llama4TextConfig, layer: int, rope: tuple,
+    context: StepContext,
+) -> tuple[np.ndarray, KVCache]:
+    """Llama 4 self-attention on normalised input ``x`` ``(B, T, M)``.
 
-    ``rope`` is ``(cos, sin)`` ``(T, D/2)``, used only on RoPE layers; ``mask`` is the
-    layer's bool ``(T, T)`` visibility.
+    ``rope`` is ``(cos, sin)`` ``(B, T, D/2)`` at the tokens' positions, used only on RoPE
+    layers; ``context`` carries the positions, padding and the caches of the previous call.
+    Returns ``(B, T, M)`` and the layer's cache for the next call: the last C keys (after RoPE
+    and QK-norm) on a chunked layer, every key on a full one (NoPE keys are never scaled).
     """
     b, t, _ = x.shape
     d = config.head_dim
@@ -525,9 +539,10 @@ def attention_block(
     if config.no_rope_layers[layer]:
         q, k = rope_layer_qk(q, k, *rope, config)
     else:
-        q, k = nope_layer_qk(q, k, config)
-    out = grouped_query_attention(q, k, v, mask, scale=d**-0.5)
-    return projection(out.reshape(b, t, -1), p, "self_attn.o_proj")
+        q, k = nope_layer_qk(q, k, config, context.positions)
+    out, kept = attend_with_cache(q, k, v, context, layer, scale=d**-0.5,
+                                  attention_chunk_size=layer_chunk(config, layer))
+    return projection(out.reshape(b, t, -1), p, "self_attn.o_proj"), kept
 
 
 def feed_forward(x: np.ndarray, p: dict[str, np.ndarray], config: Llama4TextConfig, layer: int) -> np.ndarray:
@@ -539,36 +554,47 @@ def feed_forward(x: np.ndarray, p: dict[str, np.ndarray], config: Llama4TextConf
 
 
 def decoder_layer(
-    h: np.ndarray, p: dict[str, np.ndarray], config: Llama4TextConfig, layer: int, rope: tuple, mask: np.ndarray
-) -> np.ndarray:
-    """One pre-norm decoder layer: attention then feed-forward, each with a residual."""
+    h: np.ndarray, p: dict[str, np.ndarray], config: Llama4TextConfig, layer: int, rope: tuple,
+    context: StepContext,
+) -> tuple[np.ndarray, KVCache]:
+    """One pre-norm decoder layer: attention then feed-forward, each with a residual; returns the
+    new hidden state and the layer's cache."""
     eps = config.rms_norm_eps
-    h = h + attention_block(rms_norm(h, p["input_layernorm.weight"], eps), p, config, layer, rope, mask)
-    return h + feed_forward(rms_norm(h, p["post_attention_layernorm.weight"], eps), p, config, layer)
+    attended, kept = attention_block(rms_norm(h, p["input_layernorm.weight"], eps), p, config, layer, rope, context)
+    h = h + attended
+    return h + feed_forward(rms_norm(h, p["post_attention_layernorm.weight"], eps), p, config, layer), kept
 
 
-def forward(
-    weights: dict[str, np.ndarray], config: Llama4TextConfig, input_ids: np.ndarray
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Logits and named hidden states for checked token ids ``(B, T)``.
+def forward_step(
+    weights: dict[str, np.ndarray], config: Llama4TextConfig, input_ids: np.ndarray, context: StepContext
+) -> tuple[np.ndarray, dict[str, np.ndarray], tuple[KVCache, ...]]:
+    """Logits, named hidden states and layer caches for one call's new tokens ``(B, T)``.
 
     Args:
         weights: every tensor of :func:`weight_shapes`, all in one compute dtype.
         config: the model's config.
         input_ids: ``(B, T)`` int64 within the vocabulary.
+        context: the tokens' positions and padding and the caches of the previous call
+            (:mod:`refimpl.kv_cache`).
 
     Returns:
-        ``(logits, taps)``: logits ``(B, T, V)``; taps maps ``"embed"``,
-        ``"layers.{l}"`` (output of layer l) and ``"norm"`` to ``(B, T, M)`` arrays.
+        ``(logits, taps, caches)``: logits ``(B, T, V)``; taps maps ``"embed"``,
+        ``"layers.{l}"`` (output of layer l) and ``"norm"`` to ``(B, T, M)`` arrays; one
+        KVCache per layer.
     """
-    t = input_ids.shape[1]
     inv_freq, scaling = rope_inv_freq(config)
-    rope = rope_cos_sin(np.arange(t), inv_freq, weights["model.embed_tokens.weight"].dtype, scaling)
+    rope = rope_cos_sin(context.positions, inv_freq, weights["model.embed_tokens.weight"].dtype, scaling)
+    return run_decoder_step(weights, config, input_ids, context,
+                            lambda h, p, index: decoder_layer(h, p, config, index, rope, context))
 
-    def layer(h, p, index):
-        return decoder_layer(h, p, config, index, rope, layer_mask(config, index, t))
 
-    return run_decoder(weights, config, input_ids, layer)
+def forward(
+    weights: dict[str, np.ndarray], config: Llama4TextConfig, input_ids: np.ndarray
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Logits ``(B, T, V)`` and named hidden states of a whole sequence: :func:`forward_step`
+    from position 0 with no cache."""
+    logits, taps, _ = forward_step(weights, config, input_ids, fresh_context(*input_ids.shape))
+    return logits, taps
 
 
 def _release(**fields) -> dict:
@@ -616,6 +642,7 @@ ARCHITECTURE = Architecture(
     name=NAME,
     config_class=Llama4TextConfig,
     forward=forward,
+    forward_step=forward_step,
     weight_shapes=weight_shapes,
     optional_weights=tied_head,
     presets=PRESETS,

@@ -22,6 +22,10 @@ Sparse MoE block (:func:`moe_block`), on the N = B*T rows of x::
     w = s[i] / sum(s[i])                    un-biased, always renormalised, no eps, no scaling factor
     y = sum_j w_j * w2_e( silu(w1_e x) * w3_e x ),  e = i_j,  experts of width intermediate_size
 
+Incremental decoding (:func:`forward_step`, :mod:`refimpl.kv_cache`): every layer is full
+causal attention and caches every key (after the whole-projection QK-norm and partial RoPE)
+and value; positions are each token's index in its own sequence.
+
 Notation: M hidden_size, I intermediate_size (per expert), E num_local_experts,
 k num_experts_per_tok, H / Hkv / D / Dr as in ``refimpl/NOTATION.md``. D = ``head_dim``
 (a config field, default 128) is not M / H (M2: 128 vs 3072 / 48 = 64).
@@ -59,19 +63,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..architecture import Architecture
-from ..attention import grouped_query_attention
 from ..config import check_known_keys, get_field, get_positive_int
 from ..errors import ConfigError
 from ..experts import swiglu_expert
+from ..kv_cache import KVCache, StepContext, attend_with_cache, fresh_context
 from ..linear import linear
-from ..masks import causal_mask
 from ..moe import dispatch
 from ..rmsnorm import rms_norm
 from ..rope import apply_rope_rotate_half, rope_cos_sin, rope_frequencies
 from ..routers import sigmoid_bias_top_k
 from ._expert_layout import ExpertLayout, split_fused_experts
-from ._llama_like import attention_weight_shapes, decoder_weight_shapes, projection, run_decoder, tied_head, \
-    validate_common
+from ._llama_like import attention_weight_shapes, decoder_weight_shapes, projection, run_decoder_step, \
+    tied_head, validate_common
 from .qwen3_moe import check_moe_weights
 
 NAME = "MiniMaxM2ForCausalLM"
@@ -305,9 +308,11 @@ def moe_block(hidden_states: np.ndarray, weights: dict[str, np.ndarray], config)
 
 def attention_block(
     x: np.ndarray, p: dict[str, np.ndarray], config: MiniMaxM2Config, cos: np.ndarray, sin: np.ndarray,
-    mask: np.ndarray,
-) -> np.ndarray:
-    """MiniMax-M2 self-attention on normalised ``x`` ``(B, T, M)``; ``cos, sin`` ``(T, Dr/2)``."""
+    context: StepContext, layer: int,
+) -> tuple[np.ndarray, KVCache]:
+    """MiniMax-M2 self-attention on normalised ``x`` ``(B, T, M)``; ``cos, sin`` ``(B, T, Dr/2)`` at the
+    tokens' positions; ``context`` carries the positions, padding and the previous call's caches.
+    Returns ``(B, T, M)`` and the layer's cache for the next call (keys after QK-norm and RoPE)."""
     b, t, _ = x.shape
     d, eps = config.head_dim, config.rms_norm_eps
     # QK-norm over the whole projection (all heads of a token jointly), before the head split.
@@ -316,32 +321,43 @@ def attention_block(
     v = projection(x, p, "self_attn.v_proj").reshape(b, t, -1, d)
     # Partial RoPE: the tables cover the first Dr channels of each head; the rest pass through.
     q, k = apply_rope_rotate_half(q, cos, sin), apply_rope_rotate_half(k, cos, sin)
-    out = grouped_query_attention(q, k, v, mask, scale=d**-0.5)
-    return projection(out.reshape(b, t, -1), p, "self_attn.o_proj")
+    out, kept = attend_with_cache(q, k, v, context, layer, scale=d**-0.5)
+    return projection(out.reshape(b, t, -1), p, "self_attn.o_proj"), kept
 
 
-def rotary_tables(config: MiniMaxM2Config, num_tokens: int, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """``(cos, sin)`` ``(T, Dr/2)`` for positions ``0..T-1``, Dr from ``partial_rotary_factor``."""
+def rotary_tables(config: MiniMaxM2Config, positions: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """``(cos, sin)`` ``(B, T, Dr/2)`` (or ``(T, Dr/2)``) at integer ``positions`` ``(B, T)`` (or ``(T,)``),
+    Dr from ``partial_rotary_factor``."""
     inv_freq, scaling = rope_frequencies(config.rope_parameters, config.head_dim,
                                          max_position_embeddings=config.max_position_embeddings)
-    return rope_cos_sin(np.arange(num_tokens), inv_freq, dtype, scaling)
+    return rope_cos_sin(positions, inv_freq, dtype, scaling)
+
+
+def forward_step(
+    weights: dict[str, np.ndarray], config: MiniMaxM2Config, input_ids: np.ndarray, context: StepContext
+) -> tuple[np.ndarray, dict[str, np.ndarray], tuple[KVCache, ...]]:
+    """Logits ``(B, T, V)``, taps ``embed``, ``layers.{l}``, ``norm`` and one KV cache per layer for
+    one call's new tokens ``(B, T)`` (:mod:`refimpl.kv_cache`)."""
+    cos, sin = rotary_tables(config, context.positions, weights["model.embed_tokens.weight"].dtype)
+    eps = config.rms_norm_eps
+
+    def layer(h: np.ndarray, p: dict[str, np.ndarray], index: int) -> tuple[np.ndarray, KVCache]:
+        attended, kept = attention_block(rms_norm(h, p["input_layernorm.weight"], eps), p, config, cos, sin,
+                                         context, index)
+        h = h + attended
+        x = rms_norm(h, p["post_attention_layernorm.weight"], eps)
+        return h + moe_block(x, fuse_experts(p, config.num_local_experts), config), kept
+
+    return run_decoder_step(weights, config, input_ids, context, layer)
 
 
 def forward(
     weights: dict[str, np.ndarray], config: MiniMaxM2Config, input_ids: np.ndarray
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Logits ``(B, T, V)`` and taps ``embed``, ``layers.{l}``, ``norm`` for checked ids ``(B, T)``."""
-    t = input_ids.shape[1]
-    cos, sin = rotary_tables(config, t, weights["model.embed_tokens.weight"].dtype)
-    mask = causal_mask(t, t)
-    eps = config.rms_norm_eps
-
-    def layer(h: np.ndarray, p: dict[str, np.ndarray], index: int) -> np.ndarray:
-        h = h + attention_block(rms_norm(h, p["input_layernorm.weight"], eps), p, config, cos, sin, mask)
-        x = rms_norm(h, p["post_attention_layernorm.weight"], eps)
-        return h + moe_block(x, fuse_experts(p, config.num_local_experts), config)
-
-    return run_decoder(weights, config, input_ids, layer)
+    """Logits ``(B, T, V)`` and taps ``embed``, ``layers.{l}``, ``norm`` of a whole sequence:
+    :func:`forward_step` from position 0 with no cache."""
+    logits, taps, _ = forward_step(weights, config, input_ids, fresh_context(*input_ids.shape))
+    return logits, taps
 
 
 def weight_init(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray | None:
@@ -372,6 +388,7 @@ ARCHITECTURE = Architecture(
     name=NAME,
     config_class=MiniMaxM2Config,
     forward=forward,
+    forward_step=forward_step,
     weight_shapes=weight_shapes,
     optional_weights=tied_head,
     convert_weights=convert_weights,
