@@ -25,8 +25,12 @@ Norms are the zero-centred ``1 + w`` RMSNorm (the checkpoint stores the offset w
 initialised to 0), eps = ``rms_norm_eps``, over each head's D channels. RoPE is the
 half-split pairing *within* the first Dr channels (pairs (i, i + Dr/2), not
 (i, i + D/2)); Qwen3-Next-80B has D = 256, ``partial_rotary_factor`` 0.25, Dr = 64.
-Attention is causal over the T tokens of the call (no cache, no padding);
-``positions`` only feed RoPE.
+:func:`gated_attention` and :func:`gated_attention_block` attend causally over the T
+tokens of the call (no cache, no padding; ``positions`` only feed RoPE);
+:func:`gated_attention_step` attends over a layer's :class:`refimpl.kv_cache.KVCache` and
+the new tokens, masked from positions (incremental decoding, left padding). The cache
+holds the keys after k_norm and partial RoPE and the values, all D channels; the
+output gate is per token and is never cached.
 
 Notation:
 
@@ -67,6 +71,7 @@ import numpy as np
 
 from .attention import grouped_query_attention
 from .errors import ConfigError, MissingWeightsError, RefimplError, ShapeError, UnexpectedWeightsError
+from .kv_cache import KVCache, StepContext, attend_with_cache
 from .linear import linear
 from .masks import causal_mask
 from .numerics import as_float_array, as_integer_array, check_finite_nonnegative
@@ -150,7 +155,15 @@ def gated_attention_block(
         ``(B, T, M)`` in the dtype of ``x``.
     """
     b, t, _ = x.shape
-    eps = rms_norm_eps
+    q, gate, k, v = _queries_gate_keys_values(x, w, cos, sin, head_dim, rms_norm_eps)
+    attended = grouped_query_attention(q, k, v, mask, scale=head_dim ** -0.5).reshape(b, t, -1)
+    # The sigmoid gate acts on the attention output, before o_proj.
+    return _project(apply_output_gate(attended, gate), w, "o_proj")
+
+
+def _queries_gate_keys_values(x: np.ndarray, w: dict, cos: np.ndarray, sin: np.ndarray, head_dim: int, eps):
+    """``(q (B, T, H, D), gate (B, T, H D), k, v (B, T, Hkv, D))``: q and k normed and rotated."""
+    b, t, _ = x.shape
     # Per-head split of the doubled query projection into query and output gate.
     q, gate = split_query_and_gate(_project(x, w, "q_proj"), head_dim)
     # Zero-centred (1 + w) QK-norm per head over D, before RoPE.
@@ -159,9 +172,30 @@ def gated_attention_block(
     v = _project(x, w, "v_proj").reshape(b, t, -1, head_dim)
     # Partial RoPE: the tables cover channels [0, Dr) of every head; the rest pass through.
     q, k = apply_rope_rotate_half(q, cos, sin), apply_rope_rotate_half(k, cos, sin)
-    attended = grouped_query_attention(q, k, v, mask, scale=head_dim ** -0.5).reshape(b, t, -1)
+    return q, gate, k, v
+
+
+def gated_attention_step(
+    x: np.ndarray, w: dict[str, np.ndarray], cos: np.ndarray, sin: np.ndarray, context: StepContext, layer: int,
+    *, head_dim: int, rms_norm_eps: float,
+) -> tuple[np.ndarray, KVCache]:
+    """Gated attention of one incremental call over layer ``layer``'s cache and the new tokens.
+
+    Args:
+        x, w, head_dim, rms_norm_eps: as :func:`gated_attention_block`.
+        cos, sin: ``(B, T, Dr/2)`` RoPE tables at the tokens' positions.
+        context: the call's positions, padding and the caches of the previous call.
+        layer: the layer's index in ``context.caches``.
+
+    Returns:
+        ``(out (B, T, M), kept)``: the output and the layer's :class:`refimpl.kv_cache.KVCache`
+        for the next call (keys after k_norm and RoPE; full attention, nothing dropped).
+    """
+    b, t, _ = x.shape
+    q, gate, k, v = _queries_gate_keys_values(x, w, cos, sin, head_dim, rms_norm_eps)
+    attended, kept = attend_with_cache(q, k, v, context, layer, scale=head_dim ** -0.5)
     # The sigmoid gate acts on the attention output, before o_proj.
-    return _project(apply_output_gate(attended, gate), w, "o_proj")
+    return _project(apply_output_gate(attended.reshape(b, t, -1), gate), w, "o_proj"), kept
 
 
 def check_gated_attention_weights(weights: dict, shapes: dict, dtype) -> dict[str, np.ndarray]:

@@ -54,7 +54,8 @@ class DecodeCache:
 
     Attributes:
         layers: one entry per decoder layer: a :class:`refimpl.kv_cache.KVCache`, a
-            :class:`refimpl.kv_cache.GatedDeltaNetCache`, or None (a layer that keeps nothing).
+            :class:`refimpl.linear_attention.gated_deltanet.GatedDeltaNetCache`, or None (a
+            layer that keeps nothing).
         next_position: ``(B,)`` int64, the position the next token of each row gets.
         length: slots per row so far (left-padding slots included).
         last_added: tokens the last call appended (the most :meth:`Model.rollback` undoes).

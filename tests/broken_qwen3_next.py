@@ -229,4 +229,4 @@ def l2_norm_eps_from_rms_norm_eps() -> _BrokenBackend:
     from broken_gdn_op_backends import l2_eps_from_config
 
     return _BrokenBackend("broken:GDN-l2-eps-is-rms-norm-eps", lambda: mock.patch.object(
-        qwen3_next, "gated_deltanet", l2_eps_from_config(qwen3_next.gated_deltanet)))
+        qwen3_next, "gated_deltanet_step", l2_eps_from_config(qwen3_next.gated_deltanet_step)))

@@ -96,3 +96,21 @@ def causal_conv1d(x, weight, *, conv_state=None, activation="silu"):
         out = out + weight[:, j] * extended[:, j:j + length]
     new_state = np.swapaxes(extended[:, extended.shape[1] - (taps - 1):], 1, 2)
     return (silu(out) if activation == "silu" else out), np.ascontiguousarray(new_state)
+
+
+def conv_state_after(conv_state: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The conv state once inputs ``x`` ``(B, T, C)`` have followed ``conv_state`` ``(B, C, K-1)``.
+
+    The last K-1 inputs of the history followed by ``x``, in the layout of the module
+    docstring: the state :func:`causal_conv1d` returns, without the convolution (what a
+    rollback needs to rebuild the state after an accepted prefix of a call's inputs).
+
+    Raises:
+        ShapeError: ``x`` and ``conv_state`` differ in batch or channels.
+    """
+    if x.ndim != 3 or conv_state.ndim != 3 or x.shape[0] != conv_state.shape[0] or x.shape[2] != conv_state.shape[1]:
+        raise ShapeError(f"conv_state_after: x {x.shape} must be (B, T, C) of conv_state {conv_state.shape} "
+                         "(B, C, K-1)")
+    history = conv_state.shape[2]
+    extended = np.concatenate([conv_state, np.swapaxes(x, 1, 2)], axis=2)
+    return np.ascontiguousarray(extended[:, :, extended.shape[2] - history:])

@@ -38,6 +38,15 @@ rotated at the producer's positions (the same positions). Published E4B: consume
 per layer; their k_proj / v_proj / k_norm weights, present in the published
 checkpoints, are dropped unread (:func:`ignored_weights`).
 
+Incremental decoding (:func:`forward_step`; ``forward`` is one fresh step): a layer with
+its own keys and values keeps a :class:`refimpl.kv_cache.KVCache` of them (keys after
+k_norm and RoPE, values after their weightless norm): every one on a full-attention
+layer, the last W slots on a sliding layer. A KV-sharing layer keeps nothing (its
+cache entry is None): in each call it attends over its producer's keys and values of
+that call, the producer's cache followed by the new tokens, with its own mask.
+AltUp, LAuReL, the per-layer inputs and the activation sparsity act on each token
+alone and carry nothing between calls.
+
 Taps, each ``(B, T, M)``. ``"embed"`` is the scaled embedding e (what transformers'
 ``embed_tokens`` returns), ``"norm"`` the final-normalised state, and ``"layers.{l}"``
 the active stream S_a after layer l (corrected, and for a != 0 with the per-layer
@@ -99,10 +108,12 @@ import numpy as np
 from ..activation_sparsity import gaussian_top_k
 from ..altup import altup_correct, altup_embed, altup_predict, altup_unembed, router_modalities
 from ..architecture import Architecture
+from .. import kv_cache
 from ..attention import grouped_query_attention
 from ..config import check_known_keys, get_field, get_positive_int
 from ..embedding import lm_head, scaled_embed_tokens
 from ..errors import ConfigError
+from ..kv_cache import KVCache, StepContext, fresh_context
 from ..laurel import laurel_residual
 from ..linear import linear
 from ..mlp import activation
@@ -111,9 +122,9 @@ from ..rmsnorm import rms_norm, rms_normalize
 from ..rope import apply_rope_rotate_half
 from ..softcap import soft_cap
 from ._llama_like import layer_weights, projection
-# The per-layer mask (W keys up to the query, or causal) and the RoPE tables (one per layer
-# type) are Gemma 3's, read from the same config fields.
-from .gemma3 import LAYER_TYPES, _layer_rope_parameters, layer_mask, rope_tables
+# The per-layer window (W keys up to the query's own, or None) and the RoPE tables at positions (one
+# per layer type) are Gemma 3's, read from the same config fields.
+from .gemma3 import LAYER_TYPES, _layer_rope_parameters, layer_window, rope_tables_at
 
 NAME = "Gemma3nForCausalLM"
 
@@ -420,29 +431,37 @@ def norm(x: np.ndarray, weight: np.ndarray, config: Gemma3nConfig) -> np.ndarray
 
 def attention_block(
     x: np.ndarray, p: dict[str, np.ndarray], config: Gemma3nConfig, rope: tuple[np.ndarray, np.ndarray],
-    mask: np.ndarray, shared_kv: tuple[np.ndarray, np.ndarray] | None,
-) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """Self-attention on normalised ``x`` ``(B, T, M)``; returns ``(output (B, T, M), (k, v))``.
+    context: StepContext, layer: int, shared: KVCache | None,
+) -> tuple[np.ndarray, KVCache, KVCache | None]:
+    """Self-attention of one call on normalised ``x`` ``(B, T, M)``.
 
-    ``shared_kv`` is None on a layer that computes its own keys and values, else the
-    producer's ``(k, v)``, each ``(B, T, Hkv, D)`` (k after its norm and RoPE, v after
-    its weightless norm).
+    ``rope`` holds ``(B, T, D/2)`` tables at the tokens' positions; ``context`` the positions,
+    padding and caches; ``shared`` is None on a layer with its own keys and values, else
+    the producer's visible keys and values of this call (its cache, then the new tokens).
+
+    Returns:
+        ``(output (B, T, M), visible, kept)``: the keys and values this call attended over
+        (k after its norm and RoPE, v after its weightless norm, ``(B, S, Hkv, D)``) and the
+        layer's cache for the next call (None on a KV-sharing layer).
     """
     b, t, _ = x.shape
-    d = config.head_dim
+    d, window = config.head_dim, layer_window(config, layer)
     # Projection, per-head q-norm over D, then RoPE.
     q = norm(projection(x, p, "self_attn.q_proj").reshape(b, t, -1, d), p["self_attn.q_norm.weight"], config)
     q = apply_rope_rotate_half(q, *rope)
-    if shared_kv is None:
+    if shared is None:
         k = norm(projection(x, p, "self_attn.k_proj").reshape(b, t, -1, d), p["self_attn.k_norm.weight"], config)
         k = apply_rope_rotate_half(k, *rope)
         # G3n-3: values RMS-normalised per head, without a weight.
         v = rms_normalize(projection(x, p, "self_attn.v_proj").reshape(b, t, -1, d), config.rms_norm_eps)
+        visible, kept = kv_cache.extend_kv(context.layer_cache(layer), k, v, context, span=window)
     else:
-        k, v = shared_kv
+        visible, kept = shared, None
+    # The layer's own mask (sliding or full), from positions.
+    mask = kv_cache.visibility(context, visible, sliding_window=window)
     # G3n-2: scale 1.0, the q/k norms set the score magnitude.
-    out = grouped_query_attention(q, k, v, mask, scale=1.0)
-    return projection(out.reshape(b, t, -1), p, "self_attn.o_proj"), (k, v)
+    out = grouped_query_attention(q, visible.keys, visible.values, mask, scale=1.0)
+    return projection(out.reshape(b, t, -1), p, "self_attn.o_proj"), visible, kept
 
 
 def mlp_block(y: np.ndarray, p: dict[str, np.ndarray], config: Gemma3nConfig, layer: int) -> np.ndarray:
@@ -469,10 +488,11 @@ def inject_per_layer_input(streams: np.ndarray, update: np.ndarray) -> np.ndarra
 
 def decoder_layer(
     streams: np.ndarray, p: dict[str, np.ndarray], config: Gemma3nConfig, layer: int,
-    rope: tuple[np.ndarray, np.ndarray], mask: np.ndarray, per_layer_input: np.ndarray,
-    shared_kv: tuple[np.ndarray, np.ndarray] | None,
-) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """One layer on the AltUp state ``(A, B, T, M)``; returns the new state and the layer's ``(k, v)``."""
+    rope: tuple[np.ndarray, np.ndarray], context: StepContext, per_layer_input: np.ndarray,
+    shared: KVCache | None,
+) -> tuple[np.ndarray, KVCache, KVCache | None]:
+    """One layer on the AltUp state ``(A, B, T, M)`` of one call; returns the new state and, as
+    :func:`attention_block`, the keys and values it attended over and its cache."""
     a, eps = config.altup_active_idx, config.rms_norm_eps
     router = (p["altup.router_norm.weight"], p["altup.modality_router.weight"], eps)
     # AltUp predict from the active stream's routing.
@@ -481,7 +501,7 @@ def decoder_layer(
     x = norm(active, p["input_layernorm.weight"], config)
     laurel = laurel_residual(x, p["laurel.linear_left.weight"], p["laurel.linear_right.weight"],
                              p["laurel.post_laurel_norm.weight"], eps)
-    attn, kv = attention_block(x, p, config, rope, mask, shared_kv)
+    attn, visible, kept = attention_block(x, p, config, rope, context, layer, shared)
     # G3n-11: the unnormalised prediction, the normed attention and LAuReL, averaged by 1/sqrt(2).
     attn_laurel = ((active + norm(attn, p["post_attention_layernorm.weight"], config)) + laurel) / np.sqrt(
         active.dtype.type(2))
@@ -494,33 +514,36 @@ def decoder_layer(
     update = per_layer_input_update(gate_input, per_layer_input, p["per_layer_input_gate.weight"],
                                     p["per_layer_projection.weight"], p["post_per_layer_input_norm.weight"], eps,
                                     config.hidden_activation)
-    return inject_per_layer_input(corrected, update), kv
+    return inject_per_layer_input(corrected, update), visible, kept
 
 
-def decode(
-    weights: dict[str, np.ndarray], config: Gemma3nConfig, input_ids: np.ndarray, embeddings: np.ndarray
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Logits and taps from token ids and their input embeddings ``(B, T, M)``.
+def decode_step(
+    weights: dict[str, np.ndarray], config: Gemma3nConfig, input_ids: np.ndarray, embeddings: np.ndarray,
+    context: StepContext,
+) -> tuple[np.ndarray, dict[str, np.ndarray], tuple]:
+    """Logits, taps and layer caches of one call from token ids and their input embeddings ``(B, T, M)``.
 
-    The text model's embeddings are ``E[ids] * sqrt(M)`` (:func:`forward`); the
+    The text model's embeddings are ``E[ids] * sqrt(M)`` (:func:`forward_step`); the
     multimodal wrapper replaces the rows of vision and audio ids. The per-layer inputs
     always come from the ids (their token part) and these embeddings (their projection).
+    ``context`` carries the tokens' positions, padding and the caches of the previous call;
+    the caches returned hold one entry per layer (None on KV-sharing layers).
     """
-    t = input_ids.shape[1]
     pli = per_layer_inputs(input_ids, embeddings, weights["model.embed_tokens_per_layer.weight"],
                            weights["model.per_layer_model_projection.weight"],
                            weights["model.per_layer_projection_norm.weight"], config.rms_norm_eps)
     extra = range(config.altup_num_inputs - 1)
     streams = altup_embed(embeddings, [weights[f"model.altup_projections.{i}.weight"] for i in extra])
-    tables = rope_tables(config, t, embeddings.dtype)
+    tables = rope_tables_at(config, context.positions, embeddings.dtype)
     taps = {"embed": embeddings}
-    computed = {}
+    # visible[l]: the keys and values layer l attended over in this call (what its KV-sharing layers read)
+    visible, caches = {}, []
     for layer in range(config.num_hidden_layers):
         source = config.kv_source_layers[layer]
-        shared = computed[source] if source != layer else None
-        streams, computed[layer] = decoder_layer(streams, layer_weights(weights, layer), config, layer,
-                                                 tables[layer], layer_mask(config, layer, t), pli[:, :, layer],
-                                                 shared)
+        shared = visible[source] if source != layer else None
+        streams, visible[layer], kept = decoder_layer(streams, layer_weights(weights, layer), config, layer,
+                                                      tables[layer], context, pli[:, :, layer], shared)
+        caches.append(kept)
         taps[f"layers.{layer}"] = streams[config.altup_active_idx]
     h = altup_unembed(streams, [weights[f"model.altup_unembed_projections.{i}.weight"] for i in extra])
     h = norm(h, weights["model.norm.weight"], config)
@@ -529,29 +552,49 @@ def decode(
                      else weights["lm_head.weight"])
     if config.final_logit_softcapping is not None:
         logits = soft_cap(logits, config.final_logit_softcapping)
+    return logits, taps, tuple(caches)
+
+
+def decode(
+    weights: dict[str, np.ndarray], config: Gemma3nConfig, input_ids: np.ndarray, embeddings: np.ndarray
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Logits and taps of a whole sequence from ids and input embeddings: :func:`decode_step`, fresh."""
+    logits, taps, _ = decode_step(weights, config, input_ids, embeddings, fresh_context(*input_ids.shape))
     return logits, taps
 
 
-def forward(
-    weights: dict[str, np.ndarray], config: Gemma3nConfig, input_ids: np.ndarray
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Logits and named hidden states for checked token ids ``(B, T)``.
+def forward_step(
+    weights: dict[str, np.ndarray], config: Gemma3nConfig, input_ids: np.ndarray, context: StepContext
+) -> tuple[np.ndarray, dict[str, np.ndarray], tuple]:
+    """Logits, named hidden states and layer caches for one call's checked token ids ``(B, T)``.
 
     Args:
         weights: every tensor of :func:`weight_shapes`, all in one compute dtype.
         config: the model's config.
         input_ids: ``(B, T)`` int64 within ``[0, vocab_size)``.
+        context: the tokens' positions and padding and the caches of the previous call
+            (:mod:`refimpl.kv_cache`).
 
     Returns:
-        ``(logits (B, T, V), taps)``: logits soft-capped when ``final_logit_softcapping``
+        ``(logits (B, T, V), taps, caches)``: logits soft-capped when ``final_logit_softcapping``
         is set; taps ``"embed"`` (scaled embedding), ``"layers.{l}"`` (AltUp stream
-        ``altup_active_idx`` after layer l) and ``"norm"``, each ``(B, T, M)``.
+        ``altup_active_idx`` after layer l) and ``"norm"``, each ``(B, T, M)``; one cache per
+        layer (a KVCache, or None on a KV-sharing layer).
 
     Dtype: everything in the dtype of the weights.
     """
     # Python's M ** 0.5, rounded to the weights' dtype as transformers' embed_scale buffer is.
     embeddings = scaled_embed_tokens(input_ids, weights["model.embed_tokens.weight"], config.hidden_size ** 0.5)
-    return decode(weights, config, input_ids, embeddings)
+    return decode_step(weights, config, input_ids, embeddings, context)
+
+
+def forward(
+    weights: dict[str, np.ndarray], config: Gemma3nConfig, input_ids: np.ndarray
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Logits ``(B, T, V)`` and named hidden states of a whole sequence: :func:`forward_step`
+    from position 0 with no cache."""
+    logits, taps, _ = forward_step(weights, config, input_ids, fresh_context(*input_ids.shape))
+    return logits, taps
 
 
 def _checked_skips(config: Gemma3nConfig, layers_to_skip) -> list[int]:
@@ -720,6 +763,7 @@ ARCHITECTURE = Architecture(
     name=NAME,
     config_class=Gemma3nConfig,
     forward=forward,
+    forward_step=forward_step,
     weight_shapes=weight_shapes,
     optional_weights=tied_head,
     presets=PRESETS,

@@ -21,6 +21,10 @@ that turn pixels and audio frames into soft tokens, and the embedders' ``soft_em
 ``vocab_offset``, ``vocab_size``, ``hidden_size`` and ``rms_norm_eps``; every other
 vision_config / audio_config key is ignored.
 
+Incremental decoding (:func:`forward_step`): as the text model's (one KVCache per layer
+with its own keys and values, None on KV-sharing layers); the embedders act on each
+token alone, so a decode call embeds its vision and audio ids the same way.
+
 Taps as for the text model; ``"embed"`` holds the embeddings after the vision and audio
 rows are replaced.
 
@@ -41,6 +45,7 @@ from ..architecture import Architecture
 from ..config import get_field, get_positive_int
 from ..embedding import scaled_embed_tokens
 from ..errors import ConfigError
+from ..kv_cache import StepContext, fresh_context
 from ..linear import linear
 from ..rmsnorm import rms_norm, rms_normalize
 from . import gemma3n
@@ -191,10 +196,18 @@ def input_embeddings(weights: dict[str, np.ndarray], config: Gemma3nConditionalC
     return e
 
 
+def forward_step(weights: dict[str, np.ndarray], config: Gemma3nConditionalConfig, input_ids: np.ndarray,
+                 context: StepContext) -> tuple[np.ndarray, dict[str, np.ndarray], tuple]:
+    """Logits ``(B, T, V)`` (soft-capped), taps and layer caches of one call, as
+    :func:`refimpl.models.gemma3n.forward_step`."""
+    return gemma3n.decode_step(weights, config.text, input_ids, input_embeddings(weights, config, input_ids), context)
+
+
 def forward(weights: dict[str, np.ndarray], config: Gemma3nConditionalConfig,
             input_ids: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Logits ``(B, T, V)`` (soft-capped) and taps, as :func:`refimpl.models.gemma3n.forward`."""
-    return gemma3n.decode(weights, config.text, input_ids, input_embeddings(weights, config, input_ids))
+    """Logits ``(B, T, V)`` (soft-capped) and taps of a whole sequence: :func:`forward_step`, fresh."""
+    logits, taps, _ = forward_step(weights, config, input_ids, fresh_context(*input_ids.shape))
+    return logits, taps
 
 
 def _release(text_preset: dict) -> dict:
@@ -215,6 +228,7 @@ ARCHITECTURE = Architecture(
     name=NAME,
     config_class=Gemma3nConditionalConfig,
     forward=forward,
+    forward_step=forward_step,
     weight_shapes=weight_shapes,
     optional_weights=tied_head,
     presets=PRESETS,

@@ -14,9 +14,9 @@ Forward pass, pre-norm, per layer l of type tau_l (weights under ``model.layers.
 ``RMSNorm1p`` is the zero-centred RMSNorm with gain ``1 + w`` (the checkpoint stores
 the offset w, initialised to 0), for the input, post-attention, final, q and k norms;
 only the Gated DeltaNet's output norm uses a plain w. GatedDeltaNet is
-:func:`refimpl.linear_attention.gated_deltanet.gated_deltanet` (chunked delta rule,
+:func:`refimpl.linear_attention.gated_deltanet.gated_deltanet_step` (chunked delta rule,
 C = 64, by default; ``chunk_size=None`` runs the recurrent form, equal up to rounding),
-GatedAttention is :func:`refimpl.gated_attention.gated_attention_block` (q_proj split
+GatedAttention is :func:`refimpl.gated_attention.gated_attention_step` (q_proj split
 per head into query and sigmoid output gate, partial RoPE, causal GQA).
 
 Sparse MoE block (:func:`moe_block`), on the N = B*T rows of x::
@@ -61,6 +61,18 @@ when complete, ``Model.forward(ids, return_mtp_logits=True)`` gives its draft lo
 (:func:`mtp_forward`: ``mtp.fc`` over ``[pre_fc_norm_embedding(e); pre_fc_norm_hidden(h)]``, one
 full-attention decoder layer ``mtp.layers.0``, ``mtp.norm``, the main head; ``refimpl.mtp``).
 
+Incremental decoding (:func:`forward_step`; ``forward`` is one fresh step): a
+``full_attention`` layer keeps a :class:`refimpl.kv_cache.KVCache` of every key (after
+k_norm and partial RoPE, at the token's position) and value; a ``linear_attention`` layer
+keeps a :class:`refimpl.linear_attention.gated_deltanet.GatedDeltaNetCache`: the state S
+``(B, Hv, d_k, d_v)``, the last K-1 conv inputs ``(B, conv_dim, K-1)``, and what a rollback
+needs to recompute both over an accepted prefix of the last call (MTP-03). A call of one
+token after a cache runs the recurrent delta rule, any other call the chunked one (as
+transformers). Left padding: pad slots are masked out of attention by position, and the
+Gated DeltaNet layers zero their hidden states (transformers' ``apply_mask_to_padding_states``),
+so a left-padded row gives the logits of the row alone. The MTP module
+(``return_mtp_logits``) stays a whole-sequence path.
+
 Dtype: computed in the dtype of the weights (float64 or float32). transformers keeps
 float32 islands in float64 models: every RMSNorm core, RoPE cos/sin, the eager softmax,
 the router softmax, ``A_log.float()`` / ``a.float()`` and the whole gated-delta core.
@@ -88,10 +100,10 @@ from ..config import check_known_keys, get_field, get_positive_int
 from ..embedding import embed_tokens, lm_head
 from ..errors import ConfigError, MissingWeightsError
 from ..experts import swiglu_expert
-from ..gated_attention import gated_attention_block, gated_attention_weight_shapes
+from ..gated_attention import gated_attention_step, gated_attention_weight_shapes
+from ..kv_cache import StepContext, fresh_context
 from ..linear import linear
-from ..linear_attention.gated_deltanet import gated_deltanet, gated_deltanet_weight_shapes
-from ..masks import causal_mask
+from ..linear_attention.gated_deltanet import gated_deltanet_step, gated_deltanet_weight_shapes
 from ..mlp import gated_mlp
 from ..moe import dispatch, sparse_step_schedule
 from ..mtp import mtp_chain, mtp_layer
@@ -111,7 +123,7 @@ DEFAULT_ROPE_THETA = 10000.0
 DEFAULT_PARTIAL_ROTARY_FACTOR = 0.25
 #: Chunk size of the delta rule in the reference forward (transformers' ``torch_chunk_gated_delta_rule``).
 DEFAULT_CHUNK_SIZE = 64
-#: Gated DeltaNet head parameters, passed through to :func:`gated_deltanet` by these config names.
+#: Gated DeltaNet head parameters, passed through to :func:`gated_deltanet_step` by these config names.
 GDN_KEYS = ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
             "linear_conv_kernel_dim")
 
@@ -241,7 +253,7 @@ class Qwen3NextConfig:
 
     @property
     def gated_deltanet_dims(self) -> dict[str, int]:
-        """The Gated DeltaNet head parameters, by the keyword names of :func:`gated_deltanet`."""
+        """The Gated DeltaNet head parameters, by the keyword names of :func:`gated_deltanet_step`."""
         return {key: getattr(self, key) for key in GDN_KEYS}
 
 
@@ -472,24 +484,24 @@ def _sublayer(p: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
     return {name[len(prefix):]: w for name, w in p.items() if name.startswith(prefix)}
 
 
-def rope_tables(config: Qwen3NextConfig, num_tokens: int, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """``(cos, sin)`` ``(T, Dr/2)`` for positions ``0..T-1``, Dr = int(D * partial_rotary_factor)."""
+def rope_tables(config: Qwen3NextConfig, positions: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """``(cos, sin)`` ``(B, T, Dr/2)`` at the tokens' ``positions`` ``(B, T)``, Dr = int(D * partial_rotary_factor)."""
     inv_freq, scaling = rope_frequencies(config.rope_parameters, config.head_dim,
                                          max_position_embeddings=config.max_position_embeddings)
-    return rope_cos_sin(np.arange(num_tokens), inv_freq, dtype, scaling)
+    return rope_cos_sin(positions, inv_freq, dtype, scaling)
 
 
 def token_mixer(
-    x: np.ndarray, p: dict[str, np.ndarray], config: Qwen3NextConfig, layer: int, rope: tuple, mask: np.ndarray,
-    chunk_size: int | None,
-) -> np.ndarray:
-    """The layer's Gated DeltaNet or gated attention on normalised ``x`` ``(B, T, M)``."""
+    x: np.ndarray, p: dict[str, np.ndarray], config: Qwen3NextConfig, layer: int, rope: tuple,
+    context: StepContext, chunk_size: int | None,
+):
+    """The layer's Gated DeltaNet or gated attention on normalised ``x`` ``(B, T, M)``: ``(out, cache)``."""
     if config.layer_types[layer] == "linear_attention":
-        out, _ = gated_deltanet(x, _sublayer(p, "linear_attn."), **config.gated_deltanet_dims,
-                                rms_norm_eps=config.rms_norm_eps, chunk_size=chunk_size)
-        return out
-    return gated_attention_block(x, _sublayer(p, "self_attn."), *rope, mask, head_dim=config.head_dim,
-                                 rms_norm_eps=config.rms_norm_eps)
+        return gated_deltanet_step(x, _sublayer(p, "linear_attn."), **config.gated_deltanet_dims,
+                                   rms_norm_eps=config.rms_norm_eps, cache=context.layer_cache(layer),
+                                   padding=context.valid, chunk_size=chunk_size)
+    return gated_attention_step(x, _sublayer(p, "self_attn."), *rope, context, layer, head_dim=config.head_dim,
+                                rms_norm_eps=config.rms_norm_eps)
 
 
 def feed_forward(x: np.ndarray, p: dict[str, np.ndarray], config: Qwen3NextConfig, layer: int) -> np.ndarray:
@@ -500,58 +512,86 @@ def feed_forward(x: np.ndarray, p: dict[str, np.ndarray], config: Qwen3NextConfi
 
 
 def decoder_layer(
-    h: np.ndarray, p: dict[str, np.ndarray], config: Qwen3NextConfig, layer: int, rope: tuple, mask: np.ndarray,
-    chunk_size: int | None,
-) -> np.ndarray:
-    """One pre-norm decoder layer: token mixer then feed-forward, each with a residual, (1 + w) norms."""
+    h: np.ndarray, p: dict[str, np.ndarray], config: Qwen3NextConfig, layer: int, rope: tuple,
+    context: StepContext, chunk_size: int | None,
+):
+    """One pre-norm decoder layer: token mixer then feed-forward, each with a residual, (1 + w) norms.
+
+    Returns ``(h (B, T, M), cache)``, the layer's cache for the next call."""
     eps = config.rms_norm_eps
     x = rms_norm(h, p["input_layernorm.weight"], eps, weight_offset=1.0)
-    h = h + token_mixer(x, p, config, layer, rope, mask, chunk_size)
+    mixed, kept = token_mixer(x, p, config, layer, rope, context, chunk_size)
+    h = h + mixed
     x = rms_norm(h, p["post_attention_layernorm.weight"], eps, weight_offset=1.0)
-    return h + feed_forward(x, p, config, layer)
+    return h + feed_forward(x, p, config, layer), kept
+
+
+def decoder_stack_step(
+    weights: dict[str, np.ndarray], config: Qwen3NextConfig, input_ids: np.ndarray, context: StepContext, *,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> tuple[np.ndarray, dict[str, np.ndarray], tuple]:
+    """The hidden state after the last decoder layer, *before* the final norm, the taps so far, and the
+    layers' caches, for one call's new tokens.
+
+    Args:
+        weights: every tensor of :func:`weight_shapes`, all in one compute dtype.
+        config: the model's config.
+        input_ids: ``(B, T)`` checked token ids.
+        context: the tokens' positions and padding and the caches of the previous call.
+        chunk_size: C of the chunked delta rule in the linear-attention layers, or None
+            for the recurrent form (:func:`refimpl.linear_attention.gated_deltanet.step_chunk_size`).
+
+    Returns:
+        ``(h_L (B, T, M), taps, caches)``; taps ``"embed"``, ``"layers.{l}"`` in that order;
+        one cache per layer (KVCache or GatedDeltaNetCache).
+    """
+    embedding = weights["model.embed_tokens.weight"]
+    rope = rope_tables(config, context.positions, embedding.dtype)
+    h = embed_tokens(input_ids, embedding)
+    taps = {"embed": h}
+    caches = []
+    for layer in range(config.num_hidden_layers):
+        h, kept = decoder_layer(h, layer_weights(weights, layer), config, layer, rope, context, chunk_size)
+        caches.append(kept)
+        taps[f"layers.{layer}"] = h
+    return h, taps, tuple(caches)
 
 
 def decoder_stack(
     weights: dict[str, np.ndarray], config: Qwen3NextConfig, input_ids: np.ndarray, *,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The hidden state after the last decoder layer, *before* the final norm, and the taps so far.
-
-    Args:
-        weights: every tensor of :func:`weight_shapes`, all in one compute dtype.
-        config: the model's config.
-        input_ids: ``(B, T)`` checked token ids.
-        chunk_size: C of the chunked delta rule in the linear-attention layers, or None
-            for the recurrent form.
-
-    Returns:
-        ``(h_L (B, T, M), taps)``; taps ``"embed"``, ``"layers.{l}"`` in that order.
-    """
-    embedding = weights["model.embed_tokens.weight"]
-    t = input_ids.shape[1]
-    rope, mask = rope_tables(config, t, embedding.dtype), causal_mask(t, t)
-    h = embed_tokens(input_ids, embedding)
-    taps = {"embed": h}
-    for layer in range(config.num_hidden_layers):
-        h = decoder_layer(h, layer_weights(weights, layer), config, layer, rope, mask, chunk_size)
-        taps[f"layers.{layer}"] = h
+    """:func:`decoder_stack_step` of a whole sequence (a fresh context): ``(h_L (B, T, M), taps)``."""
+    h, taps, _ = decoder_stack_step(weights, config, input_ids, fresh_context(*input_ids.shape),
+                                    chunk_size=chunk_size)
     return h, taps
+
+
+def forward_step(
+    weights: dict[str, np.ndarray], config: Qwen3NextConfig, input_ids: np.ndarray, context: StepContext, *,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> tuple[np.ndarray, dict[str, np.ndarray], tuple]:
+    """Logits ``(B, T, V)``, taps ``embed``, ``layers.{l}``, ``norm`` and the layers' caches for one
+    call's new tokens ``(B, T)`` (``context``, ``chunk_size`` as :func:`decoder_stack_step`)."""
+    h, taps, caches = decoder_stack_step(weights, config, input_ids, context, chunk_size=chunk_size)
+    h = rms_norm(h, weights["model.norm.weight"], config.rms_norm_eps, weight_offset=1.0)
+    taps["norm"] = h
+    embedding = weights["model.embed_tokens.weight"]
+    head = embedding if config.tie_word_embeddings else weights["lm_head.weight"]
+    return lm_head(h, head), taps, caches
 
 
 def forward(
     weights: dict[str, np.ndarray], config: Qwen3NextConfig, input_ids: np.ndarray, *,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Logits ``(B, T, V)`` and taps ``embed``, ``layers.{l}``, ``norm`` for checked ids ``(B, T)``.
+    """Logits ``(B, T, V)`` and taps ``embed``, ``layers.{l}``, ``norm`` for checked ids ``(B, T)``:
+    :func:`forward_step` from position 0 with no cache.
 
-    ``chunk_size`` as :func:`decoder_stack` (the registry's forward uses C = 64).
+    ``chunk_size`` as :func:`decoder_stack_step` (the registry's forward uses C = 64).
     """
-    h, taps = decoder_stack(weights, config, input_ids, chunk_size=chunk_size)
-    h = rms_norm(h, weights["model.norm.weight"], config.rms_norm_eps, weight_offset=1.0)
-    taps["norm"] = h
-    embedding = weights["model.embed_tokens.weight"]
-    head = embedding if config.tie_word_embeddings else weights["lm_head.weight"]
-    return lm_head(h, head), taps
+    logits, taps, _ = forward_step(weights, config, input_ids, fresh_context(*input_ids.shape), chunk_size=chunk_size)
+    return logits, taps
 
 
 # --- multi-token prediction (``mtp.*``) ------------------------------------------------------------------------------
@@ -592,8 +632,8 @@ def mtp_weight_shapes(config: Qwen3NextConfig) -> dict[str, tuple[int, ...]]:
 
 def mtp_block(h: np.ndarray, p: dict[str, np.ndarray], config: Qwen3NextConfig) -> np.ndarray:
     """TRM of the MTP depth: ``mtp.layers.0`` (weights ``p`` relative to it), causal, positions 0..T'-1."""
-    one, t = mtp_config(config), h.shape[1]
-    return decoder_layer(h, p, one, 0, rope_tables(one, t, h.dtype), causal_mask(t, t), None)
+    one, context = mtp_config(config), fresh_context(*h.shape[:2])
+    return decoder_layer(h, p, one, 0, rope_tables(one, context.positions, h.dtype), context, None)[0]
 
 
 def mtp_depth(
@@ -657,6 +697,7 @@ ARCHITECTURE = Architecture(
     name=NAME,
     config_class=Qwen3NextConfig,
     forward=forward,
+    forward_step=forward_step,
     weight_shapes=weight_shapes,
     optional_weights=tied_head,
     presets=PRESETS,
