@@ -16,7 +16,6 @@ import numpy as np
 from conformance.backends.refimpl_backend import RefimplBackend, RefimplModel
 from refimpl.attention import grouped_query_attention
 from refimpl import kv_cache
-from refimpl.masks import sliding_window_mask
 from refimpl.models import gemma3, olmo2, qwen3
 from refimpl.rmsnorm import rms_norm
 
@@ -49,11 +48,6 @@ def gqa_heads_modulo(q, k, v, mask, scale, **kwargs):
     reps = q.shape[2] // k.shape[2]
     return grouped_query_attention(q, np.tile(k, (1, 1, reps, 1)), np.tile(v, (1, 1, reps, 1)), mask, scale,
                                    **kwargs)
-
-
-def window_one_too_wide(num_queries, num_keys, window, past_length=0):
-    """A sliding window of W + 1 keys (SWA-01: the window taken as the radius)."""
-    return sliding_window_mask(num_queries, num_keys, window + 1, past_length)
 
 
 _visibility = kv_cache.visibility

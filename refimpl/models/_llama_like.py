@@ -26,7 +26,6 @@ from typing import Callable
 
 import numpy as np
 
-from ..attention import grouped_query_attention
 from ..config import get_field, get_positive_int
 from ..embedding import embed_tokens, lm_head
 from ..errors import ConfigError
@@ -179,34 +178,12 @@ def split_heads(x: np.ndarray, head_dim: int) -> np.ndarray:
     return x.reshape(*x.shape[:-1], -1, head_dim)
 
 
-def attend(
-    q: np.ndarray, k: np.ndarray, v: np.ndarray, p: dict[str, np.ndarray], rope: tuple | None, mask: np.ndarray
-) -> np.ndarray:
-    """RoPE (unless ``rope`` is None), GQA with scale ``D**-0.5``, heads merged, ``o_proj``.
-
-    Args:
-        q: ``(B, T, H, D)``; k, v: ``(B, T, Hkv, D)``.
-        p: the layer's tensors (``self_attn.o_proj.*`` is used).
-        rope: ``(cos, sin)``, each ``(T, D/2)``, or None for a NoPE layer.
-        mask: bool ``(T, T)`` visibility.
-
-    Returns:
-        ``(B, T, M)`` in the dtype of ``q``.
-    """
-    b, t, _, d = q.shape
-    if rope is not None:
-        q, k = apply_rope_rotate_half(q, *rope), apply_rope_rotate_half(k, *rope)
-    out = grouped_query_attention(q, k, v, mask, scale=d**-0.5)
-    return projection(out.reshape(b, t, -1), p, "self_attn.o_proj")
-
-
 def attend_step(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, p: dict[str, np.ndarray], rope: tuple | None,
     context: StepContext, layer: int, window: int | None,
 ) -> tuple[np.ndarray, KVCache]:
-    """:func:`attend` for one incremental call: RoPE at the tokens' positions (unless ``rope``
-    is None), GQA with scale ``D**-0.5`` over layer ``layer``'s cache and the new keys, heads
-    merged, ``o_proj``.
+    """RoPE at the tokens' positions (unless ``rope`` is None), GQA with scale ``D**-0.5`` over
+    layer ``layer``'s cache and the new keys, heads merged, ``o_proj``.
 
     Args:
         q: ``(B, T, H, D)``; k, v: ``(B, T, Hkv, D)``, the call's new tokens.
