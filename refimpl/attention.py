@@ -96,13 +96,16 @@ def masked_softmax(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
         Probabilities, same shape and dtype as ``scores``; a row with no visible
         entry is all zeros.
     """
-    masked = np.where(mask, scores, -np.inf)
-    row_max = np.max(masked, axis=-1, keepdims=True, initial=-np.inf)
+    p = np.where(mask, scores, -np.inf)
+    row_max = np.max(p, axis=-1, keepdims=True, initial=-np.inf)
     # A fully masked row has max -inf; shift by 0 so it yields exp(-inf) = 0, not NaN.
     row_max = np.where(np.isfinite(row_max), row_max, 0)
-    e = np.exp(masked - row_max)
-    denom = np.sum(e, axis=-1, keepdims=True)
-    return e / np.where(denom > 0, denom, 1)
+    # In place: one (..., S) buffer holds the shifted scores, their exponentials, then p.
+    p -= row_max
+    np.exp(p, out=p)
+    denom = np.sum(p, axis=-1, keepdims=True)
+    p /= np.where(denom > 0, denom, 1)
+    return p
 
 
 def masked_softmax_with_sink(scores: np.ndarray, mask: np.ndarray, sink: np.ndarray) -> np.ndarray:
@@ -183,7 +186,8 @@ def grouped_query_attention(
     kt = k.transpose(0, 2, 3, 1)[:, :, None]  # (B, Hkv, 1, D, S)
     vt = v.transpose(0, 2, 1, 3)[:, :, None]  # (B, Hkv, 1, S, Dv)
     # Vaswani eq. 1: scaled scores.
-    scores = (qg @ kt) * scale  # (B, Hkv, G, T, S)
+    scores = qg @ kt  # (B, Hkv, G, T, S)
+    scores *= scale
     # Gemma 2: soft-cap the scaled scores, before the mask.
     if softcap is not None:
         scores = soft_cap(scores, softcap)

@@ -58,6 +58,7 @@ Checked against: transformers 5.24 ``models/qwen3_moe/modeling_qwen3_moe.py``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -250,19 +251,6 @@ def convert_weights(config: Qwen3MoeConfig, weights: dict[str, np.ndarray]) -> d
     return split_fused_experts(weights, layers, MLP_EXPERTS, shape)
 
 
-def fuse_experts(p: dict[str, np.ndarray], num_experts: int, prefix: str = "mlp.") -> dict[str, np.ndarray]:
-    """The per-expert checkpoint matrices of one layer in transformers' fused module layout.
-
-    Returns ``{"gate.weight": (E, M), "experts.gate_up_proj": (E, 2I, M), "experts.down_proj":
-    (E, M, I)}``; gate rows come before up rows, as ``Qwen3MoeExperts`` splits them.
-    """
-    gate_up = [np.concatenate([p[f"{prefix}experts.{e}.gate_proj.weight"], p[f"{prefix}experts.{e}.up_proj.weight"]])
-               for e in range(num_experts)]
-    down = [p[f"{prefix}experts.{e}.down_proj.weight"] for e in range(num_experts)]
-    return {"gate.weight": p[f"{prefix}gate.weight"], "experts.gate_up_proj": np.stack(gate_up),
-            "experts.down_proj": np.stack(down)}
-
-
 def check_moe_weights(name: str, weights: dict, config, hidden_states: np.ndarray, shapes: dict) -> np.ndarray:
     """``hidden_states`` ``(B, T, M)`` as an array, after checking the block's weights.
 
@@ -310,22 +298,42 @@ def moe_block(hidden_states: np.ndarray, weights: dict[str, np.ndarray], config)
     e, m, i = config.num_experts, config.hidden_size, config.moe_intermediate_size
     shapes = {"gate.weight": (e, m), "experts.gate_up_proj": (e, 2 * i, m), "experts.down_proj": (e, m, i)}
     x = check_moe_weights("qwen3_moe.moe_block", weights, config, hidden_states, shapes)
-    rows = x.reshape(-1, m)
-    # Router: softmax over all experts, top-k, renormalise only if norm_topk_prob.
-    routing, chosen = softmax_top_k(linear(rows, weights["gate.weight"]), config.num_experts_per_tok,
-                                    norm_topk_prob=config.norm_topk_prob)
     gate_up, down = weights["experts.gate_up_proj"], weights["experts.down_proj"]
+    return sparse_moe(x, weights["gate.weight"], lambda index: (gate_up[index], down[index]), config)
+
+
+def sparse_moe(
+    x: np.ndarray, router: np.ndarray, expert_weights: Callable[[int], tuple[np.ndarray, np.ndarray]], config
+) -> np.ndarray:
+    """:func:`moe_block` after its checks: ``x`` ``(B, T, M)``, the router ``(E, M)``, and
+    ``expert_weights(e) -> (gate_up_proj (2I, M), down_proj (M, I))``, asked only of routed experts."""
+    rows = x.reshape(-1, config.hidden_size)
+    # Router: softmax over all experts, top-k, renormalise only if norm_topk_prob.
+    routing, chosen = softmax_top_k(linear(rows, router), config.num_experts_per_tok,
+                                    norm_topk_prob=config.norm_topk_prob)
 
     def expert(index: int, routed: np.ndarray) -> np.ndarray:
-        return swiglu_expert(routed, gate_up[index], down[index], config.hidden_act)
+        return swiglu_expert(routed, *expert_weights(index), config.hidden_act)
 
-    return dispatch(rows, routing, chosen, expert, e).reshape(x.shape)
+    return dispatch(rows, routing, chosen, expert, config.num_experts).reshape(x.shape)
+
+
+def checkpoint_expert(p: dict[str, np.ndarray], index: int, prefix: str = "mlp.") -> tuple[np.ndarray, np.ndarray]:
+    """Expert ``index``'s ``(gate_up_proj (2I, M), down_proj (M, I))`` from the per-expert checkpoint
+    tensors: gate rows first, as transformers' checkpoint conversion stacks them into
+    ``experts.gate_up_proj[index]``."""
+    expert = f"{prefix}experts.{index}."
+    return (np.concatenate([p[expert + "gate_proj.weight"], p[expert + "up_proj.weight"]]),
+            p[expert + "down_proj.weight"])
 
 
 def feed_forward(x: np.ndarray, p: dict[str, np.ndarray], config: Qwen3MoeConfig, layer: int) -> np.ndarray:
-    """The layer's MoE block, or its dense SwiGLU MLP of width ``intermediate_size``."""
+    """The layer's MoE block, or its dense SwiGLU MLP of width ``intermediate_size``.
+
+    The MoE block reads the checkpoint's per-expert tensors directly: only the experts a
+    token is routed to are joined into their gate|up layout, not all E at every call."""
     if config.is_moe[layer]:
-        return moe_block(x, fuse_experts(p, config.num_experts), config)
+        return sparse_moe(x, p["mlp.gate.weight"], lambda index: checkpoint_expert(p, index), config)
     return gated_mlp_block(x, p, config.hidden_act)
 
 

@@ -92,6 +92,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from functools import partial
+from typing import Callable
 
 import numpy as np
 
@@ -112,7 +113,7 @@ from ..rope import rope_cos_sin, rope_frequencies
 from ..routers import softmax_top_k
 from ._expert_layout import MLP_EXPERTS, split_fused_experts
 from ._llama_like import decoder_weight_shapes, gated_mlp_block, layer_weights, mlp_weight_shapes, tied_head
-from .qwen3_moe import check_moe_weights, expert_weight_shapes, fuse_experts
+from .qwen3_moe import check_moe_weights, checkpoint_expert, expert_weight_shapes
 
 NAME = "Qwen3NextForCausalLM"
 
@@ -461,23 +462,26 @@ def moe_block(hidden_states: np.ndarray, weights: dict[str, np.ndarray], config)
     """
     config = _as_config(config)
     x = check_moe_weights("qwen3_next.moe_block", weights, config, hidden_states, moe_module_shapes(config))
+    gate_up, down = weights["experts.gate_up_proj"], weights["experts.down_proj"]
+    return sparse_moe(x, weights, lambda index: (gate_up[index], down[index]), config)
+
+
+def sparse_moe(
+    x: np.ndarray, weights: dict[str, np.ndarray], expert_weights: Callable[[int], tuple[np.ndarray, np.ndarray]],
+    config: Qwen3NextConfig,
+) -> np.ndarray:
+    """:func:`moe_block` after its checks: ``weights`` holds the router and the shared expert,
+    ``expert_weights(e) -> (gate_up_proj (2I, M), down_proj (M, I))`` is asked only of routed experts."""
     rows = x.reshape(-1, config.hidden_size)
     # Router: softmax over all experts, top-k, renormalise only if norm_topk_prob.
     routing, chosen = softmax_top_k(linear(rows, weights["gate.weight"]), config.num_experts_per_tok,
                                     norm_topk_prob=config.norm_topk_prob)
-    gate_up, down = weights["experts.gate_up_proj"], weights["experts.down_proj"]
 
     def expert(index: int, routed: np.ndarray) -> np.ndarray:
-        return swiglu_expert(routed, gate_up[index], down[index], config.hidden_act)
+        return swiglu_expert(routed, *expert_weights(index), config.hidden_act)
 
     routed = dispatch(rows, routing, chosen, expert, config.num_experts)
     return (routed + shared_expert(rows, weights, config.hidden_act)).reshape(x.shape)
-
-
-def moe_module_weights(p: dict[str, np.ndarray], config: Qwen3NextConfig) -> dict[str, np.ndarray]:
-    """A layer's checkpoint MoE tensors (``mlp.``-prefixed, per expert) in the module layout of :func:`moe_block`."""
-    shared = {name[len("mlp."):]: w for name, w in p.items() if name.startswith("mlp.shared_expert")}
-    return {**fuse_experts(p, config.num_experts), **shared}
 
 
 def _sublayer(p: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
@@ -507,7 +511,10 @@ def token_mixer(
 def feed_forward(x: np.ndarray, p: dict[str, np.ndarray], config: Qwen3NextConfig, layer: int) -> np.ndarray:
     """The layer's MoE block, or its dense SwiGLU MLP of width ``intermediate_size``."""
     if config.is_moe[layer]:
-        return moe_block(x, moe_module_weights(p, config), config)
+        # The checkpoint's per-expert tensors, each routed expert's gate|up joined when it is used.
+        router_and_shared = {name[len("mlp."):]: w for name, w in p.items()
+                             if name.startswith(("mlp.gate.", "mlp.shared_expert"))}
+        return sparse_moe(x, router_and_shared, lambda index: checkpoint_expert(p, index), config)
     return gated_mlp_block(x, p, config.hidden_act)
 
 
