@@ -1,7 +1,7 @@
 """The ``llm-conformance`` command (also ``python -m conformance``).
 
     llm-conformance run --backend NAME|module:factory [-o key=value ...] [--dtype float32]
-                        [--level all|model|op] [--op NAME ...]
+                        [--level all|model|op|scenario] [--op NAME ...]
                         [--golden-dir DIR] [--case GLOB ...] [--report FILE.json]
                         [--skip-file FILE ...] [--xfail-file FILE ...] [--junit FILE.xml] [--html FILE.html]
                         [--compare-to OLD.json [--drift-factor 2]] [--repro-dir DIR]
@@ -42,11 +42,11 @@ from rich.text import Text
 from refimpl.errors import RefimplError
 
 from . import __version__
-from .backends import resolve_backend
+from .backends import OWN_XFAIL_FILES, resolve_backend
 from .backends.base import DTYPES, package_versions
 from .errors import ConformanceError
 from .drift import DEFAULT_FACTOR, compute_drift, drift_lines, load_old_report, mismatch_warnings
-from .manifest import Case, default_golden_dir, read_manifest, verify_case_files
+from .manifest import LEVELS, Case, default_golden_dir, read_manifest, verify_case_files
 from .matrix import support_matrix
 from .expectations import load_expectations
 from .report import FAILING, print_report, write_json_report, write_junit_report
@@ -54,6 +54,8 @@ from .repro import prepare_repro_dir, write_repro_bundles
 from .isolation import DEFAULT_TIMEOUT, IsolatedRunner
 from .runner import RunInterrupted, Status, one_line, run_suite
 
+#: ``--level`` values: every case, or those of one level (``conformance.manifest.LEVELS``).
+LEVEL_CHOICES = ("all", *LEVELS)
 EXIT_FAILED = 1
 EXIT_INPUT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -101,14 +103,15 @@ def select_cases(cases: list[Case], globs: tuple[str, ...]) -> list[Case]:
 
 
 def select_level(cases: list[Case], level: str, ops: tuple[str, ...]) -> list[Case]:
-    """Cases of ``level`` (``"all"``, ``"model"`` or ``"op"``); ``ops`` keeps only op cases of those ops.
+    """Cases of ``level`` (``"all"``, ``"model"``, ``"op"`` or ``"scenario"``); ``ops`` keeps only op
+    cases of those ops.
 
     Raises:
         ConformanceError: an op name has no case (the ops with cases are listed),
-            or ``--op`` is combined with ``--level model``.
+            or ``--op`` is combined with ``--level model`` or ``--level scenario``.
     """
-    if ops and level == "model":
-        raise ConformanceError("--op selects op cases; it cannot be combined with --level model")
+    if ops and level in ("model", "scenario"):
+        raise ConformanceError(f"--op selects op cases; it cannot be combined with --level {level}")
     if ops:
         known = sorted({c.op for c in cases if c.level == "op"})
         for name in ops:
@@ -155,8 +158,9 @@ def cli():
 @click.option("-o", "--option", "options", multiple=True, callback=_parse_options, metavar="KEY=VALUE",
               help="Backend option, passed to its factory as a keyword argument; repeatable.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
-@click.option("--level", type=click.Choice(("all", "model", "op")), default="all", show_default=True,
-              help="Whole-model cases, single-op cases, or both.")
+@click.option("--level", type=click.Choice(LEVEL_CHOICES), default="all", show_default=True,
+              help="Whole-model cases, single-op cases, scenario cases (prefill / decode / rollback schedules), "
+                   "or all.")
 @click.option("--op", "op_names", multiple=True, metavar="NAME", help="Run only op cases of this op; repeatable.")
 @golden_dir_option
 @click.option("--case", "case_globs", multiple=True, metavar="GLOB", help="Run only matching case ids; repeatable.")
@@ -183,10 +187,17 @@ def cli():
                    "timed out) instead of the run; --no-isolate runs them in this process (debuggers, profilers).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TIMEOUT, show_default=True,
               metavar="SECONDS", help="With --isolate: seconds one case (load + run) may take before it is 'timed out'.")
+@click.option("--backend-xfail/--no-backend-xfail", "backend_xfail", default=True, show_default=True,
+              help="Apply the built-in backend's own xfail file (its documented deviations, e.g. "
+                   "conformance/backends/transformers.xfail) besides any --xfail-file.")
 @_input_errors_as_one_line
 def run_command(backend, options, dtype, level, op_names, golden_dir, case_globs, report, skip_files, xfail_files,
-                html_path, junit, compare_to, drift_factor, repro_dir, isolate, timeout):
+                html_path, junit, compare_to, drift_factor, repro_dir, isolate, timeout, backend_xfail):
     """Run a backend over the golden cases and report per case."""
+    own = OWN_XFAIL_FILES.get(backend, ()) if backend_xfail else ()
+    for path in own:
+        click.echo(f"note: applying the {backend} backend's own xfail file {path} (--no-backend-xfail runs without it)", err=True)
+    xfail_files = (*own, *xfail_files)
     _run_and_report(functools.partial(resolve_backend, backend, options),
                     {"backend_spec": backend, "backend_options": options},
                     dtype, level, op_names, golden_dir, case_globs, report, skip_files, xfail_files, junit,
@@ -207,7 +218,10 @@ def _run_and_report(factory, spec: dict, dtype, level, op_names, golden_dir, cas
     old = load_old_report(compare_to) if compare_to is not None else None
     manifest = read_manifest(golden_dir)
     expectations = load_expectations(skip_files, xfail_files)
+    own_files = {str(path) for paths in OWN_XFAIL_FILES.values() for path in paths}
     for entry in expectations.unmatched(case.id for case in manifest.cases):
+        if str(entry.path) in own_files:
+            continue  # a built-in backend's own file, run on a corpus without that case
         click.echo(f"warning: {entry.where}: '{entry.pattern}' matches no case in the corpus", err=True)
     if old is not None:
         for line in mismatch_warnings(old, {"dtype": dtype, "corpus_version": manifest.corpus_version}):
@@ -286,7 +300,7 @@ def _run_and_report(factory, spec: dict, dtype, level, op_names, golden_dir, cas
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
               help="Dtype of the exported floating op inputs (model cases: the engine runs the float32 "
                    "checkpoint in this dtype); give check the same --dtype.")
-@click.option("--level", type=click.Choice(("all", "model", "op")), default="all", show_default=True)
+@click.option("--level", type=click.Choice(LEVEL_CHOICES), default="all", show_default=True)
 @click.option("--op", "op_names", multiple=True, metavar="NAME", help="Export only op cases of this op; repeatable.")
 @golden_dir_option
 @click.option("--case", "case_globs", multiple=True, metavar="GLOB", help="Export only matching case ids; repeatable.")
@@ -319,7 +333,7 @@ def export_command(directory, dtype, level, op_names, golden_dir, case_globs):
 @click.option("--dtype", type=click.Choice(DTYPES), default=None,
               help="The dtype the cases were exported and run in; it selects the tolerances "
                    "[default: the export's, else float32].")
-@click.option("--level", type=click.Choice(("all", "model", "op")), default="all", show_default=True)
+@click.option("--level", type=click.Choice(LEVEL_CHOICES), default="all", show_default=True)
 @click.option("--op", "op_names", multiple=True, metavar="NAME", help="Check only op cases of this op; repeatable.")
 @golden_dir_option
 @click.option("--case", "case_globs", multiple=True, metavar="GLOB", help="Check only matching case ids; repeatable.")

@@ -14,7 +14,11 @@ Layout written by :func:`export_cases`::
     DIR/<folder>/case.json            what to run and what to write (see below)
     DIR/<folder>/inputs.safetensors   op cases: the op's array inputs, floating ones in the
                                       export dtype (BF16/F16/F32/F64); model cases: input_ids (I64)
-    DIR/<folder>/checkpoint/          model cases: a copy of the Hugging Face checkpoint
+    DIR/<folder>/checkpoint/          model and scenario cases: a copy of the Hugging Face checkpoint
+
+Scenario cases (``docs/scenarios.md``): ``case.json`` carries the ``schedule``;
+``inputs.safetensors`` holds ``steps.{i}.input_ids`` (I64 ``(B, n)``) of every prefill and
+decode step i and, for a left-padded prompt, ``steps.0.attention_mask`` (I64, 0 on pad slots).
 
 ``<folder>`` is the case id with ``/`` replaced by ``__``. The engine answers in
 ``DIR2/<folder>/``:
@@ -22,7 +26,8 @@ Layout written by :func:`export_cases`::
 * ``outputs.safetensors``: every required output under its name (op cases: the
   names in ``case.json`` ``outputs``; model cases: ``logits``, and for cases with
   ``mtp_depths`` D > 0 the draft logits ``mtp_logits.1`` .. ``mtp_logits.D``, depth k
-  of shape ``(B, T-k, V)``), optionally the
+  of shape ``(B, T-k, V)``; scenario cases: ``steps.{i}.logits`` ``(B, n, V)`` of every
+  prefill and decode step, any value on pad slots), optionally the
   named intermediates (``hidden_states.embed``, ``hidden_states.layers.0``, ...,
   ``hidden_states.norm``) which are then compared too and locate a divergence;
   any floating or integer dtype;
@@ -43,7 +48,9 @@ from safetensors.numpy import load_file, save_file
 
 from .backends.base import BackendOutput
 from .errors import ConformanceError, OutputError
-from .manifest import MTP_PREFIX, Case, inside, load_case_data, load_case_mtp_logits, load_op_data
+from .manifest import (
+    MTP_PREFIX, STEP_PREFIX, Case, inside, load_case_data, load_case_mtp_logits, load_op_data, load_scenario_data,
+)
 from .repro import bundle_name
 from .runner import cast_input
 
@@ -85,6 +92,17 @@ def export_case(root: Path, case: Case, golden_dir: Path, dtype: str) -> dict:
         info.update(op=case.op, params=data.params,
                     inputs={name: _spec(array) for name, array in inputs.items()},
                     outputs={name: {"shape": list(v.shape)} for name, v in expected.items()},
+                    optional_outputs={})
+    elif case.level == "scenario":
+        steps = [step for step in load_scenario_data(golden_dir, case) if step.op != "rollback"]
+        inputs = {f"{step.name}.input_ids": np.ascontiguousarray(step.input_ids) for step in steps}
+        if steps[0].attention_mask is not None:
+            inputs[f"{steps[0].name}.attention_mask"] = np.ascontiguousarray(steps[0].attention_mask)
+        shutil.copytree(inside(golden_dir, case.checkpoint, f"case {case.id}"), folder / "checkpoint")
+        info.update(architecture=case.architecture, checkpoint="checkpoint",
+                    schedule=[entry.to_json() for entry in case.schedule],
+                    inputs={name: _spec(array) for name, array in inputs.items()},
+                    outputs={f"{step.name}.logits": {"shape": list(step.logits.shape)} for step in steps},
                     optional_outputs={})
     else:
         input_ids, logits, hidden = load_case_data(golden_dir, case)
@@ -167,6 +185,24 @@ class _FileModel:
                               f"mtp_logits.D without gaps, got depths {depths}")
         drafts = [tensors[f"{MTP_PREFIX}{k}"] for k in depths] or None
         return BackendOutput(logits=tensors["logits"], hidden_states=hidden or None, mtp_logits=drafts)
+
+    # A scenario: the state is the index of the last schedule step served; each call returns the
+    # logits the engine wrote for the next prefill or decode step.
+    def _step_logits(self, index: int):
+        name = f"{STEP_PREFIX}{index}.logits"
+        tensors = self.backend.read_outputs(self.case)
+        if name not in tensors:
+            raise OutputError(f"{self.backend.outputs_file(self.case)} has no tensor '{name}'")
+        return tensors[name], index
+
+    def prefill(self, input_ids, attention_mask):
+        return self._step_logits(0)
+
+    def decode(self, input_ids, state: int):
+        return self._step_logits(state + 1)
+
+    def rollback(self, state: int, num_tokens: int) -> int:
+        return state + 1
 
 
 class FileOutputsBackend:

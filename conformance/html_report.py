@@ -13,7 +13,9 @@ fetched; plots are PNG data URIs):
 * for each failing model case, a plot (matplotlib, Agg) of the relative RMS error
   of every compared tensor in forward order (embed, layers.0, ..., norm, logits)
   against the case's bound, the first diverging tensor marked, so the layer where
-  the backend leaves the reference is seen at a glance.
+  the backend leaves the reference is seen at a glance; for each failing scenario
+  case, the same plot over its steps (``steps.0``, ``steps.1``, ...: the error of each
+  call's logits), the first failing step marked.
 
 A short inline script records, once the page has loaded, the rendered width and
 height of every plot in the ``data-rendered`` attribute of ``<body>``; the browser
@@ -122,8 +124,10 @@ def error_plot_png(result: CaseResult) -> bytes:
     if result.tolerance is not None:
         ax.axhline(result.tolerance.rel_rms, color="#b00020", linestyle="--",
                    label=f"bound {result.tolerance.rel_rms:.0e} ({result.dtype})")
-    if result.first_divergence in names:
-        i = names.index(result.first_divergence)
+    # A scenario's first divergence reads "steps.3 (decode 1 after 12 tokens)".
+    first = (result.first_divergence or "").split(" ")[0]
+    if first in names:
+        i = names.index(first)
         ax.axvline(i, color="#a06000", linestyle=":", label=f"first divergence: {result.first_divergence}")
     ax.set_yscale("log")
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
@@ -188,7 +192,8 @@ def render_html(results: list[CaseResult], meta: dict, partial: bool = False) ->
     info_rows = "".join(f"<tr><th>{_e(k)}</th><td><code>{_e(v if isinstance(v, str) else json.dumps(v))}</code></td></tr>"
                         for k, v in info.items())
     failing_models = [r for r in results if r.status in (Status.FAILED, Status.NAN, Status.XFAILED)
-                      and r.comparisons and "logits" in r.comparisons and len(r.comparisons) > 1]
+                      and r.comparisons and len(r.comparisons) > 1
+                      and ("logits" in r.comparisons or all(n.startswith("steps.") for n in r.comparisons))]
     plots = "".join(_plot_html(r) for r in failing_models) or "<p>No failing model case.</p>"
     banner = ('<p class="partial" id="partial">Partial results: the run was interrupted; '
               'cases after the last one listed did not run.</p>' if partial else "")
@@ -203,7 +208,7 @@ def render_html(results: list[CaseResult], meta: dict, partial: bool = False) ->
 {_matrix_html(results)}
 <h2>Cases (failures first)</h2>
 {_cases_html(results, meta)}
-<h2>Error per layer of failing model cases</h2>
+<h2>Error per layer of failing model cases, per step of failing scenarios</h2>
 {plots}
 <script>{_RENDER_CHECK}</script>
 </body></html>

@@ -16,6 +16,21 @@ file holds ``input_ids`` int64 ``(B, T)``, ``logits`` float64 ``(B, T, V)`` and
 ``layers.{l}`` and ``norm``. A model case whose manifest entry has ``"mtp_depths": D``
 (D > 0) also holds the multi-token-prediction draft logits ``mtp_logits.{k}`` float64
 ``(B, T-k, V)`` for k = 1..D (row i predicts token ``t_{i+k+1}``; ``refimpl.mtp``).
+
+A scenario case (``"level": "scenario"``) replays a schedule of incremental calls on a
+checkpoint (often another case's: the entry then also names it in ``checkpoint_of``)::
+
+    {"id": "scenario/qwen3/speculative", "level": "scenario", "architecture": "Qwen3ForCausalLM",
+     "checkpoint": "qwen3/sliding-window/checkpoint", "checkpoint_of": "qwen3/sliding-window",
+     "data": "scenario/qwen3/speculative/steps.safetensors", "batch": 2,
+     "schedule": [{"op": "prefill", "num_tokens": 6}, {"op": "decode", "num_tokens": 4},
+                  {"op": "rollback", "num_tokens": 2}, {"op": "decode", "num_tokens": 1}], ...}
+
+Its data file holds, for every prefill or decode step i of the schedule,
+``steps.{i}.input_ids`` int64 ``(B, n)`` and the expected ``steps.{i}.logits`` float64
+``(B, n, V)``, and ``steps.0.attention_mask`` int64 ``(B, n)`` when the prompt is
+left-padded (0 on pad slots, whose logits are not compared; the file holds NaN there).
+See ``docs/scenarios.md``.
 """
 
 from __future__ import annotations
@@ -42,8 +57,16 @@ HIDDEN_PREFIX = "hidden_states."
 MTP_PREFIX = "mtp_logits."
 INPUT_PREFIX = "inputs."
 OUTPUT_PREFIX = "outputs."
-#: Case levels: a whole model from a checkpoint, or one named op.
-LEVELS = ("model", "op")
+#: Case levels: a whole model from a checkpoint, one named op, or a schedule of incremental
+#: calls (prefill, decode, rollback) on a checkpoint.
+LEVELS = ("model", "op", "scenario")
+#: Levels whose cases run a checkpoint (``architecture`` and ``checkpoint`` are set).
+CHECKPOINT_LEVELS = ("model", "scenario")
+#: Operations of a scenario schedule.
+SCHEDULE_OPS = ("prefill", "decode", "rollback")
+#: Name prefix of a scenario's per-step tensors: ``steps.{i}.input_ids``, ``steps.{i}.logits``,
+#: ``steps.0.attention_mask``.
+STEP_PREFIX = "steps."
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 #: A case id: ``/``-separated names of letters, digits and ``._+-``, each starting with a
 #: letter or digit (ids become report rows and repro / export folder names).
@@ -67,6 +90,9 @@ class Case:
         description, seed, config_summary: provenance, shown to users only.
         mtp_depths: model cases only: how many multi-token-prediction depths the expected
             outputs include (``mtp_logits.1`` .. ``mtp_logits.{D}``); 0 for none.
+        schedule: scenario cases only: the :class:`ScheduleStep` calls, in order.
+        checkpoint_of: scenario cases only: the id of the model case whose checkpoint the
+            scenario runs, or None when it has its own.
     """
 
     id: str
@@ -81,6 +107,63 @@ class Case:
     seed: int | None = None
     config_summary: dict = field(default_factory=dict)
     mtp_depths: int = 0
+    schedule: tuple = ()
+    checkpoint_of: str | None = None
+
+
+@dataclass(frozen=True)
+class ScheduleStep:
+    """One call of a scenario schedule.
+
+    Attributes:
+        op: ``"prefill"`` (the first step, once), ``"decode"`` (``num_tokens`` >= 1 new
+            tokens per row: one is a decode, several a chunked-prefill piece or a speculative
+            verification) or ``"rollback"`` (forget the last ``num_tokens`` tokens, at most
+            those of the step just before; no logits).
+        num_tokens: tokens the step adds (prefill, decode) or removes (rollback), per row.
+    """
+
+    op: str
+    num_tokens: int
+
+    def to_json(self) -> dict:
+        return {"op": self.op, "num_tokens": self.num_tokens}
+
+
+def check_schedule(raw, where: str) -> tuple[ScheduleStep, ...]:
+    """A scenario schedule (a JSON list of ``{"op", "num_tokens"}`` objects) checked.
+
+    Rules: one ``prefill``, first; ``decode`` and ``prefill`` add n >= 1 tokens; a
+    ``rollback`` of r >= 1 tokens follows a prefill or decode step of n >= r tokens and
+    leaves at least one token (a rollback right after the prefill: fewer than n).
+
+    Raises:
+        ManifestError: naming ``where``, the step and the broken rule.
+    """
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise ManifestError(f"{where}: schedule must be a non-empty list of steps, got {raw!r}")
+    steps = []
+    for i, entry in enumerate(raw):
+        if isinstance(entry, ScheduleStep):
+            entry = entry.to_json()
+        if not isinstance(entry, dict) or set(entry) != {"op", "num_tokens"}:
+            raise ManifestError(f"{where}: schedule[{i}] must be an object with keys 'op' and 'num_tokens', "
+                                f"got {entry!r}")
+        op, n = entry["op"], entry["num_tokens"]
+        if op not in SCHEDULE_OPS:
+            raise ManifestError(f"{where}: schedule[{i}]: op must be one of {', '.join(SCHEDULE_OPS)}, got {op!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ManifestError(f"{where}: schedule[{i}]: num_tokens must be an integer >= 1, got {n!r}")
+        if (op == "prefill") != (i == 0):
+            raise ManifestError(f"{where}: schedule[{i}]: the schedule starts with one prefill and has no other")
+        if op == "rollback":
+            before = steps[-1]
+            if before.op == "rollback" or n > before.num_tokens or (before.op == "prefill" and n >= before.num_tokens):
+                raise ManifestError(f"{where}: schedule[{i}]: a rollback of {n} token(s) must follow a prefill or "
+                                    f"decode step that added more (prefill) or at least as many (decode); the step "
+                                    f"before is {before.op} {before.num_tokens}")
+        steps.append(ScheduleStep(op, n))
+    return tuple(steps)
 
 
 @dataclass(frozen=True)
@@ -209,7 +292,8 @@ def _parse_case(golden_dir, raw, where: str) -> Case:
     level = _field(raw, "level", str, where)
     if level not in LEVELS:
         raise ManifestError(f"{where}: level must be one of {', '.join(LEVELS)}, got {level!r}")
-    model = level == "model"
+    model = level in CHECKPOINT_LEVELS
+    scenario = level == "scenario"
     case = Case(
         **{key: _field(raw, key, str, where) for key in ("id", "tolerance_class")},
         level=level,
@@ -221,7 +305,9 @@ def _parse_case(golden_dir, raw, where: str) -> Case:
         description=_field(raw, "description", str, where) if "description" in raw else "",
         seed=raw.get("seed"),
         config_summary=_field(raw, "config_summary", dict, where) if "config_summary" in raw else {},
-        mtp_depths=_mtp_depths(raw, model, where),
+        mtp_depths=_mtp_depths(raw, level == "model", where),
+        schedule=check_schedule(_field(raw, "schedule", list, where), where) if scenario else (),
+        checkpoint_of=_field(raw, "checkpoint_of", str, where) if scenario and "checkpoint_of" in raw else None,
     )
     if model:
         inside(golden_dir, case.checkpoint, f"{where}: checkpoint")
@@ -408,6 +494,118 @@ def load_case_mtp_logits(golden_dir, case: Case) -> dict[str, np.ndarray]:
                                 f"got {tensors[name].dtype} {tensors[name].shape}")
         found[name] = tensors[name].astype(np.float64)
     return found
+
+
+@dataclass(frozen=True)
+class ScenarioStep:
+    """One step of a scenario as its data file describes it.
+
+    Attributes:
+        index: the step's place in the schedule (``steps.{index}.*`` in the data file).
+        op, num_tokens: as :class:`ScheduleStep`.
+        tokens_before: slots per row before the step (left-padding slots included).
+        input_ids: int64 ``(B, n)`` (None for a rollback).
+        attention_mask: int64 ``(B, n)`` 0/1, the left-padded prefill only; else None.
+        logits: float64 ``(B, n, V)`` expected (None for a rollback; NaN on pad slots).
+    """
+
+    index: int
+    op: str
+    num_tokens: int
+    tokens_before: int
+    input_ids: np.ndarray | None = None
+    attention_mask: np.ndarray | None = None
+    logits: np.ndarray | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{STEP_PREFIX}{self.index}"
+
+    @property
+    def label(self) -> str:
+        """``"prefill of 6 tokens"``, ``"decode 1 after 12 tokens"``, ``"rollback 3 after 15 tokens"``."""
+        if self.op == "prefill":
+            return f"prefill of {self.num_tokens} tokens"
+        return f"{self.op} {self.num_tokens} after {self.tokens_before} tokens"
+
+    def real(self) -> np.ndarray:
+        """``(B, n)`` bool: the slots whose logits are compared (False on left-padding slots)."""
+        if self.attention_mask is None:
+            return np.ones(self.input_ids.shape, dtype=bool)
+        return self.attention_mask.astype(bool)
+
+
+def load_scenario_data(golden_dir, case: Case) -> list[ScenarioStep]:
+    """Read a scenario case's steps: its schedule with each step's ids, mask and expected logits.
+
+    Raises:
+        ManifestError: the file is unreadable; a prefill or decode step lacks its
+            ``input_ids`` or ``logits`` or has them of the wrong dtype or shape (``(B, n)``
+            and ``(B, n, V)``, one B and one V for all steps); a token id outside
+            ``[0, vocab_size)``; an ``attention_mask`` that is not 0/1, pads other than on
+            the left, leaves a row without tokens, or sits on another step than 0; a rollback
+            leaves a row without real tokens; a tensor the schedule does not call for.
+    """
+    path = inside(golden_dir, case.data, f"case {case.id}")
+    try:
+        tensors = load_file(str(path))
+    except (FileNotFoundError, SafetensorError, OSError, ValueError, TypeError) as exc:
+        raise ManifestError(f"case {case.id}: cannot read '{case.data}' ({exc})") from None
+    where = f"case {case.id}: '{case.data}'"
+    wanted = set()
+    steps, before, shape = [], 0, None
+    real = None
+    for index, entry in enumerate(case.schedule):
+        name = f"{STEP_PREFIX}{index}"
+        if entry.op == "rollback":
+            steps.append(ScenarioStep(index, entry.op, entry.num_tokens, before))
+            before -= entry.num_tokens
+            if real is not None and (real - entry.num_tokens < 1).any():
+                raise ManifestError(f"{where}: {name} rolls back {entry.num_tokens} token(s), leaving a row without "
+                                    "a real token")
+            real = None if real is None else real - entry.num_tokens
+            continue
+        keys = [f"{name}.input_ids", f"{name}.logits"] + ([f"{name}.attention_mask"] if index == 0 else [])
+        wanted.update(keys)
+        for key in keys[:2]:
+            if key not in tensors:
+                raise ManifestError(f"{where} lacks tensor '{key}' (schedule step {index}: {entry.op})")
+        ids, logits = tensors[keys[0]], tensors[keys[1]]
+        batch = ids.shape[0] if ids.ndim == 2 else None
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or ids.shape[1] != entry.num_tokens \
+                or (shape is not None and batch != shape[0]):
+            raise ManifestError(f"{where}: '{keys[0]}' must be a 2-D integer array (B, {entry.num_tokens})"
+                                f"{'' if shape is None else f' with B = {shape[0]}'}, got {ids.dtype} {ids.shape}")
+        vocab = logits.shape[-1] if logits.ndim == 3 else None
+        if logits.ndim != 3 or logits.shape[:2] != ids.shape or not np.issubdtype(logits.dtype, np.floating) \
+                or (shape is not None and vocab != shape[1]):
+            raise ManifestError(f"{where}: '{keys[1]}' must be a float array (B, n, V) with (B, n) = {ids.shape}"
+                                f"{'' if shape is None else f' and V = {shape[1]}'}, got {logits.dtype} {logits.shape}")
+        shape = (batch, vocab)
+        _check_input_ids(golden_dir, case, ids)
+        mask = _scenario_mask(tensors.get(keys[2]) if index == 0 else None, ids.shape, where)
+        if real is None:
+            real = np.full(batch, 0, dtype=np.int64)
+        real = real + (entry.num_tokens if mask is None else mask.sum(axis=1))
+        steps.append(ScenarioStep(index, entry.op, entry.num_tokens, before, ids.astype(np.int64), mask,
+                                  logits.astype(np.float64)))
+        before += entry.num_tokens
+    stray = sorted(set(tensors) - wanted)
+    if stray:
+        raise ManifestError(f"{where}: tensor(s) the schedule does not call for: {', '.join(stray)}")
+    return steps
+
+
+def _scenario_mask(mask, shape: tuple[int, int], where: str) -> np.ndarray | None:
+    """``steps.0.attention_mask`` checked: int64 0/1 of ``shape``, left padding only, a token in every row."""
+    if mask is None:
+        return None
+    if mask.shape != shape or not np.issubdtype(mask.dtype, np.integer) or not np.isin(mask, (0, 1)).all():
+        raise ManifestError(f"{where}: 'steps.0.attention_mask' must hold 0 and 1 with shape {shape}, "
+                            f"got {mask.dtype} {mask.shape}")
+    if (np.diff(mask, axis=1) < 0).any() or not mask[:, -1].all():
+        raise ManifestError(f"{where}: 'steps.0.attention_mask' may only pad on the left (0s before the 1s of a row)")
+    return mask.astype(np.int64)
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,14 @@
 """``llm-conformance matrix``: which cases each backend offers, as a markdown table.
 
-One row per op (its op cases) and one per model family (the model cases whose ids
-share the part before the last ``/``, with their architecture), one column per
+One row per op (its op cases), one per model family (the model cases whose ids
+share the part before the last ``/``, with their architecture) and one per scenario
+family (``scenario/<family>``), one column per
 backend; a cell is ``k/n``: of the row's n cases, k are supported in the dtype.
 Nothing runs: support is probed with :func:`conformance.runner.unsupported_reason`
-(the op in the backend's ``ops``, or ``load_model`` for model cases, and
+(the op in the backend's ``ops``, or ``load_model`` for model and scenario cases, and
 ``supports(case, dtype)``), the check that makes ``run`` report "not implemented".
+A scenario counts as supported here even if the loaded model lacks the incremental
+capability (``prefill`` / ``decode`` / ``rollback``), which only loading shows.
 A ``supports`` that raises counts as not supported and is noted under the table.
 The matrix is an upper bound: an op that raises ``NotImplementedError`` for some
 parameters only when called counts as supported here (``run`` reports those cases
@@ -20,13 +23,14 @@ from .runner import backend_ops, one_line, unsupported_reason
 
 
 def _rows(cases: list[Case]) -> dict[tuple[str, str], list[Case]]:
-    """``{(kind, label): cases}``: model families first, then ops, each in manifest order."""
+    """``{(kind, label): cases}``: model families first, then scenarios, then ops, each in manifest order."""
     rows: dict[tuple[str, str], list[Case]] = {}
-    for case in sorted(cases, key=lambda c: c.level != "model"):
+    rank = {"model": 0, "scenario": 1}
+    for case in sorted(cases, key=lambda c: rank.get(c.level, 2)):
         if case.level == "op":
             key = ("op", case.op)
         else:
-            key = ("model", f"{case.id.rsplit('/', 1)[0]} ({case.architecture})")
+            key = (case.level, f"{case.id.rsplit('/', 1)[0]} ({case.architecture})")
         rows.setdefault(key, []).append(case)
     return rows
 

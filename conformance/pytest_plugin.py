@@ -4,11 +4,13 @@ Installed with the package (entry point ``pytest11``); it does nothing unless
 ``--llm-backend`` is given::
 
     pytest --llm-backend=mypkg.adapter:make_backend [--llm-option key=value ...]
-           [--llm-dtype float32] [--llm-level all|model|op] [--llm-case GLOB ...]
+           [--llm-dtype float32] [--llm-level all|model|op|scenario] [--llm-case GLOB ...]
            [--llm-golden-dir DIR] [--llm-skip-file FILE] [--llm-xfail-file FILE]
            [--llm-properties] [--llm-profile quick|ci|thorough] [--llm-derandomize]
 
-Then one test per selected golden case (``test_golden_case[<case id>]``) and, with
+Then one test per selected golden case (``test_golden_case[<case id>]``, scenario cases
+included: the backend's loaded model needs ``prefill`` / ``decode`` / ``rollback``, else they
+are skipped as not implemented) and, with
 ``--llm-properties``, one per property (``test_property[<name>]``) join the
 session, beside the engine's own tests. Outcomes map as in ``llm-conformance run``:
 
@@ -48,7 +50,8 @@ def pytest_addoption(parser):
                     help="Backend option passed to its factory; repeatable.")
     group.addoption("--llm-dtype", default="float32", choices=("float64", "float32", "float16", "bfloat16"),
                     help="Run dtype of the cases and, if float64 or float32, of the properties (default float32).")
-    group.addoption("--llm-level", default="all", choices=("all", "model", "op"), help="Case level (default all).")
+    group.addoption("--llm-level", default="all", choices=("all", "model", "op", "scenario"),
+                    help="Case level (default all).")
     group.addoption("--llm-case", action="append", default=[], metavar="GLOB", help="Case-id glob; repeatable.")
     group.addoption("--llm-golden-dir", default=None, metavar="DIR", help="Golden corpus directory.")
     group.addoption("--llm-skip-file", action="append", default=[], metavar="FILE", help="Skip file; repeatable.")
@@ -98,7 +101,7 @@ def _resolve(config) -> LlmSession:
     from .cli import select_cases, select_level
     from .errors import ConformanceError
     from .expectations import load_expectations
-    from .manifest import default_golden_dir, read_manifest, verify_case_files
+    from .manifest import default_golden_dir, load_scenario_data, read_manifest, verify_case_files
     from .runner import check_op_case, one_line
 
     spec = config.getoption("llm_backend")
@@ -115,6 +118,8 @@ def _resolve(config) -> LlmSession:
             verify_case_files(golden_dir, case)
             if case.level == "op":
                 check_op_case(golden_dir, case)
+            elif case.level == "scenario":
+                load_scenario_data(golden_dir, case)
         properties = []
         if config.getoption("llm_properties"):
             from .properties import select_properties

@@ -8,12 +8,14 @@ For every failed, nan, errored, crashed or timed-out case, ``DIR/<case id with /
 * ``expected.safetensors``: float64 expected outputs. Op cases: ``<output>``, plus
   ``<output>@<dtype>`` where the corpus records the reference's low-precision result;
   model cases: ``logits`` and ``hidden_states.<tap>`` (and ``mtp_logits.{k}`` for cases with
-  multi-token-prediction outputs).
+  multi-token-prediction outputs); scenario cases, ``steps.{i}.logits`` (NaN on pad slots).
+  Scenario inputs are ``steps.{i}.input_ids`` and ``steps.0.attention_mask`` (padded prompt).
 * ``case.json``: case id, level, op and params (op cases), dtype, the dtype of each
   saved input as passed to the backend, tolerance class and bounds, backend spec and
   options, status, message, first divergence, the one-line repro command, and for
-  model cases the checkpoint folder: a path relative to the bundle (``checkpoint``)
-  and an absolute one (``checkpoint_abs``). The checkpoint is referenced, not copied.
+  model and scenario cases the checkpoint folder: a path relative to the bundle (``checkpoint``)
+  and an absolute one (``checkpoint_abs``), and for scenarios the ``schedule`` and the label of
+  every step. The checkpoint is referenced, not copied.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from .errors import ConformanceError
-from .manifest import Case, inside, load_case_data, load_case_mtp_logits, load_op_data
+from .manifest import Case, inside, load_case_data, load_case_mtp_logits, load_op_data, load_scenario_data
 from .report import repro_command
 from .runner import CaseResult, Status, cast_input
 
@@ -87,17 +89,28 @@ def write_bundle(root: Path, case: Case, result: CaseResult, golden_dir: Path, m
         expected = {k: v for k, v in data.expected.items() if "@" not in k or k.endswith(f"@{result.dtype}")}
         save_file({name: _stored(a) for name, a in inputs.items()}, str(folder / "inputs.safetensors"))
     else:
-        input_ids, logits, hidden = load_case_data(golden_dir, case)
         checkpoint = inside(golden_dir, case.checkpoint, f"case {case.id}").resolve()
         try:
             relative = os.path.relpath(checkpoint, folder.resolve())
         except ValueError:  # another drive (Windows)
             relative = str(checkpoint)
         info.update(architecture=case.architecture, checkpoint=Path(relative).as_posix(),
-                    checkpoint_abs=str(checkpoint), input_dtypes={"input_ids": "int64"})
-        expected = {"logits": logits, **{f"hidden_states.{k}": v for k, v in hidden.items()},
-                    **load_case_mtp_logits(golden_dir, case)}
-        save_file({"input_ids": np.ascontiguousarray(input_ids)}, str(folder / "inputs.safetensors"))
+                    checkpoint_abs=str(checkpoint))
+        if case.level == "scenario":
+            steps = load_scenario_data(golden_dir, case)
+            inputs = {f"{s.name}.input_ids": s.input_ids for s in steps if s.op != "rollback"}
+            if steps[0].attention_mask is not None:
+                inputs["steps.0.attention_mask"] = steps[0].attention_mask
+            expected = {f"{s.name}.logits": s.logits for s in steps if s.op != "rollback"}
+            info.update(schedule=[entry.to_json() for entry in case.schedule],
+                        steps={s.name: s.label for s in steps}, input_dtypes={k: "int64" for k in inputs})
+        else:
+            input_ids, logits, hidden = load_case_data(golden_dir, case)
+            inputs = {"input_ids": input_ids}
+            info.update(input_dtypes={"input_ids": "int64"})
+            expected = {"logits": logits, **{f"hidden_states.{k}": v for k, v in hidden.items()},
+                        **load_case_mtp_logits(golden_dir, case)}
+        save_file({k: np.ascontiguousarray(v) for k, v in inputs.items()}, str(folder / "inputs.safetensors"))
     save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in expected.items()},
               str(folder / "expected.safetensors"))
     (folder / "case.json").write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")

@@ -16,6 +16,16 @@ the backend's ``mtp_logits`` as ``mtp_logits.1`` .. ``mtp_logits.{D}``, after th
 and with the same tolerance; a backend that returns none for such a case is "not
 implemented", one that returns fewer depths than the case has fails at the first missing one.
 
+Scenario cases (``Case.schedule``; ``docs/scenarios.md``): the backend's loaded model must
+offer the optional capability ``prefill`` / ``decode`` / ``rollback`` (else "not implemented").
+The runner replays the schedule, feeding each step's ids (the prompt with its attention mask,
+or None when it is not padded) and the state the previous call returned, and compares every
+prefill and decode step's logits at the real (non-pad) positions with the case's tolerance,
+like a model case's logits (argmax check included). ``first_divergence`` names the first
+failing step, e.g. ``steps.3 (decode 1 after 12 tokens)``; every step's comparison is kept.
+A step that raises makes the case "error", its message naming the step (a step that failed
+before it keeps the case "failed" there); ``NotImplementedError`` makes it "not implemented".
+
 Statuses:
     passed           every compared tensor is within its tolerance (integer outputs: equal)
     failed           some tensor is not; ``first_divergence`` names the first one in
@@ -59,7 +69,8 @@ from .compare import ArgmaxAgreement, Comparison, argmax_agreement, compare, to_
 from .errors import BackendError, ConformanceError, ManifestError, OutputError
 from .expectations import Entry, Expectations
 from .manifest import (
-    MTP_PREFIX, Case, inside, load_case_data, load_case_mtp_logits, load_op_data, verify_case_files,
+    MTP_PREFIX, Case, ScenarioStep, inside, load_case_data, load_case_mtp_logits, load_op_data, load_scenario_data,
+    verify_case_files,
 )
 from .tolerances import MAX_ROUNDING_MISMATCH, Tolerance, get_tolerance, violations
 
@@ -107,6 +118,8 @@ class CaseResult:
         seconds: wall time of load + run + compare.
         expectation: for skipped, xfailed and xpassed cases, the skip or xfail entry
             as ``FILE:LINE: reason``.
+        steps: scenario cases: ``{"steps.{i}": label}`` of every prefill and decode step the
+            backend ran (``"decode 1 after 12 tokens"``), keys as in ``comparisons``.
     """
 
     case_id: str
@@ -121,6 +134,7 @@ class CaseResult:
     rounding: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     expectation: str = ""
+    steps: dict[str, str] = field(default_factory=dict)
 
 
 def one_line(text: str) -> str:
@@ -133,10 +147,11 @@ def _is_mtp(name: str) -> bool:
 
 
 def tap_order(names) -> list[str]:
-    """Tap names in forward order: embed, layers.0, layers.1, ..., norm, then others by name."""
+    """Tap names in forward order: embed, layers.0, layers.1, ..., norm, then others by name
+    (a scenario's ``steps.{i}`` sort by i, like layers)."""
 
     def key(name: str):
-        match = re.fullmatch(r"layers\.(\d+)", name)
+        match = re.fullmatch(r"(?:layers|steps)\.(\d+)", name)
         rank = 0 if name == "embed" else 1 if match else 2 if name == "norm" else 3
         return (rank, int(match.group(1)) if match else 0, name)
 
@@ -413,6 +428,132 @@ def unsupported_reason(backend: Backend, case: Case, dtype: str, ops: dict | Non
     return _not_implemented_reason(backend, case, dtype)
 
 
+#: The optional methods of a loaded model that scenario cases call (``docs/backends.md``).
+SCENARIO_METHODS = ("prefill", "decode", "rollback")
+
+
+def missing_scenario_methods(model, steps: list[ScenarioStep]) -> list[str]:
+    """The capability methods the schedule needs that ``model`` lacks (rollback only if it rolls back)."""
+    needed = [m for m in SCENARIO_METHODS if m != "rollback" or any(s.op == "rollback" for s in steps)]
+    return [m for m in needed if not callable(getattr(model, m, None))]
+
+
+def _logits_and_state(value, step: ScenarioStep):
+    """A prefill or decode call's ``(logits, state)`` as ``(float64 logits, state)``.
+
+    Raises:
+        OutputError: not a pair, or logits that are not a real numeric array.
+    """
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise OutputError(f"{step.op} must return (logits, state), got {type(value).__name__}")
+    return to_float64(value[0], f"{step.name} logits"), value[1]
+
+
+def replay(model, steps: list[ScenarioStep]) -> tuple[dict[str, np.ndarray], BaseException | None, ScenarioStep | None]:
+    """Run a schedule on a loaded model: ``(logits by step name, exception or None, step that raised)``.
+
+    The logits of the steps before an exception are kept, so that an earlier divergence
+    is still reported as such.
+    """
+    actual, state = {}, None
+    for step in steps:
+        try:
+            if step.op == "rollback":
+                state = model.rollback(state, step.num_tokens)
+                continue
+            if step.op == "prefill":
+                value = model.prefill(step.input_ids.copy(), None if step.attention_mask is None
+                                      else step.attention_mask.copy())
+            else:
+                value = model.decode(step.input_ids.copy(), state)
+            actual[step.name], state = _logits_and_state(value, step)
+        except (Exception, SystemExit) as exc:
+            return actual, exc, step
+    return actual, None, None
+
+
+def judge_scenario(result: CaseResult, actual: dict[str, np.ndarray], steps: list[ScenarioStep],
+                   tolerance: Tolerance) -> CaseResult:
+    """Fill ``result`` from the logits a backend returned for the prefill and decode ``steps``
+    (``actual`` may stop early: the steps it lacks are not judged). Only real (non-pad)
+    positions are compared, as ``(positions, V)`` arrays."""
+    failures, agreements = {}, []
+    for step in steps:
+        if step.op == "rollback" or step.name not in actual:
+            continue
+        got, want = actual[step.name], step.logits
+        if got.shape == want.shape:
+            real = step.real()
+            got, want = got[real], want[real]
+        comparison = compare(got, want)
+        result.comparisons[step.name] = comparison
+        result.steps[step.name] = step.label
+        failures[step.name] = violations(comparison, tolerance)
+        if not comparison.shape_mismatch:
+            agreement = argmax_agreement(got, want, tolerance.argmax_margin * comparison.max_abs_expected)
+            agreements.append(agreement)
+            if not agreement.confident_agree:
+                failures[step.name].append(f"argmax differs at {agreement.confident_disagreements} confident "
+                                           "position(s)")
+    if agreements:
+        positions = sum(a.positions for a in agreements)
+        result.argmax = ArgmaxAgreement(
+            fraction=sum(a.fraction * a.positions for a in agreements) / max(positions, 1), positions=positions,
+            confident=sum(a.confident for a in agreements),
+            confident_disagreements=sum(a.confident_disagreements for a in agreements))
+    diverging = [name for name in result.comparisons if failures[name]]
+    if diverging:
+        name = diverging[0]
+        result.status, result.first_divergence = Status.FAILED, f"{name} ({result.steps[name]})"
+        result.message = f"{result.first_divergence}: " + "; ".join(failures[name])
+        _mark_nan(result)
+    else:
+        result.status = Status.PASSED
+    return result
+
+
+def run_scenario_case(backend: Backend, case: Case, golden_dir: Path, dtype: str) -> CaseResult:
+    """Run and judge one scenario case (see the module docstring and :func:`run_case`)."""
+    result = CaseResult(case_id=case.id, dtype=dtype, status=Status.ERROR)
+    result.tolerance = get_tolerance(case.tolerance_class, dtype)
+    steps = load_scenario_data(golden_dir, case)
+    start = time.perf_counter()
+    try:
+        reason = unsupported_reason(backend, case, dtype)
+        if reason is not None:
+            result.status, result.message = Status.NOT_IMPLEMENTED, one_line(reason)
+            return result
+        model = backend.load_model(inside(golden_dir, case.checkpoint, f"case {case.id}"), dtype)
+        missing = missing_scenario_methods(model, steps)
+        if missing:
+            result.status = Status.NOT_IMPLEMENTED
+            result.message = (f"backend {backend.name}: its loaded model has no {', '.join(missing)} (the optional "
+                              "incremental capability that scenario cases need; docs/backends.md)")
+            return result
+        actual, exc, at = replay(model, steps)
+        if isinstance(exc, BackendError):
+            raise exc
+        judge_scenario(result, actual, steps, result.tolerance)
+        if exc is not None and result.status is Status.PASSED:
+            where = f"{at.name} ({at.label})"
+            if isinstance(exc, NotImplementedError):
+                result.status = Status.NOT_IMPLEMENTED
+                result.message = one_line(f"{where}: {exc}" if str(exc) else
+                                          f"{where}: backend {backend.name} does not implement this step")
+            else:
+                result.status, result.first_divergence = Status.ERROR, where
+                result.message = one_line(f"{where}: {type(exc).__name__}: {exc}")
+        elif exc is not None:
+            result.message += one_line(f"; then {at.name} ({at.label}) raised {type(exc).__name__}: {exc}")
+    except BackendError as exc:
+        raise BackendError(f"case {case.id}: {exc}") from None
+    except (Exception, SystemExit) as exc:
+        result.status, result.message = Status.ERROR, one_line(f"{type(exc).__name__}: {exc}")
+    finally:
+        result.seconds = time.perf_counter() - start
+    return result
+
+
 def run_case(backend: Backend, case: Case, golden_dir: Path, dtype: str) -> CaseResult:
     """Run and judge one case (model or op) whose files and tolerance are already verified.
 
@@ -425,6 +566,8 @@ def run_case(backend: Backend, case: Case, golden_dir: Path, dtype: str) -> Case
     """
     if case.level == "op":
         return run_op_case(backend, case, golden_dir, dtype)
+    if case.level == "scenario":
+        return run_scenario_case(backend, case, golden_dir, dtype)
     result = CaseResult(case_id=case.id, dtype=dtype, status=Status.ERROR)
     result.tolerance = get_tolerance(case.tolerance_class, dtype)
     input_ids, logits, hidden = load_case_data(golden_dir, case)
@@ -487,7 +630,7 @@ def run_suite(backend: Backend | None, cases: list[Case], golden_dir, dtype: str
         BackendError: the backend cannot work at all.
         ManifestError: an op case the suite cannot pose (unknown op, inputs or params
             that do not fit it), a tolerance class of the wrong level, or malformed golden
-            data (all checked before any case runs).
+            data, a scenario's included (all checked before any case runs).
         ConformanceError: no tolerance for a case at ``dtype``.
         RunInterrupted: Ctrl-C; it carries the results so far.
     """
@@ -497,7 +640,9 @@ def run_suite(backend: Backend | None, cases: list[Case], golden_dir, dtype: str
         if case.level == "op":
             check_op_case(golden_dir, case)
         elif case.tolerance_class.startswith("op_"):
-            raise ManifestError(f"case {case.id}: model case with op tolerance class '{case.tolerance_class}'")
+            raise ManifestError(f"case {case.id}: {case.level} case with op tolerance class '{case.tolerance_class}'")
+        elif case.level == "scenario":
+            load_scenario_data(golden_dir, case)
         else:
             # Malformed golden data is an input error, reported before the first case runs.
             load_case_data(golden_dir, case)

@@ -2,7 +2,7 @@
 engine outside Python would be: it reads only the exported folder and writes only
 safetensors outputs. Here the "engine" is the NumPy reference itself.
 
-    llm-conformance export /tmp/cases --case 'qwen3/*' --case 'op/rms_norm/*'
+    llm-conformance export /tmp/cases --case 'qwen3/*' --case 'op/rms_norm/*' --case 'scenario/qwen3/*'
     python examples/file_contract_engine.py /tmp/cases /tmp/outputs
     llm-conformance check --outputs /tmp/outputs
 """
@@ -18,11 +18,43 @@ import refimpl
 from refimpl.ops import OPS
 
 
+def replay_scenario(model, schedule: list, inputs: dict) -> dict:
+    """Logits of every prefill / decode step of a scenario (docs/scenarios.md).
+
+    This engine keeps no cache: it recomputes one full forward per row over the row's real
+    tokens so far (an engine would decode from its cache instead). Pad slots get zeros.
+    """
+    rows = None
+    tensors = {}
+    for i, step in enumerate(schedule):
+        n = step["num_tokens"]
+        if step["op"] == "rollback":
+            rows = [row[:len(row) - n] for row in rows]
+            continue
+        ids = inputs[f"steps.{i}.input_ids"]
+        mask = inputs.get(f"steps.{i}.attention_mask", np.ones_like(ids))
+        rows = [[] for _ in ids] if rows is None else rows
+        logits = np.zeros((ids.shape[0], n, model.config.vocab_size), dtype=model.dtype)
+        for b, row in enumerate(rows):
+            # Left padding: the real tokens are those where the mask is 1.
+            row += [int(t) for t in ids[b][mask[b] == 1]]
+            real = int(mask[b].sum())
+            logits[b, n - real:] = model(np.array([row]))[0, -real:]
+        tensors[f"steps.{i}.logits"] = logits
+    return tensors
+
+
 def run_case(case_dir: Path, out_dir: Path) -> None:
     info = json.loads((case_dir / "case.json").read_text())
     inputs = load_file(str(case_dir / "inputs.safetensors"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    if info["level"] == "model":
+    if info["level"] == "scenario":
+        if info["dtype"] not in ("float32", "float64"):
+            (out_dir / "NOT_IMPLEMENTED").write_text(f"this engine has no {info['dtype']} model path\n")
+            return
+        model = refimpl.from_pretrained(case_dir / info["checkpoint"], dtype=np.dtype(info["dtype"]))
+        tensors = replay_scenario(model, info["schedule"], inputs)
+    elif info["level"] == "model":
         # The reference computes in float32 or float64 only: say so for other dtypes.
         if info["dtype"] not in ("float32", "float64"):
             (out_dir / "NOT_IMPLEMENTED").write_text(f"this engine has no {info['dtype']} model path\n")

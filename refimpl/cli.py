@@ -33,7 +33,7 @@ import numpy as np
 from . import __version__
 from .checkpoint import read_config, read_json
 from .errors import InputError, RefimplError
-from .generate import (Generation, GenerationComparison, compare_generations, full_forward_next_logits,
+from .generate import (Generation, GenerationComparison, cached_next_logits, compare_generations,
                        greedy_generate, normalise_stop_ids)
 from .model import from_pretrained
 from .registry import get_architecture
@@ -272,7 +272,7 @@ def generate_command(checkpoint_dir, prompt, max_new_tokens, dtype, chat, system
     check_ids_in_vocab(prompt_ids, arch.config_class.from_dict(raw).vocab_size, tokenizer)
     stop_ids = stop_ids_of(checkpoint_dir, raw) if stop else ()
     model = from_pretrained(checkpoint_dir, dtype=np.dtype(dtype))
-    ours = greedy_generate(full_forward_next_logits(model), prompt_ids, max_new_tokens, stop_ids)
+    ours = greedy_generate(cached_next_logits(model), prompt_ids, max_new_tokens, stop_ids)
     comparison = theirs = None
     if compare_transformers:
         theirs, versions = transformers_generation(checkpoint_dir, prompt_ids, max_new_tokens, stop_ids)

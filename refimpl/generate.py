@@ -3,9 +3,10 @@
 Greedy decoding appends ``argmax`` of the next-token logits until a stop id is
 produced (it is kept, as transformers' ``generate`` keeps the EOS) or
 ``max_new_tokens`` tokens were added. The model enters through one function,
-``next_logits(ids (T,)) -> logits (V,)``: today :func:`full_forward_next_logits`
-re-runs the whole forward on the growing sequence (the reference has no KV cache
-yet); a prefill/decode pair will replace that one function.
+``next_logits(ids (T,)) -> logits (V,)``: :func:`cached_next_logits` prefills the prompt
+and then decodes one token per step with the model's cache (``Model.prefill`` /
+``Model.decode``, docs/decoding.md); :func:`full_forward_next_logits` re-runs the whole
+forward on the growing sequence (the definition the cached one equals).
 
 Notation: T0 prompt length, N new tokens, V vocab_size.
 
@@ -36,6 +37,25 @@ def full_forward_next_logits(model) -> NextTokenLogits:
 
     def next_logits(ids: np.ndarray) -> np.ndarray:
         return model(ids[None, :])[0, -1]
+
+    return next_logits
+
+
+def cached_next_logits(model) -> NextTokenLogits:
+    """``next_logits`` for a :class:`refimpl.Model` through its cache: the first call prefills
+    ``ids (T,)``; a call whose ids extend the previous ones decodes only the new tokens; any
+    other call starts over with a prefill. Returns the last position's logits ``(V,)``."""
+    seen: list = [None, None]  # the ids of the previous call and the cache after them
+
+    def next_logits(ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids)
+        previous, cache = seen
+        if previous is not None and len(ids) > len(previous) and np.array_equal(ids[:len(previous)], previous):
+            logits, cache = model.decode(ids[None, len(previous):], cache)
+        else:
+            logits, cache = model.prefill(ids[None, :])
+        seen[:] = [ids.copy(), cache]
+        return logits[0, -1]
 
     return next_logits
 

@@ -398,7 +398,7 @@ def test_compare_transformers_reports_the_first_difference(qwen3_dir, monkeypatc
     # A reference whose logits favour one token from step 2 on: the report must name step 2.
     import refimpl.cli
 
-    real = refimpl.cli.full_forward_next_logits
+    real = refimpl.cli.cached_next_logits
 
     def biased(model):
         next_logits = real(model)
@@ -414,7 +414,7 @@ def test_compare_transformers_reports_the_first_difference(qwen3_dir, monkeypatc
 
         return wrapped
 
-    monkeypatch.setattr(refimpl.cli, "full_forward_next_logits", biased)
+    monkeypatch.setattr(refimpl.cli, "cached_next_logits", biased)
     result = invoke("generate", qwen3_dir, "--prompt", "The quick brown fox", "--max-new-tokens", 6,
                     "--compare-transformers", "--json")
     assert result.exit_code == 1, result.output
@@ -523,3 +523,21 @@ def test_compare_transformers_refuses_an_architecture_transformers_lacks(golden_
                     "--compare-transformers")
     assert result.exit_code == 2, result.output
     assert "has no model class 'Grok1ForCausalLM'" in result.output and "Traceback" not in result.output
+
+
+def test_cached_generation_equals_full_forward_generation():
+    # The cached path (prefill, then one decode per token) against the definition (a full
+    # forward per step) on a sliding-window checkpoint, longer than the window.
+    import refimpl
+    from refimpl.generate import cached_next_logits, full_forward_next_logits
+
+    model = refimpl.from_pretrained(ROOT / "golden" / "qwen3" / "sliding-window" / "checkpoint")
+    prompt = np.array([3, 17, 5, 9, 1])
+    cached = greedy_generate(cached_next_logits(model), prompt, 12, ())
+    full = greedy_generate(full_forward_next_logits(model), prompt, 12, ())
+    np.testing.assert_array_equal(cached.new_ids, full.new_ids)
+    assert np.max(np.abs(cached.logits - full.logits)) <= 1e-10 * np.max(np.abs(full.logits))
+    # A prompt that does not extend the previous ids starts over with a prefill.
+    next_logits = cached_next_logits(model)
+    next_logits(np.array([1, 2, 3]))
+    np.testing.assert_allclose(next_logits(np.array([4, 5])), model(np.array([[4, 5]]))[0, -1], rtol=0, atol=1e-12)

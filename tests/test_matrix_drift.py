@@ -32,7 +32,7 @@ def matrix_rows(text: str) -> dict[str, list[str]]:
     rows = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("| ") and cells[0] in ("model", "op"):
+        if line.startswith("| ") and cells[0] in ("model", "op", "scenario"):
             rows[cells[1].strip("`")] = cells[2:]
     return rows
 
@@ -47,13 +47,13 @@ def test_matrix_of_the_three_builtin_backends(golden_dir, tmp_path):
     rows = matrix_rows(result.stdout)
     cases = read_manifest(golden_dir).cases
     ops = {c.op for c in cases if c.level == "op"}
-    families = {f"{c.id.rsplit('/', 1)[0]} ({c.architecture})" for c in cases if c.level == "model"}
+    families = {f"{c.id.rsplit('/', 1)[0]} ({c.architecture})" for c in cases if c.level in ("model", "scenario")}
     assert set(rows) == ops | families
     assert sum(int(cells[0]) for cells in rows.values()) == len(cases)
     for label, (n, ref, torch, hf) in rows.items():
         assert ref == f"{n}/{n}"                                   # the reference offers everything
         assert torch == (f"{n}/{n}" if label == "attention" else f"0/{n}")
-        lacking = label.startswith("grok2 ") or label == "mtp (Qwen3NextForCausalLM)"
+        lacking = label.startswith(("grok2 ", "scenario/grok2 ")) or label == "mtp (Qwen3NextForCausalLM)"
         assert hf == (f"0/{n}" if lacking else f"{n}/{n}")
     assert rows["grok2 (Grok1ForCausalLM)"][0] == "4"
 

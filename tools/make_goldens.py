@@ -3,9 +3,12 @@
 Each model-level case is a tiny Hugging Face-format checkpoint with random weights
 drawn from a fixed seed (config.json + model.safetensors, float32 tensors) plus
 ``io.safetensors`` with the input ids and the expected float64 outputs of
-``refimpl`` (logits and the named per-layer hidden states). ``golden/MANIFEST.json``
-lists every case with its seed, config summary, tolerance class and the sha256 of
-every file.
+``refimpl`` (logits and the named per-layer hidden states). A scenario case
+(``docs/scenarios.md``) is a schedule of prefill / decode / rollback steps on a
+checkpoint (a model case's, or its own) plus ``steps.safetensors`` with each step's
+token ids and expected logits: one full float64 forward of each row alone over its
+real tokens so far. ``golden/MANIFEST.json`` lists every case with its seed, config
+summary, tolerance class and the sha256 of every file.
 
 Usage:
     python tools/make_goldens.py            # (re)write golden/
@@ -23,7 +26,6 @@ import argparse
 import hashlib
 import json
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,13 +37,15 @@ try:
     from safetensors.numpy import load, save
 
     import refimpl
+    from conformance.manifest import check_schedule
     from golden_cases import JSON_NULL, ModelCase, OpCase, all_cases
+    from golden_cases.common import ScenarioCase
 except ImportError as exc:
     sys.exit(f"make_goldens: {exc}; install the project first: pip install -e . (see README.md)")
 
 GENERATOR_VERSION = 1
 #: Bumped whenever cases are added, removed or changed.
-CORPUS_VERSION = "0.9.0"
+CORPUS_VERSION = "0.10.0"
 #: Largest relative RMS difference allowed between stored and regenerated outputs.
 CHECK_REL_RMS = 1e-12
 
@@ -96,8 +100,9 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def build_case(case: ModelCase, scratch: Path) -> dict[str, bytes]:
-    """All files of one case, as ``{relative path: bytes}`` (paths relative to golden/)."""
+def build_checkpoint(case, scratch: Path) -> tuple[Path, dict[str, bytes]]:
+    """The checkpoint of a model case (or of a scenario with its own config): written under
+    ``scratch/<case id>/checkpoint`` and returned as ``(that folder, {relative path: bytes})``."""
     config = _clean_config(case.config)
     config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
     weights = random_weights(case)
@@ -110,6 +115,14 @@ def build_case(case: ModelCase, scratch: Path) -> dict[str, bytes]:
     ckpt.mkdir(parents=True, exist_ok=True)
     (ckpt / "config.json").write_bytes(config_bytes)
     (ckpt / "model.safetensors").write_bytes(model_bytes)
+    return ckpt, {f"{case.case_id}/checkpoint/config.json": config_bytes,
+                  f"{case.case_id}/checkpoint/model.safetensors": model_bytes}
+
+
+def build_case(case: ModelCase, scratch: Path) -> dict[str, bytes]:
+    """All files of one case, as ``{relative path: bytes}`` (paths relative to golden/)."""
+    ckpt, checkpoint_files = build_checkpoint(case, scratch)
+    config = _clean_config(case.config)
 
     rng = np.random.default_rng(case.seed + 10_000)
     if case.make_input_ids is not None:
@@ -130,11 +143,91 @@ def build_case(case: ModelCase, scratch: Path) -> dict[str, bytes]:
     )
     # One metadata key only: safetensors writes several keys in hash order, not reproducibly.
     io_bytes = save(tensors, metadata={"provenance": provenance})
-    base = case.case_id
+    return {**checkpoint_files, f"{case.case_id}/io.safetensors": io_bytes}
+
+
+def _model_case(case_id: str) -> ModelCase:
+    """The model case ``case_id`` of the generator (a scenario's ``checkpoint_of``)."""
+    found = [c for c in CASES if isinstance(c, ModelCase) and c.case_id == case_id]
+    if not found:
+        raise ValueError(f"checkpoint_of '{case_id}' names no model case of the generator")
+    return found[0]
+
+
+def scenario_tokens(case: ScenarioCase, config, rng, index: int, step: dict, history: list) -> np.ndarray:
+    """The ``(B, n)`` token ids of one prefill or decode step (``ScenarioCase.make_tokens`` or uniform)."""
+    shape = (case.batch, step["num_tokens"])
+    if case.make_tokens is not None:
+        ids = case.make_tokens(rng, index, shape, config.vocab_size, [np.asarray(h, dtype=np.int64) for h in history])
+    else:
+        ids = rng.integers(0, config.vocab_size, size=shape, dtype=np.int64)
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.shape != shape:
+        raise ValueError(f"{case.case_id}: make_tokens returned shape {ids.shape} for step {index}, expected {shape}")
+    return ids
+
+
+def scenario_steps(case: ScenarioCase, model) -> dict[str, np.ndarray]:
+    """The data file's tensors of a scenario: per prefill / decode step i, ``steps.{i}.input_ids``
+    and the expected ``steps.{i}.logits`` (plus ``steps.0.attention_mask`` for a padded prompt).
+
+    The expected logits of a step are, for each row alone, the last rows of ONE FULL FORWARD
+    (``refimpl.Model.__call__``, float64, no cache, no padding) over that row's real tokens so
+    far (rolled-back tokens removed); pad slots hold NaN (no expected value).
+    """
+    check_schedule(list(case.schedule), case.case_id)
+    rng = np.random.default_rng(case.seed)
+    history = [[] for _ in range(case.batch)]
+    pads = case.left_padding or (0,) * case.batch
+    tensors = {}
+    for index, step in enumerate(case.schedule):
+        n = step["num_tokens"]
+        if step["op"] == "rollback":
+            history = [h[:len(h) - n] for h in history]
+            continue
+        ids = scenario_tokens(case, model.config, rng, index, step, history)
+        first = pads if step["op"] == "prefill" else (0,) * case.batch
+        if max(first) >= n:
+            raise ValueError(f"{case.case_id}: left padding {first} leaves a row of the {n}-token prompt empty")
+        logits = np.full((case.batch, n, model.config.vocab_size), np.nan)
+        for row in range(case.batch):
+            history[row] = history[row] + [int(t) for t in ids[row, first[row]:]]
+            real = n - first[row]
+            logits[row, first[row]:] = model(np.asarray(history[row], dtype=np.int64)[None])[0, -real:]
+        tensors[f"steps.{index}.input_ids"] = ids
+        tensors[f"steps.{index}.logits"] = logits
+        if step["op"] == "prefill" and any(pads):
+            tensors["steps.0.attention_mask"] = (np.arange(n)[None, :] >= np.asarray(pads)[:, None]).astype(np.int64)
+    return tensors
+
+
+def build_scenario_case(case: ScenarioCase, scratch: Path) -> tuple[str, dict[str, bytes]]:
+    """``(checkpoint folder, {relative path: bytes})`` of a scenario: its checkpoint's files (its
+    own, or those of the model case ``checkpoint_of``, byte for byte) and ``steps.safetensors``."""
+    owner = _model_case(case.checkpoint_of) if case.checkpoint_of is not None else case
+    ckpt, files = build_checkpoint(owner, scratch)
+    model = refimpl.from_pretrained(ckpt, dtype=np.float64)
+    tensors = {k: np.array(v, order="C") for k, v in scenario_steps(case, model).items()}
+    provenance = json.dumps(
+        {"case_id": case.case_id, "seed": case.seed, "generator_version": GENERATOR_VERSION,
+         "numpy_version": np.__version__, "refimpl_version": refimpl.__version__},
+        sort_keys=True,
+    )
+    files[f"{case.case_id}/steps.safetensors"] = save(tensors, metadata={"provenance": provenance})
+    return f"{owner.case_id}/checkpoint", files
+
+
+def scenario_manifest_entry(case: ScenarioCase, checkpoint: str, files: dict[str, bytes]) -> dict:
+    owner = _model_case(case.checkpoint_of) if case.checkpoint_of is not None else case
+    reused = {"checkpoint_of": case.checkpoint_of} if case.checkpoint_of is not None else {}
     return {
-        f"{base}/checkpoint/config.json": config_bytes,
-        f"{base}/checkpoint/model.safetensors": model_bytes,
-        f"{base}/io.safetensors": io_bytes,
+        **reused,
+        "id": case.case_id, "level": "scenario", "architecture": owner.config["architectures"][0],
+        "description": case.description, "seed": case.seed, "tolerance_class": case.tolerance_class,
+        "config_summary": config_summary(_clean_config(owner.config)),
+        "batch": case.batch, "schedule": [dict(step) for step in case.schedule],
+        "checkpoint": checkpoint, "data": f"{case.case_id}/steps.safetensors",
+        "files": {path: sha256_bytes(data) for path, data in sorted(files.items())},
     }
 
 
@@ -226,6 +319,9 @@ def generate(scratch: Path, cases: list | None = None) -> tuple[dict, dict[str, 
         if isinstance(case, OpCase):
             files = build_op_case(case)
             entries.append(op_manifest_entry(case, files))
+        elif isinstance(case, ScenarioCase):
+            checkpoint, files = build_scenario_case(case, scratch)
+            entries.append(scenario_manifest_entry(case, checkpoint, files))
         else:
             files = build_case(case, scratch)
             entries.append(manifest_entry(case, files))
@@ -252,8 +348,11 @@ def _case_metadata(data: bytes) -> dict:
 
 
 def _is_output(name: str, output_keys: bool) -> bool:
-    """Expected outputs are compared by tolerance; inputs and weights bit for bit."""
-    return output_keys and (name.startswith("outputs.") or not (name == "input_ids" or name.startswith("inputs.")))
+    """Expected outputs are compared by tolerance; inputs (token ids, a scenario's ids and
+    attention mask) and weights bit for bit."""
+    is_input = name == "input_ids" or name.startswith("inputs.") or (
+        name.startswith("steps.") and name.endswith((".input_ids", ".attention_mask")))
+    return output_keys and (name.startswith("outputs.") or not is_input)
 
 
 def _compare_tensor_file(path: str, stored: bytes, fresh: bytes, output_keys: bool) -> list[str]:
@@ -298,7 +397,8 @@ def check(golden: Path, files: dict[str, bytes]) -> list[str]:
             continue
         stored = target.read_bytes()
         if path.endswith(".safetensors"):
-            problems += _compare_tensor_file(path, stored, fresh, output_keys=path.endswith("io.safetensors"))
+            problems += _compare_tensor_file(path, stored, fresh,
+                                             output_keys=path.endswith(("io.safetensors", "steps.safetensors")))
         elif stored != fresh:
             problems.append(f"{path}: differs from the regenerated file")
     stored_hashes = {p: h for c in stored_manifest.get("cases", []) for p, h in c.get("files", {}).items()}

@@ -10,9 +10,10 @@ import importlib
 import inspect
 import os
 import sys
+from pathlib import Path
 
 from ..errors import BackendError
-from .base import Backend, BackendOutput, LoadedModel
+from .base import Backend, BackendOutput, IncrementalModel, LoadedModel
 
 #: Built-in backend names and the ``module:factory`` each stands for.
 BUILTINS = {
@@ -22,7 +23,13 @@ BUILTINS = {
     "onnxruntime": "conformance.backends.onnxruntime_backend:OnnxRuntimeBackend",
 }
 
-__all__ = ["BUILTINS", "Backend", "BackendOutput", "LoadedModel", "resolve_backend"]
+#: The xfail files a built-in backend owns (its accepted, documented deviations), applied by
+#: ``run`` unless ``--no-backend-xfail``: the suite's tolerances stay the same for every backend.
+OWN_XFAIL_FILES = {
+    "transformers": (Path(__file__).resolve().parent / "transformers.xfail",),
+}
+
+__all__ = ["BUILTINS", "OWN_XFAIL_FILES", "Backend", "BackendOutput", "IncrementalModel", "LoadedModel", "resolve_backend"]
 
 
 def resolve_backend(spec: str, options: dict[str, str]) -> Backend:

@@ -35,6 +35,13 @@ predicting ``t_{i+k+1}``; ``refimpl.mtp``). A backend that cannot compute them s
 refuse such cases in ``supports`` (``case.mtp_depths``); one that returns no
 ``mtp_logits`` for them gets "not implemented" too, never "failed".
 
+Scenario cases (level ``"scenario"``, ``docs/scenarios.md``) need the optional
+incremental capability of :class:`IncrementalModel`: a loaded model that also has
+``prefill(input_ids, attention_mask) -> (logits, state)``, ``decode(input_ids, state) ->
+(logits, state)`` and ``rollback(state, num_tokens) -> state``. A loaded model without
+them, a ``supports`` that refuses the case, or a call raising ``NotImplementedError``
+make the scenario "not implemented", never "failed".
+
 Exceptions raised by ``load_model`` or ``run`` mark that case as "error" and the run
 continues, except :class:`conformance.errors.BackendError`, which means the backend
 itself cannot work (for example a missing package) and stops the run.
@@ -75,6 +82,32 @@ class LoadedModel(Protocol):
 
     def run(self, input_ids: np.ndarray) -> BackendOutput:
         """Forward pass on int64 token ids ``(B, T)``."""
+        ...
+
+
+class IncrementalModel(LoadedModel, Protocol):
+    """A loaded model that can also run a scenario's schedule (optional; see the module docstring).
+
+    ``state`` is the backend's own object (a cache, a handle); the runner only passes back
+    what the previous call returned, so a backend may update it in place. Logits may be any
+    array type (``(B, n, V)``); values at pad slots are ignored.
+    """
+
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray | None):
+        """The prompt: int64 ids ``(B, n)``; ``attention_mask`` int64 ``(B, n)`` with 0 on
+        leading pad slots, or None when nothing is padded. A real token's position is
+        ``cumsum(attention_mask) - 1`` along its row. Returns ``(logits (B, n, V), state)``."""
+        ...
+
+    def decode(self, input_ids: np.ndarray, state):
+        """n >= 1 new tokens per row ``(B, n)``, attending to everything kept and causally to
+        each other (a decode, a chunked-prefill piece or a speculative verification), each
+        row continuing from its own next position. Returns ``(logits (B, n, V), state)``."""
+        ...
+
+    def rollback(self, state, num_tokens: int):
+        """``state`` as if the last ``num_tokens`` tokens (at most those of the last call) had
+        never been fed: caches, windows and recurrent states included. Returns the state."""
         ...
 
 

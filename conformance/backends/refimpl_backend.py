@@ -3,7 +3,10 @@
 It computes in float64 (the specification) or float32 (to measure what error a
 float32 engine should expect); other dtypes are reported as not implemented. When a
 checkpoint carries complete multi-token-prediction modules, ``run`` also returns their
-draft logits (``BackendOutput.mtp_logits``).
+draft logits (``BackendOutput.mtp_logits``). Scenario cases run through
+``refimpl.Model.prefill`` / ``decode`` / ``rollback`` (the state is the reference's
+:class:`refimpl.model.DecodeCache`); architectures without incremental decoding
+(``Architecture.forward_step`` None) are not implemented for them.
 """
 
 from __future__ import annotations
@@ -33,6 +36,18 @@ class RefimplModel:
         out = self.model.forward(input_ids, return_hidden_states=True, return_mtp_logits=self.model.has_mtp)
         return BackendOutput(logits=out.logits, hidden_states=dict(out.hidden_states), mtp_logits=out.mtp_logits)
 
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray | None):
+        """``(logits (B, n, V), DecodeCache)`` of a prompt (``refimpl.Model.prefill``)."""
+        return self.model.prefill(input_ids, attention_mask)
+
+    def decode(self, input_ids: np.ndarray, state):
+        """``(logits (B, n, V), DecodeCache)`` of n new tokens per row (``refimpl.Model.decode``)."""
+        return self.model.decode(input_ids, state)
+
+    def rollback(self, state, num_tokens: int):
+        """The cache without the last ``num_tokens`` tokens (``refimpl.Model.rollback``)."""
+        return self.model.rollback(state, num_tokens)
+
 
 class RefimplBackend:
     """Backend running ``refimpl.from_pretrained`` and the ops of ``refimpl.ops``.
@@ -61,10 +76,12 @@ class RefimplBackend:
     def supports(self, case: Case, dtype: str) -> bool | str:
         if dtype not in DTYPES:
             return f"refimpl computes in {' or '.join(DTYPES)} only"
-        if case.level == "model" and case.architecture not in refimpl.ARCHITECTURES:
+        if case.level in ("model", "scenario") and case.architecture not in refimpl.ARCHITECTURES:
             return f"refimpl has no architecture '{case.architecture}'"
         if case.level == "model" and case.mtp_depths and refimpl.ARCHITECTURES[case.architecture].mtp is None:
             return f"refimpl has no multi-token prediction for '{case.architecture}'"
+        if case.level == "scenario" and refimpl.ARCHITECTURES[case.architecture].forward_step is None:
+            return f"refimpl has no incremental decoding (prefill / decode / rollback) for '{case.architecture}' yet"
         return True
 
     def load_model(self, checkpoint_dir: Path, dtype: str) -> RefimplModel:

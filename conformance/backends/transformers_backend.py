@@ -28,6 +28,19 @@ them), then ``MtpModel._project_to_logits``. Architectures without transformers 
 modules (Qwen3-Next: its config has no ``num_mtp_layers`` and the model drops ``mtp.*``)
 are "not implemented" for cases with MTP outputs.
 
+Scenario cases (prefill / decode / rollback, ``docs/scenarios.md``) run through transformers'
+own cache objects, as ``generate`` drives them: the prefill passes ``input_ids``, the
+attention mask (ones when the prompt is not padded) and ``position_ids = cumsum(mask) - 1``
+(0 on pad slots; ``GenerationMixin._prepare_position_ids_for_generation``) with
+``use_cache=True``, and keeps the cache the model's forward creates (``DynamicCache(config=...)``
+with its sliding-window, chunked and linear-attention layers); each decode passes the new ids,
+the running attention mask (ones appended) and the next positions, with that cache. A rollback
+of r tokens calls ``cache.crop(-r)`` when every layer is a full-attention layer
+(``Cache.is_croppable`` and no sliding layer); otherwise (sliding-window or chunked layers, whose
+kept slots a crop cannot restore once the window has slid, and Gated DeltaNet states) it restores
+the copy of the cache taken before the last call (``copy.deepcopy``) and feeds again the tokens
+of that call that are kept (their logits are not returned).
+
 Model cases whose architecture is in none of transformers' auto mappings
 (``MODEL_*_MAPPING_NAMES``; e.g. Grok's ``Grok1ForCausalLM``) are "not implemented".
 
@@ -52,6 +65,8 @@ cases to fail by about 1e-7).
 from __future__ import annotations
 
 import contextlib
+import copy
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -223,6 +238,32 @@ def mtp_draft_logits(model, mtp, input_ids, last_hidden) -> list:
     return drafts
 
 
+@dataclass
+class CacheState:
+    """What a scenario carries between calls (the ``state`` of the incremental capability).
+
+    Attributes:
+        cache: transformers' cache object as the model's forward left it (updated in place).
+        attention_mask: ``(B, S)`` int64 torch tensor over every slot so far (0 on pad slots).
+        next_position: ``(B,)`` int64 torch tensor, the position of each row's next token.
+        before: the state before the last call, copied, for a rollback that cannot crop
+            (None: the last call was the prefill, or the cache can crop).
+        last_ids: the ids of the last call ``(B, n)``, fed again after restoring ``before``.
+    """
+
+    cache: object
+    attention_mask: object
+    next_position: object
+    before: "CacheState | None" = None
+    last_ids: object = None
+
+
+def _croppable(cache) -> bool:
+    """Whether ``cache.crop(-r)`` undoes the last r tokens exactly: every layer keeps all its
+    slots (no sliding-window or chunked layer, no recurrent state)."""
+    return bool(getattr(cache, "is_croppable", False)) and not any(getattr(cache, "is_sliding", [True]))
+
+
 class TransformersModel:
     """A loaded transformers model plus the precision context to run it in (and its MTP depths, if any)."""
 
@@ -258,6 +299,56 @@ class TransformersModel:
                 drafts = mtp_draft_logits(self.model, self.mtp, input_ids, out.hidden_states[-1])
         return BackendOutput(logits=_to_numpy(out.logits), hidden_states=captured or None, mtp_logits=drafts)
 
+    def _forward(self, ids, attention_mask, positions, cache):
+        """One cached forward: ``(float64 logits, cache)``."""
+        import torch
+
+        with self.precision_context(), torch.no_grad():
+            out = self.model(input_ids=ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
+                             use_cache=True)
+        return _to_numpy(out.logits), out.cache
+
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray | None):
+        """``(logits (B, n, V), CacheState)`` of a prompt (see the module docstring)."""
+        import torch
+
+        ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))
+        mask = torch.ones_like(ids) if attention_mask is None else torch.from_numpy(
+            np.asarray(attention_mask, dtype=np.int64))
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        logits, cache = self._forward(ids, mask, positions, None)
+        return logits, CacheState(cache, mask, positions[:, -1] + 1, before=None, last_ids=ids)
+
+    def decode(self, input_ids: np.ndarray, state: CacheState):
+        """``(logits (B, n, V), CacheState)`` of n new tokens per row after ``state`` (updated in place)."""
+        import torch
+
+        ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))
+        before = None if _croppable(state.cache) else copy.deepcopy(
+            CacheState(state.cache, state.attention_mask, state.next_position, None, state.last_ids))
+        mask = torch.cat([state.attention_mask, torch.ones_like(ids)], dim=-1)
+        positions = state.next_position[:, None] + torch.arange(ids.shape[1])[None, :]
+        logits, cache = self._forward(ids, mask, positions, state.cache)
+        return logits, CacheState(cache, mask, state.next_position + ids.shape[1], before=before, last_ids=ids)
+
+    def rollback(self, state: CacheState, num_tokens: int) -> CacheState:
+        """``state`` without the last ``num_tokens`` tokens (of the last call): a crop, or the copy
+        taken before that call plus its kept tokens fed again (see the module docstring)."""
+        if num_tokens == 0:
+            return state
+        kept = state.last_ids.shape[1] - num_tokens
+        if _croppable(state.cache):
+            state.cache.crop(-num_tokens)
+            return CacheState(state.cache, state.attention_mask[:, :-num_tokens], state.next_position - num_tokens)
+        if state.before is None:
+            # The prefill: run it again on its kept slots.
+            _, again = self.prefill(state.last_ids[:, :kept].numpy(), state.attention_mask[:, :kept].numpy())
+            return again
+        if kept == 0:
+            return state.before
+        _, again = self.decode(state.last_ids[:, :kept].numpy(), state.before)
+        return again
+
 
 class TransformersBackend:
     """Backend running ``transformers.AutoModelForCausalLM``; see the module docstring."""
@@ -289,7 +380,7 @@ class TransformersBackend:
         load an unrelated transformers model)."""
         if dtype not in DTYPES:
             return f"unknown dtype {dtype}"
-        if case.level == "model" and case.architecture not in _known_architectures(self.transformers):
+        if case.level in ("model", "scenario") and case.architecture not in _known_architectures(self.transformers):
             return (f"transformers {self.transformers.__version__} has no model class "
                     f"'{case.architecture}' (not in its auto mappings)")
         if case.level == "model" and case.mtp_depths and case.architecture not in MTP_ARCHITECTURES:

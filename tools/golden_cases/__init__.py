@@ -11,7 +11,7 @@ import importlib
 
 from .common import JSON_NULL, ModelCase, OpCase
 
-_MODULES = ("qwen3", "olmo2", "mistral", "smollm3", "gemma3", "gpt_oss", "glm4_moe", "llama4", "qwen3_moe", "minimax_m2", "grok2", "deepseek_v3", "moe_ops", "qwen3_next", "gdn_ops", "gemma3n", "mtp", "ops")
+_MODULES = ("qwen3", "olmo2", "mistral", "smollm3", "gemma3", "gpt_oss", "glm4_moe", "llama4", "qwen3_moe", "minimax_m2", "grok2", "deepseek_v3", "moe_ops", "qwen3_next", "gdn_ops", "gemma3n", "mtp", "scenarios", "scenario_classes", "ops")
 
 
 def all_cases() -> list:

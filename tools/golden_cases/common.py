@@ -65,3 +65,60 @@ class OpCase:
     tolerance_class: str = "op_exact"
     #: low-precision dtypes whose exact rounding the case also records (``outputs.<name>@<dtype>``)
     rounded_dtypes: tuple[str, ...] = ()
+
+
+def prefill(num_tokens: int) -> dict:
+    """A scenario schedule step: the prompt, ``num_tokens`` slots per row (left padding included)."""
+    return {"op": "prefill", "num_tokens": num_tokens}
+
+
+def decode(num_tokens: int = 1) -> dict:
+    """A scenario schedule step: ``num_tokens`` new tokens per row (several: a chunked-prefill
+    piece or a speculative verification)."""
+    return {"op": "decode", "num_tokens": num_tokens}
+
+
+def rollback(num_tokens: int) -> dict:
+    """A scenario schedule step: forget the last ``num_tokens`` tokens of every row (rejected drafts)."""
+    return {"op": "rollback", "num_tokens": num_tokens}
+
+
+@dataclass(frozen=True)
+class ScenarioCase:
+    """One scenario golden case: a checkpoint, a schedule of incremental calls and their tokens.
+
+    The checkpoint is either a model case's (``checkpoint_of``: its id; the scenario's manifest
+    entry points at that case's checkpoint folder) or the scenario's own, drawn from ``config``
+    and ``seed`` like a :class:`ModelCase`'s (``weight_scales`` as there). Exactly one of the two.
+
+    ``schedule`` lists :func:`prefill` (first, once), :func:`decode` and :func:`rollback`
+    steps. Tokens come from ``np.random.default_rng(seed)``, one draw of ``(B, n)`` per prefill
+    or decode step in schedule order (pad slots too: their ids are arbitrary), unless
+    ``make_tokens(rng, index, shape, vocab_size, history)`` returns them: ``index`` is the
+    step's place in the schedule, ``shape`` is ``(B, n)``, ``history`` holds each row's real
+    tokens so far (after rollbacks) as int64 arrays; it returns int ``(B, n)``.
+
+    ``left_padding[b]`` pad slots open row b's prompt (empty: no padding); the generator stores
+    the attention mask, and each token's position is ``cumsum(mask) - 1``.
+    """
+
+    case_id: str
+    description: str
+    seed: int
+    schedule: tuple
+    batch: int = 1
+    left_padding: tuple = ()
+    checkpoint_of: str | None = None
+    config: dict | None = None
+    tolerance_class: str = "model_logits"
+    weight_scales: dict = field(default_factory=dict)
+    make_tokens: Callable | None = None
+    #: as :class:`ModelCase`; scenarios never write MTP depths or another layout
+    mtp: bool = False
+    checkpoint_layout: Callable | None = None
+
+    def __post_init__(self):
+        if (self.checkpoint_of is None) == (self.config is None):
+            raise ValueError(f"{self.case_id}: give exactly one of checkpoint_of and config")
+        if self.left_padding and len(self.left_padding) != self.batch:
+            raise ValueError(f"{self.case_id}: left_padding needs one entry per row ({self.batch})")
