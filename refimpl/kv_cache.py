@@ -111,8 +111,11 @@ def fresh_context(batch: int, num_tokens: int, attention_mask: np.ndarray | None
     if mask.shape != (batch, num_tokens):
         raise ShapeError(f"attention_mask has shape {mask.shape}, input_ids ({batch}, {num_tokens})")
     if mask.dtype != np.bool_:
-        if mask.dtype.kind not in "iu" or not np.isin(mask, (0, 1)).all():
-            raise InputError(f"attention_mask must hold 0 and 1 (or bool), got dtype {mask.dtype}")
+        if mask.dtype.kind not in "iu":
+            raise InputError(f"attention_mask must be integers 0 and 1 (or bool), got dtype {mask.dtype}")
+        if not np.isin(mask, (0, 1)).all():
+            others = sorted(set(np.unique(mask).tolist()) - {0, 1})[:5]
+            raise InputError(f"attention_mask must hold only 0 and 1, got also {others}")
         mask = mask.astype(bool)
     if (np.diff(mask.astype(np.int8), axis=1) < 0).any():
         raise InputError("attention_mask: only left padding is supported (a 0 follows a 1 in some row)")

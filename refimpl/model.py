@@ -59,12 +59,15 @@ class DecodeCache:
         next_position: ``(B,)`` int64, the position the next token of each row gets.
         length: slots per row so far (left-padding slots included).
         last_added: tokens the last call appended (the most :meth:`Model.rollback` undoes).
+        owner: the :class:`Model` object whose prefill made the cache (a cache is refused by
+            any other model, even one loaded from the same checkpoint).
     """
 
     layers: tuple
     next_position: np.ndarray
     length: int
     last_added: int
+    owner: object = None
 
     @property
     def batch(self) -> int:
@@ -320,7 +323,7 @@ class Model:
         last = context.positions[:, -1] + 1
         next_position = np.where(context.valid[:, -1], last, 0).astype(np.int64)
         return logits, DecodeCache(layers=tuple(layers), next_position=next_position, length=length,
-                                   last_added=ids.shape[1])
+                                   last_added=ids.shape[1], owner=self)
 
     def prefill(self, input_ids, attention_mask=None) -> tuple[np.ndarray, DecodeCache]:
         """Run a prompt and keep what later tokens need.
@@ -359,10 +362,10 @@ class Model:
 
         Raises:
             InputError: bad ids, a batch size other than the cache's, or a cache that is
-                not a :class:`DecodeCache` of this model.
+                not a :class:`DecodeCache` this model object made.
         """
         ids = check_token_ids(input_ids, self.config.vocab_size)
-        self._check_cache(cache)
+        self._check_cache(cache, "decode")
         if ids.shape[0] != cache.batch:
             raise InputError(f"decode: input_ids has {ids.shape[0]} rows, the cache {cache.batch}")
         context = next_context(cache.next_position, ids.shape[1], cache.layers)
@@ -375,24 +378,35 @@ class Model:
         states included). Only tokens of the last call can be rolled back, once.
 
         Raises:
-            InputError: ``num_tokens`` not an integer in ``[0, tokens of the last call]``, or
-                a cache not of this model.
+            InputError: ``num_tokens`` not an integer in ``[0, tokens of the last call]``, a
+                cache already rolled back, a rollback that would leave a (left-padded) row
+                without a token, or a cache another model object made.
         """
-        self._check_cache(cache)
+        self._check_cache(cache, "rollback")
         if isinstance(num_tokens, (bool, np.bool_)) or not isinstance(num_tokens, (int, np.integer)) \
-                or not 0 <= num_tokens <= cache.last_added:
-            raise InputError(f"rollback: num_tokens must be an integer in [0, {cache.last_added}] (the tokens "
-                             f"of the last call), got {num_tokens!r}")
-        if num_tokens and cache.length - num_tokens < 1:
-            raise InputError("rollback: cannot remove every token of the sequence")
+                or num_tokens < 0:
+            raise InputError(f"rollback: num_tokens must be an integer >= 0, got {num_tokens!r}")
+        if num_tokens and cache.last_added == 0:
+            raise InputError("rollback: this cache was already rolled back; only the tokens of the last "
+                             "prefill or decode call can be rolled back, once")
+        if num_tokens > cache.last_added:
+            raise InputError(f"rollback of {num_tokens} token(s): the last call added {cache.last_added}, and only "
+                             "its tokens can be rolled back")
+        if num_tokens and (cache.next_position - num_tokens < 1).any():
+            row = int(np.argmax(cache.next_position - num_tokens < 1))
+            raise InputError(f"rollback of {num_tokens} token(s) would leave row {row} without a token "
+                             f"(it has {int(cache.next_position[row])})")
         layers = tuple(None if c is None else c.rollback(int(num_tokens)) for c in cache.layers)
         return DecodeCache(layers=layers, next_position=cache.next_position - int(num_tokens),
-                           length=cache.length - int(num_tokens), last_added=0)
+                           length=cache.length - int(num_tokens), last_added=0, owner=self)
 
-    def _check_cache(self, cache) -> None:
-        if not isinstance(cache, DecodeCache) or len(cache.layers) != self.config.num_hidden_layers:
-            raise InputError(f"expected the DecodeCache of a prefill of this model "
-                             f"({self.config.num_hidden_layers} layers), got {type(cache).__name__}")
+    def _check_cache(self, cache, call: str = "decode") -> None:
+        if not isinstance(cache, DecodeCache):
+            raise InputError(f"{call}: expected the DecodeCache that this model's prefill or decode returned, "
+                             f"got {type(cache).__name__}")
+        if cache.owner is not self:
+            raise InputError(f"{call}: this cache was made by another model object; a cache belongs to the "
+                             "model whose prefill made it")
 
     def __call__(self, input_ids) -> np.ndarray:
         """Logits ``(B, T, V)`` for integer token ids ``(B, T)``."""

@@ -111,11 +111,34 @@ def test_rollback_beyond_the_last_call_is_refused():
     m = model("qwen3/untied-gqa-odd-len/checkpoint")
     _, cache = m.prefill(np.array([[1, 2, 3]]))
     _, cache = m.decode(np.array([[4, 5]]), cache)
-    with pytest.raises(InputError, match=r"\[0, 2\]"):
+    with pytest.raises(InputError, match="the last call added 2"):
         m.rollback(cache, 3)
     rolled = m.rollback(cache, 1)
-    with pytest.raises(InputError, match=r"\[0, 0\]"):
+    with pytest.raises(InputError, match="already rolled back"):
         m.rollback(rolled, 1)
+    with pytest.raises(InputError, match="integer >= 0"):
+        m.rollback(cache, -1)
+
+
+def test_rollback_may_not_empty_a_left_padded_row():
+    m = model("qwen3/untied-gqa-odd-len/checkpoint")
+    _, cache = m.prefill(np.array([[1, 2, 3, 4, 5, 6], [0, 0, 0, 0, 5, 6]]),
+                         np.array([[1] * 6, [0, 0, 0, 0, 1, 1]]))
+    with pytest.raises(InputError, match="row 1 without a token"):
+        m.rollback(cache, 2)
+    assert m.rollback(cache, 1).next_position.tolist() == [5, 1]
+
+
+def test_a_cache_belongs_to_the_model_that_made_it():
+    a = model("qwen3/untied-gqa-odd-len/checkpoint")
+    b = model("qwen3/attention-bias/checkpoint")
+    _, cache = a.prefill(np.array([[1, 2, 3]]))
+    with pytest.raises(InputError, match="another model"):
+        b.decode(np.array([[4]]), cache)
+    with pytest.raises(InputError, match="another model"):
+        b.rollback(cache, 1)
+    with pytest.raises(InputError, match="DecodeCache"):
+        a.decode(np.array([[4]]), {"layers": ()})
 
 
 def test_padding_only_on_the_left():
@@ -124,3 +147,5 @@ def test_padding_only_on_the_left():
         m.prefill(np.array([[1, 2, 3]]), np.array([[1, 0, 1]]))
     with pytest.raises(InputError, match="no token"):
         m.prefill(np.array([[1, 2, 3]]), np.array([[0, 0, 0]]))
+    with pytest.raises(InputError, match=r"only 0 and 1, got also \[2\]"):
+        m.prefill(np.array([[1, 2, 3]]), np.array([[1, 2, 1]]))
