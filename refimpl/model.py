@@ -174,32 +174,36 @@ def check_mtp_weights(
 _SMALL_ATTENTION_BYTES = 1 << 26
 
 
-def check_sequence_length(config, shape: tuple[int, int], dtype) -> None:
-    """Refuse a forward over ``shape = (B, T)`` token ids before any ``(T, T)`` array exists.
+def check_sequence_length(config, shape: tuple[int, int], dtype, num_keys: int | None = None) -> None:
+    """Refuse a call over ``shape = (B, T)`` token ids before any ``(T, S)`` array exists.
 
-    One layer's attention scores, ``B * H * T * T`` elements of the compute dtype
-    (H = ``num_attention_heads``, 1 when the config has none), must fit in the memory
+    One layer's attention scores, ``B * H * T * S`` elements of the compute dtype
+    (H = ``num_attention_heads``, 1 when the config has none; S = ``num_keys``, the cached
+    slots plus the T new ones, or T for a whole-sequence forward), must fit in the memory
     available now: ``MemAvailable`` of ``/proc/meminfo`` (else the free physical pages),
     and under an address-space limit (``RLIMIT_AS``) the room left below it. The scores
-    are a lower bound of the forward's peak (the ``(T, T)`` mask, the softmax and the
-    weighted sum come on top), so an input refused here could not have run; estimated
-    only from 64 MiB of scores up, and skipped where the available memory is unknown.
-    Sequences longer than ``max_position_embeddings`` are not refused: transformers runs
-    them, and RoPE (scaled or not) is defined at every position.
+    are a lower bound of the call's peak (the mask, the softmax and the weighted sum come
+    on top), so an input refused here could not have run; estimated only from 64 MiB of
+    scores up, and skipped where the available memory is unknown. S counts every slot
+    so far, an upper bound for sliding-window and chunked layers. Sequences longer than
+    ``max_position_embeddings`` are not refused: transformers runs them, and RoPE (scaled
+    or not) is defined at every position.
 
     Raises:
-        InputError: naming the shape, the bytes needed and the bytes available.
+        InputError: naming the shape, the keys, the bytes needed and the bytes available.
     """
     batch, length = shape
+    keys = length if num_keys is None else num_keys
     heads = getattr(config, "num_attention_heads", 1)
-    need = batch * (heads if isinstance(heads, int) else 1) * length * length * np.dtype(dtype).itemsize
+    need = batch * (heads if isinstance(heads, int) else 1) * length * keys * np.dtype(dtype).itemsize
     if need < _SMALL_ATTENTION_BYTES:
         return
     available = available_memory()
     if available is not None and need > available:
-        raise InputError(f"input_ids of shape {tuple(shape)}: one layer's attention scores (B * H * T * T in "
+        over = "" if num_keys is None else f" over {keys} keys"
+        raise InputError(f"input_ids of shape {tuple(shape)}{over}: one layer's attention scores (B * H * T * S in "
                          f"{np.dtype(dtype).name}) need {need / 2**30:.1f} GiB, more than the "
-                         f"{available / 2**30:.1f} GiB of memory available; use a shorter sequence or batch")
+                         f"{available / 2**30:.1f} GiB of memory available; use a shorter sequence, piece or batch")
 
 
 def available_memory() -> int | None:
@@ -317,7 +321,7 @@ class Model:
         step = self.architecture.forward_step
         if step is None:
             raise ConfigError(f"{self.architecture.name}: this reference has no incremental decoding for it")
-        check_sequence_length(self.config, (ids.shape[0], length), self.dtype)
+        check_sequence_length(self.config, ids.shape, self.dtype, num_keys=length)
         with self._layer_progress():
             logits, _, layers = step(self.weights, self.config, ids, context)
         last = context.positions[:, -1] + 1

@@ -149,3 +149,15 @@ def test_padding_only_on_the_left():
         m.prefill(np.array([[1, 2, 3]]), np.array([[0, 0, 0]]))
     with pytest.raises(InputError, match=r"only 0 and 1, got also \[2\]"):
         m.prefill(np.array([[1, 2, 3]]), np.array([[1, 2, 1]]))
+
+
+def test_the_memory_check_of_a_call_counts_its_new_tokens_times_all_keys(monkeypatch):
+    # A one-token decode after a long cache needs B * H * 1 * S scores, not B * H * S * S:
+    # with S = 40000 and H = 4 that is 1.3 MB at float64 (S * S would be 51 GiB).
+    import refimpl.model as model_module
+
+    monkeypatch.setattr(model_module, "available_memory", lambda: 1 << 30)
+    config = model("qwen3/untied-gqa-odd-len/checkpoint").config
+    model_module.check_sequence_length(config, (1, 1), np.float64, num_keys=40_000)
+    with pytest.raises(InputError, match=r"input_ids of shape \(1, 5000\) over 40000 keys"):
+        model_module.check_sequence_length(config, (1, 5000), np.float64, num_keys=40_000)
