@@ -10,7 +10,7 @@
     llm-conformance check --outputs DIR2 [--dtype float32] [same selection and report options as run]
     llm-conformance matrix --backend NAME|module:factory [--backend ...] [-o key=value ...]
                            [--dtype float32] [--golden-dir DIR] [--output FILE.md]
-    llm-conformance list [--golden-dir DIR]
+    llm-conformance list [--golden-dir DIR] [--level all|model|op|scenario] [--case GLOB ...]
     llm-conformance properties --backend NAME|module:factory [-o key=value ...] [--dtype float64]
                                [--profile quick|ci|thorough] [--property NAME ...]
 
@@ -49,7 +49,7 @@ from .drift import DEFAULT_FACTOR, compute_drift, drift_lines, load_old_report, 
 from .manifest import LEVELS, Case, default_golden_dir, read_manifest, verify_case_files
 from .matrix import support_matrix
 from .expectations import load_expectations
-from .report import FAILING, print_report, write_json_report, write_junit_report
+from .report import FAILING, id_column_options, print_report, write_json_report, write_junit_report
 from .repro import prepare_repro_dir, write_repro_bundles
 from .isolation import DEFAULT_TIMEOUT, IsolatedRunner
 from .runner import RunInterrupted, Status, one_line, run_suite
@@ -129,10 +129,13 @@ def _check_writable(report: Path) -> None:
         raise ConformanceError(f"cannot write report {report}: directory {parent} does not exist or is not writable")
 
 
-def _stdout_console() -> Console:
-    """Console for tables: its terminal's width, or 160 columns in logs so rows do not fold."""
+def _stdout_console(ids=()) -> Console:
+    """Console for tables: its terminal's width, or in logs 160 columns, more when the longest of
+    ``ids`` (a table's case ids, never wrapped there) needs them, so that rows do not fold."""
     console = Console()
-    return console if console.is_terminal else Console(width=160)
+    if console.is_terminal:
+        return console
+    return Console(width=max(160, max((len(i) for i in ids), default=0) + 110))
 
 
 def _now() -> str:
@@ -172,7 +175,8 @@ def cli():
                                    "repeatable.")
 @click.option("--html", "html_path", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE.html",
               help="Also write a self-contained HTML page: summary, support matrix, every case, and a plot of the "
-                   "error per layer of each failing model case (needs matplotlib).")
+                   "error per layer of each failing model case, per step of each failing scenario (needs "
+                   "matplotlib).")
 @click.option("--junit", type=click.Path(path_type=Path, dir_okay=False), help="Also write a JUnit XML report here.")
 @click.option("--compare-to", "compare_to", type=click.Path(path_type=Path, dir_okay=False), metavar="OLD.json",
               help="A previous --report: flag cases that passed then and not now, or whose headline rel RMS grew "
@@ -211,7 +215,8 @@ def _run_and_report(factory, spec: dict, dtype, level, op_names, golden_dir, cas
     (in a worker process when ``isolate``; ``factory`` must then be picklable), print and write
     the reports, and exit with ``run``'s status. ``spec`` goes into the report's metadata
     (``backend_spec`` and ``backend_options``, or ``outputs_dir`` for ``check``);
-    ``select_hook(cases)`` runs once the cases are chosen (``check`` warns about stray folders).
+    ``select_hook(cases, corpus_cases)`` runs once the cases are chosen, with every case of the
+    corpus besides (``check`` warns about stray folders).
     On Ctrl-C the reports of the finished cases are written, marked partial, and the exit
     status is 130."""
     golden_dir = golden_dir or default_golden_dir()
@@ -235,7 +240,7 @@ def _run_and_report(factory, spec: dict, dtype, level, op_names, golden_dir, cas
     if repro_dir is not None:
         prepare_repro_dir(repro_dir)
     if select_hook is not None:
-        select_hook(cases)
+        select_hook(cases, manifest.cases)
     isolated = chosen = None
     if isolate:
         isolated = IsolatedRunner(factory, golden_dir, dtype, timeout=timeout)
@@ -276,7 +281,7 @@ def _run_and_report(factory, spec: dict, dtype, level, op_names, golden_dir, cas
         from .html_report import write_html_report
 
         write_html_report(html_path, results, meta, partial=partial)
-    console = _stdout_console()
+    console = _stdout_console([r.case_id for r in results])
     print_report(results, meta, console)
     if old is not None:
         for line in drift_lines(drift, old, drift_factor):
@@ -344,7 +349,8 @@ def export_command(directory, dtype, level, op_names, golden_dir, case_globs):
               metavar="FILE", help="As for run.")
 @click.option("--html", "html_path", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE.html",
               help="Also write a self-contained HTML page: summary, support matrix, every case, and a plot of the "
-                   "error per layer of each failing model case (needs matplotlib).")
+                   "error per layer of each failing model case, per step of each failing scenario (needs "
+                   "matplotlib).")
 @click.option("--junit", type=click.Path(path_type=Path, dir_okay=False), help="Also write a JUnit XML report here.")
 @click.option("--compare-to", "compare_to", type=click.Path(path_type=Path, dir_okay=False), metavar="OLD.json",
               help="As for run.")
@@ -370,9 +376,13 @@ def check_command(outputs_dir, exported_dir, dtype, level, op_names, golden_dir,
             raise ConformanceError(f"--case selects none of the {len(exported)} case(s) of the export {exported_dir}")
     dtype = dtype or "float32"
 
-    def warn_stray(cases):
-        for name in FileOutputsBackend(outputs_dir).stray_folders(cases):
-            click.echo(f"warning: {outputs_dir / name} matches no selected case; it is ignored", err=True)
+    def warn_stray(cases, corpus_cases):
+        # Folders of cases that --case, --level or --op leave out are not strays: only those that
+        # match no case of the export (or, without --exported, of the corpus) are likely typos.
+        known = exported if exported_dir is not None else [case.id for case in corpus_cases]
+        where = f"the export {exported_dir}" if exported_dir is not None else "the corpus"
+        for name in FileOutputsBackend(outputs_dir).stray_folders(known):
+            click.echo(f"warning: {outputs_dir / name} matches no case of {where}; it is ignored", err=True)
 
     spec = {"backend_spec": "files", "backend_options": {}, "outputs_dir": str(Path(outputs_dir).resolve())}
     if exported_dir is not None:
@@ -416,18 +426,26 @@ def matrix_command(backend_specs, options, dtype, golden_dir, output):
 
 @cli.command("list")
 @golden_dir_option
+@click.option("--level", type=click.Choice(LEVEL_CHOICES), default="all", show_default=True,
+              help="List only the cases of this level.")
+@click.option("--case", "case_globs", multiple=True, metavar="GLOB", help="List only matching case ids; repeatable.")
 @_input_errors_as_one_line
-def list_command(golden_dir):
-    """List the golden cases."""
+def list_command(golden_dir, level, case_globs):
+    """List the golden cases (the same --level and --case selection as run)."""
     golden_dir = golden_dir or default_golden_dir()
     manifest = read_manifest(golden_dir)
-    table = Table(title=f"golden corpus {manifest.corpus_version} ({golden_dir})")
+    cases = select_level(select_cases(manifest.cases, case_globs), level, ())
+    if not cases:
+        raise ConformanceError(f"no case is selected (--level {level}, --case {list(case_globs)})")
+    console = _stdout_console([case.id for case in cases])
+    selected = "" if len(cases) == len(manifest.cases) else f", {len(cases)} of {len(manifest.cases)} cases"
+    table = Table(title=f"golden corpus {manifest.corpus_version} ({golden_dir}{selected})")
     for name in ("id", "level", "architecture / op", "tolerance class", "description"):
-        table.add_column(name, overflow="fold")
-    for case in manifest.cases:
+        table.add_column(name, **(id_column_options(console) if name == "id" else {"overflow": "fold"}))
+    for case in cases:
         cells = (case.id, case.level, case.architecture or case.op, case.tolerance_class, case.description)
         table.add_row(*(Text(cell) for cell in cells))
-    _stdout_console().print(table)
+    console.print(table)
 
 
 @cli.command("properties")

@@ -198,6 +198,18 @@ class _FileModel:
     def prefill(self, input_ids, attention_mask):
         return self._step_logits(0)
 
+    def uncompared_outputs(self) -> list[str]:
+        """The tensors of ``outputs.safetensors`` that this case does not read: for a scenario,
+        all but the ``steps.{i}.logits`` of its prefill and decode steps; for a model case, all but
+        ``logits``, ``hidden_states.*`` and ``mtp_logits.{k}`` (the runner lists them as not compared)."""
+        tensors = self.backend.read_outputs(self.case)
+        if self.case.level == "scenario":
+            read = {f"{STEP_PREFIX}{i}.logits" for i, step in enumerate(self.case.schedule) if step.op != "rollback"}
+        else:
+            read = {name for name in tensors if name == "logits" or name.startswith(HIDDEN_PREFIX)
+                    or (name.startswith(MTP_PREFIX) and name[len(MTP_PREFIX):].isdigit())}
+        return sorted(set(tensors) - read)
+
     def decode(self, input_ids, state: int):
         return self._step_logits(state + 1)
 
@@ -281,9 +293,10 @@ class FileOutputsBackend:
 
         return {name: self._op for name in OPS}
 
-    def stray_folders(self, cases: list[Case]) -> list[str]:
-        """Folders in the outputs directory that belong to no selected case (likely a typo)."""
-        known = {bundle_name(case.id) for case in cases}
+    def stray_folders(self, case_ids) -> list[str]:
+        """Folders in the outputs directory that belong to none of ``case_ids`` (the export's or the
+        corpus's: likely a typo)."""
+        known = {bundle_name(case_id) for case_id in case_ids}
         return sorted(p.name for p in self.outputs_dir.iterdir() if p.is_dir() and p.name not in known)
 
     def package_versions(self) -> dict[str, str]:

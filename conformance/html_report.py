@@ -99,8 +99,27 @@ def plot_points(result: CaseResult):
     return names, values, shown, floor, top
 
 
+def is_scenario(result: CaseResult) -> bool:
+    """True when the compared tensors are a scenario's steps (``steps.{i}``), not a model's taps."""
+    return bool(result.comparisons) and all(name.startswith("steps.") for name in result.comparisons)
+
+
 def error_plot_png(result: CaseResult) -> bytes:
-    """PNG of the relative RMS error per compared tensor of a model case, in forward order.
+    """PNG of the relative RMS error per compared tensor of a model case (in forward order), or
+    per step of a scenario.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
+    buffer = io.BytesIO()
+    # "tight" keeps the legend, drawn right of the axes, inside the image.
+    error_plot_figure(result).savefig(buffer, format="png", bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def error_plot_figure(result: CaseResult):
+    """The matplotlib ``Figure`` (Agg) of :func:`error_plot_png`; its legend sits right of the
+    axes, so that it never covers the curve.
 
     Raises:
         ImportError: matplotlib is not installed.
@@ -132,12 +151,12 @@ def error_plot_png(result: CaseResult) -> bytes:
     ax.set_yscale("log")
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("rel RMS vs expected")
+    ax.set_xlabel("step (schedule index)" if is_scenario(result) else "tensor, in forward order", fontsize=8)
     ax.set_title(f"{result.case_id} ({result.dtype})", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    # No tight_layout: it would shrink the axes to make room for the legend; the PNG is saved with
+    # bbox_inches="tight", which widens the image instead.
+    return fig
 
 
 def _plot_html(result: CaseResult) -> str:
@@ -147,8 +166,9 @@ def _plot_html(result: CaseResult) -> str:
         return (f'<p class="plot">No plot for {_e(result.case_id)}: matplotlib is not installed '
                 f'(pip install "llm-refimpl[report]").</p>')
     data = base64.b64encode(png).decode("ascii")
+    per = "step" if is_scenario(result) else "layer"
     return (f'<div class="plot" id="plot-{_e(result.case_id)}"><h3>{_e(result.case_id)}</h3>'
-            f'<img class="error-plot" data-case="{_e(result.case_id)}" alt="error per layer of {_e(result.case_id)}" '
+            f'<img class="error-plot" data-case="{_e(result.case_id)}" alt="error per {per} of {_e(result.case_id)}" '
             f'src="data:image/png;base64,{data}"></div>')
 
 
@@ -193,7 +213,7 @@ def render_html(results: list[CaseResult], meta: dict, partial: bool = False) ->
                         for k, v in info.items())
     failing_models = [r for r in results if r.status in (Status.FAILED, Status.NAN, Status.XFAILED)
                       and r.comparisons and len(r.comparisons) > 1
-                      and ("logits" in r.comparisons or all(n.startswith("steps.") for n in r.comparisons))]
+                      and ("logits" in r.comparisons or is_scenario(r))]
     plots = "".join(_plot_html(r) for r in failing_models) or "<p>No failing model case.</p>"
     banner = ('<p class="partial" id="partial">Partial results: the run was interrupted; '
               'cases after the last one listed did not run.</p>' if partial else "")

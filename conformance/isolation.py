@@ -14,6 +14,10 @@ is ready, then runs the cases it is sent one at a time with
   or signal in the message.
 * In both cases the next case starts a new worker; building the backend there is
   not counted in the case's time (it has its own ``startup_timeout``).
+* For a scenario case both messages name what was in progress, e.g. ``in steps.5 (decode 1
+  after 15 tokens)`` or ``in loading the checkpoint``: the worker writes it to a small shared
+  buffer before each step (``run_case(..., progress=...)``), and the parent reads it there, so a
+  worker that hangs in C code or dies still tells where.
 * A backend that cannot be built, or raises :class:`BackendError` (it cannot work
   at all), stops the run with that error, as without isolation.
 * The worker ignores SIGINT; on Ctrl-C the parent stops it and keeps the results
@@ -39,6 +43,8 @@ from .errors import BackendError, ConformanceError
 #: Default seconds one case may take (load + run), and the backend's start-up.
 DEFAULT_TIMEOUT = 600.0
 DEFAULT_STARTUP_TIMEOUT = 900.0
+#: Bytes of the shared buffer in which the worker says what a case is doing (UTF-8, NUL-terminated).
+PROGRESS_BYTES = 512
 
 
 def describe_exit(code: int | None) -> str:
@@ -69,7 +75,19 @@ def _context():
     return multiprocessing.get_context("spawn")
 
 
-def _worker(conn, factory, golden_dir: str, dtype: str) -> None:
+def _progress_writer(buffer):
+    """``progress(text)`` for :func:`conformance.runner.run_case` that writes ``text`` into ``buffer``."""
+    def progress(text: str) -> None:
+        buffer.value = str(text).encode("utf-8", "replace")[:PROGRESS_BYTES - 1]
+
+    return progress
+
+
+def _read_progress(buffer) -> str:
+    return buffer.value.decode("utf-8", "replace") if buffer is not None else ""
+
+
+def _worker(conn, factory, golden_dir: str, dtype: str, progress_buffer=None) -> None:
     """The worker's loop (runs in the child process)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from .backends.base import package_versions
@@ -83,6 +101,7 @@ def _worker(conn, factory, golden_dir: str, dtype: str) -> None:
         return
     conn.send(("ready", backend.name, package_versions(backend)))
     golden = Path(golden_dir)
+    progress = _progress_writer(progress_buffer) if progress_buffer is not None else None
     while True:
         try:
             case = conn.recv()
@@ -91,7 +110,7 @@ def _worker(conn, factory, golden_dir: str, dtype: str) -> None:
         if case is None:
             return
         try:
-            conn.send(("result", run_case(backend, case, golden, dtype)))
+            conn.send(("result", run_case(backend, case, golden, dtype, progress=progress)))
         except BackendError as exc:
             conn.send(("backend-error", str(exc)))
         except ConformanceError as exc:
@@ -117,6 +136,9 @@ class IsolatedRunner:
         self.factory, self.golden_dir, self.dtype = factory, str(golden_dir), dtype
         self.timeout, self.startup_timeout = float(timeout), float(startup_timeout)
         self._context = _context()
+        # What the running case is doing, written by the worker (unlocked: a hung worker must not
+        # be able to block the parent's read).
+        self._progress = self._context.Array("c", PROGRESS_BYTES, lock=False)
         self._process = None
         self._conn = None
         self.name = "?"
@@ -126,7 +148,8 @@ class IsolatedRunner:
     def start(self) -> None:
         """Start a worker and wait until its backend is built."""
         parent, child = self._context.Pipe()
-        process = self._context.Process(target=_worker, args=(child, self.factory, self.golden_dir, self.dtype),
+        process = self._context.Process(target=_worker, args=(child, self.factory, self.golden_dir, self.dtype,
+                                                              self._progress),
                                         daemon=True, name="llm-conformance-worker")
         process.start()
         child.close()
@@ -175,6 +198,16 @@ class IsolatedRunner:
         self._process = self._conn = None
         self.restarts += 1
 
+    def _doing(self, result) -> str:
+        """`` in steps.5 (decode 1 after 15 tokens)`` when the worker said what the case was doing (a
+        step also becomes the result's ``first_divergence``), else ``""``."""
+        doing = _read_progress(self._progress)
+        if not doing:
+            return ""
+        if doing.startswith("steps."):
+            result.first_divergence = doing
+        return f" in {doing}"
+
     def run(self, case):
         """Run ``case`` in the worker; a :class:`CaseResult`, "crashed" or "timed out" included."""
         from .runner import CaseResult, Status
@@ -185,12 +218,14 @@ class IsolatedRunner:
         result = CaseResult(case_id=case.id, dtype=self.dtype, status=Status.ERROR)
         result.tolerance = get_tolerance(case.tolerance_class, self.dtype)
         start = time.perf_counter()
+        self._progress.value = b""
         self._conn.send(case)
         if not self._conn.poll(self.timeout):
+            doing = self._doing(result)
             self._restart_later()
             result.status = Status.TIMED_OUT
-            result.message = (f"no result within {self.timeout:g} s (--timeout); the worker was killed and a new "
-                              f"one runs the next case")
+            result.message = (f"no result within {self.timeout:g} s (--timeout){doing}; the worker was killed and a "
+                              f"new one runs the next case")
             result.seconds = time.perf_counter() - start
             return result
         try:
@@ -198,9 +233,10 @@ class IsolatedRunner:
         except (EOFError, OSError):
             self._process.join(5)
             code = self._process.exitcode
+            doing = self._doing(result)
             self._restart_later()
             result.status = Status.CRASHED
-            result.message = (f"the backend's process died while running this case ({describe_exit(code)}); "
+            result.message = (f"the backend's process died while running this case ({describe_exit(code)}){doing}; "
                               f"a new one runs the next case")
             result.seconds = time.perf_counter() - start
             return result

@@ -93,6 +93,8 @@ class Case:
         schedule: scenario cases only: the :class:`ScheduleStep` calls, in order.
         checkpoint_of: scenario cases only: the id of the model case whose checkpoint the
             scenario runs, or None when it has its own.
+        batch: scenario cases only: the rows B of every step, as the manifest entry's
+            optional ``batch`` states it (checked against the data file); None when absent.
     """
 
     id: str
@@ -109,6 +111,7 @@ class Case:
     mtp_depths: int = 0
     schedule: tuple = ()
     checkpoint_of: str | None = None
+    batch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -308,6 +311,7 @@ def _parse_case(golden_dir, raw, where: str) -> Case:
         mtp_depths=_mtp_depths(raw, level == "model", where),
         schedule=check_schedule(_field(raw, "schedule", list, where), where) if scenario else (),
         checkpoint_of=_field(raw, "checkpoint_of", str, where) if scenario and "checkpoint_of" in raw else None,
+        batch=_batch(raw, where) if scenario else None,
     )
     if model:
         inside(golden_dir, case.checkpoint, f"{where}: checkpoint")
@@ -316,6 +320,14 @@ def _parse_case(golden_dir, raw, where: str) -> Case:
     if case.data not in files:
         raise ManifestError(f"{where}: data file '{case.data}' is not listed in 'files'")
     return case
+
+
+def _batch(raw: dict, where: str) -> int | None:
+    """The optional ``batch`` of a scenario case: an integer >= 1, None when absent."""
+    value = raw.get("batch")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ManifestError(f"{where}: field 'batch' must be an integer >= 1, got {value!r}")
+    return value
 
 
 def _mtp_depths(raw: dict, model: bool, where: str) -> int:
@@ -423,15 +435,16 @@ def load_case_data(golden_dir, case: Case) -> tuple[np.ndarray, np.ndarray, dict
     return input_ids.astype(np.int64), logits.astype(np.float64), {k: v.astype(np.float64) for k, v in hidden.items()}
 
 
-def _check_input_ids(golden_dir, case: Case, input_ids: np.ndarray) -> None:
+def _check_input_ids(golden_dir, case: Case, input_ids: np.ndarray, name: str = "input_ids") -> None:
     """Refuse empty ids, negative ids and ids at or above the checkpoint's vocab_size, and a
     manifest ``architecture`` that contradicts the checkpoint's config.json.
 
     Raises:
-        ManifestError: naming the case and the problem (the first offending id and its position).
+        ManifestError: naming the case, the tensor (``name``: a scenario's ``steps.{i}.input_ids``)
+            and the problem (the first offending id and its position).
     """
     if input_ids.size == 0:
-        raise ManifestError(f"case {case.id}: input_ids is empty (shape {input_ids.shape})")
+        raise ManifestError(f"case {case.id}: {name} is empty (shape {input_ids.shape})")
     config = _checkpoint_config(golden_dir, case)
     named = config.get("architectures")
     if isinstance(named, list) and len(named) == 1 and isinstance(named[0], str) and named[0] != case.architecture:
@@ -446,7 +459,7 @@ def _check_input_ids(golden_dir, case: Case, input_ids: np.ndarray) -> None:
         bad, limit = (input_ids < 0) | (input_ids > high), f"[0, {high}]"
     if bad.any():
         at = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ManifestError(f"case {case.id}: input_ids holds token id {int(input_ids[at])} at {at}, outside {limit}")
+        raise ManifestError(f"case {case.id}: {name} holds token id {int(input_ids[at])} at {at}, outside {limit}")
 
 
 def _checkpoint_config(golden_dir, case: Case) -> dict:
@@ -542,9 +555,12 @@ def load_scenario_data(golden_dir, case: Case) -> list[ScenarioStep]:
         ManifestError: the file is unreadable; a prefill or decode step lacks its
             ``input_ids`` or ``logits`` or has them of the wrong dtype or shape (``(B, n)``
             and ``(B, n, V)``, one B and one V for all steps); a token id outside
-            ``[0, vocab_size)``; an ``attention_mask`` that is not 0/1, pads other than on
-            the left, leaves a row without tokens, or sits on another step than 0; a rollback
-            leaves a row without real tokens; a tensor the schedule does not call for.
+            ``[0, vocab_size)`` (the step's tensor is named); NaN or Inf in the expected logits
+            at a real (unpadded) position; a step whose rows differ from the manifest entry's
+            ``batch``; an ``attention_mask`` that is not 0/1 (the other values are named),
+            pads other than on the left, leaves a row without tokens, or sits on another step
+            than 0; a rollback leaves a row without real tokens; a tensor the schedule does
+            not call for.
     """
     path = inside(golden_dir, case.data, f"case {case.id}")
     try:
@@ -581,9 +597,19 @@ def load_scenario_data(golden_dir, case: Case) -> list[ScenarioStep]:
                 or (shape is not None and vocab != shape[1]):
             raise ManifestError(f"{where}: '{keys[1]}' must be a float array (B, n, V) with (B, n) = {ids.shape}"
                                 f"{'' if shape is None else f' and V = {shape[1]}'}, got {logits.dtype} {logits.shape}")
+        if case.batch is not None and batch != case.batch:
+            raise ManifestError(f"{where}: '{keys[0]}' has {batch} row(s), the manifest entry's 'batch' is "
+                                f"{case.batch}")
         shape = (batch, vocab)
-        _check_input_ids(golden_dir, case, ids)
+        _check_input_ids(golden_dir, case, ids, keys[0])
         mask = _scenario_mask(tensors.get(keys[2]) if index == 0 else None, ids.shape, where)
+        real_slots = np.ones(ids.shape, dtype=bool) if mask is None else mask.astype(bool)
+        poisoned = real_slots[..., None] & ~np.isfinite(logits)
+        if poisoned.any():
+            at = tuple(int(i) for i in np.argwhere(poisoned)[0])
+            raise ManifestError(f"{where}: '{keys[1]}' holds {int(np.count_nonzero(poisoned))} NaN/Inf value(s) at "
+                                f"real (unpadded) positions, the first {logits[at]} at {at} (row, slot, vocab); "
+                                f"expected logits must be finite where they are compared")
         if real is None:
             real = np.full(batch, 0, dtype=np.int64)
         real = real + (entry.num_tokens if mask is None else mask.sum(axis=1))
@@ -600,9 +626,15 @@ def _scenario_mask(mask, shape: tuple[int, int], where: str) -> np.ndarray | Non
     """``steps.0.attention_mask`` checked: int64 0/1 of ``shape``, left padding only, a token in every row."""
     if mask is None:
         return None
-    if mask.shape != shape or not np.issubdtype(mask.dtype, np.integer) or not np.isin(mask, (0, 1)).all():
-        raise ManifestError(f"{where}: 'steps.0.attention_mask' must hold 0 and 1 with shape {shape}, "
-                            f"got {mask.dtype} {mask.shape}")
+    if mask.shape != shape or not np.issubdtype(mask.dtype, np.integer):
+        raise ManifestError(f"{where}: 'steps.0.attention_mask' must be an integer array of shape {shape} (the "
+                            f"prompt's ids), got {mask.dtype} {mask.shape}")
+    other = ~np.isin(mask, (0, 1))
+    if other.any():
+        at = tuple(int(i) for i in np.argwhere(other)[0])
+        values = ", ".join(str(int(v)) for v in np.unique(mask[other])[:5])
+        raise ManifestError(f"{where}: 'steps.0.attention_mask' must hold only 0 (pad) and 1 (token); it holds "
+                            f"{values} ({int(np.count_nonzero(other))} value(s), the first at {at})")
     if (np.diff(mask, axis=1) < 0).any() or not mask[:, -1].all():
         raise ManifestError(f"{where}: 'steps.0.attention_mask' may only pad on the left (0s before the 1s of a row)")
     return mask.astype(np.int64)

@@ -8,7 +8,9 @@ Nothing runs: support is probed with :func:`conformance.runner.unsupported_reaso
 (the op in the backend's ``ops``, or ``load_model`` for model and scenario cases, and
 ``supports(case, dtype)``), the check that makes ``run`` report "not implemented".
 A scenario counts as supported here even if the loaded model lacks the incremental
-capability (``prefill`` / ``decode`` / ``rollback``), which only loading shows.
+capability (``prefill`` / ``decode`` / ``rollback``): those methods belong to the object
+``load_model`` returns, so only loading a checkpoint shows them, and the matrix loads
+nothing; a note under the table says so whenever it has scenario rows.
 A ``supports`` that raises counts as not supported and is noted under the table.
 The matrix is an upper bound: an op that raises ``NotImplementedError`` for some
 parameters only when called counts as supported here (``run`` reports those cases
@@ -18,6 +20,12 @@ parameters only when called counts as supported here (``run`` reports those case
 from __future__ import annotations
 
 from .backends.base import Backend
+
+#: Printed under a table with scenario rows.
+SCENARIO_NOTE = ("Scenario rows count a case as supported when the backend has load_model and its "
+                 "supports() accepts the case; whether the loaded model offers prefill / decode / rollback "
+                 "shows only once a checkpoint is loaded, which the matrix does not do: a backend without "
+                 "them reports these cases \"not implemented\" in run.")
 from .manifest import Case
 from .runner import backend_ops, one_line, unsupported_reason
 
@@ -61,4 +69,6 @@ def support_matrix(backends: list[tuple[str, Backend]], cases: list[Case], dtype
                                  f"({one_line(f'{type(exc).__name__}: {exc}')}); counted as not supported")
             cells.append(f"{supported}/{len(members)}")
         lines.append("| " + " | ".join(cells) + " |")
+    if any(kind == "scenario" for kind, _ in _rows(cases)):
+        lines += ["", SCENARIO_NOTE]
     return "\n".join(lines) + "\n", notes

@@ -5,7 +5,7 @@ Installed with the package (entry point ``pytest11``); it does nothing unless
 
     pytest --llm-backend=mypkg.adapter:make_backend [--llm-option key=value ...]
            [--llm-dtype float32] [--llm-level all|model|op|scenario] [--llm-case GLOB ...]
-           [--llm-golden-dir DIR] [--llm-skip-file FILE] [--llm-xfail-file FILE]
+           [--llm-golden-dir DIR] [--llm-skip-file FILE] [--llm-xfail-file FILE] [--llm-no-backend-xfail]
            [--llm-properties] [--llm-profile quick|ci|thorough] [--llm-derandomize]
 
 Then one test per selected golden case (``test_golden_case[<case id>]``, scenario cases
@@ -19,6 +19,10 @@ session, beside the engine's own tests. Outcomes map as in ``llm-conformance run
 * not implemented -> skipped with the reason (never a failure);
 * a skip-file entry -> skipped; an xfail-file entry -> xfailed, and a pass of an
   xfail-listed case fails (strict), as in ``run``.
+
+As ``run`` does, a built-in backend's own xfail file (``conformance.backends.OWN_XFAIL_FILES``:
+its documented deviations, e.g. ``conformance/backends/transformers.xfail``) is applied
+besides any ``--llm-xfail-file``, unless ``--llm-no-backend-xfail``.
 
 Property profiles: quick, ci and thorough draw 10, 25 and 200 hypothesis examples
 per property. ci is derandomised (the same examples on every run: use it in CI);
@@ -56,6 +60,10 @@ def pytest_addoption(parser):
     group.addoption("--llm-golden-dir", default=None, metavar="DIR", help="Golden corpus directory.")
     group.addoption("--llm-skip-file", action="append", default=[], metavar="FILE", help="Skip file; repeatable.")
     group.addoption("--llm-xfail-file", action="append", default=[], metavar="FILE", help="Xfail file; repeatable.")
+    group.addoption("--llm-no-backend-xfail", action="store_true",
+                    help="Do not apply the built-in backend's own xfail file (its documented deviations, e.g. "
+                         "conformance/backends/transformers.xfail), which is applied by default as by "
+                         "llm-conformance run.")
     group.addoption("--llm-properties", action="store_true", help="Also run the property tests.")
     group.addoption("--llm-profile", default="ci", choices=PROFILES,
                     help="Property profile: 10, 25 or 200 examples per property (default ci, derandomised).")
@@ -78,6 +86,7 @@ class LlmSession:
     corpus_version: str = ""
     profile: str = "ci"
     derandomize: bool = True
+    own_xfail_files: tuple = ()
 
 
 _STATE_KEY = pytest.StashKey[LlmSession]()
@@ -97,7 +106,7 @@ def _resolve(config) -> LlmSession:
     """Everything the tests need, checked before collection; raises ``pytest.UsageError`` on bad input."""
     from refimpl.errors import RefimplError
 
-    from .backends import resolve_backend
+    from .backends import OWN_XFAIL_FILES, resolve_backend
     from .cli import select_cases, select_level
     from .errors import ConformanceError
     from .expectations import load_expectations
@@ -110,8 +119,9 @@ def _resolve(config) -> LlmSession:
         golden = config.getoption("llm_golden_dir")
         golden_dir = Path(golden) if golden else default_golden_dir()
         manifest = read_manifest(golden_dir)
+        own = () if config.getoption("llm_no_backend_xfail") else OWN_XFAIL_FILES.get(spec, ())
         expectations = load_expectations([Path(p) for p in config.getoption("llm_skip_file")],
-                                         [Path(p) for p in config.getoption("llm_xfail_file")])
+                                         [*own, *(Path(p) for p in config.getoption("llm_xfail_file"))])
         cases = select_level(select_cases(manifest.cases, tuple(config.getoption("llm_case"))),
                              config.getoption("llm_level"), ())
         for case in cases:
@@ -132,7 +142,8 @@ def _resolve(config) -> LlmSession:
     return LlmSession(backend=backend, spec=spec, options=options, dtype=config.getoption("llm_dtype"),
                       golden_dir=golden_dir, cases=cases, properties=properties, expectations=expectations,
                       corpus_version=manifest.corpus_version, profile=profile,
-                      derandomize=profile == "ci" or config.getoption("llm_derandomize"))
+                      derandomize=profile == "ci" or config.getoption("llm_derandomize"),
+                      own_xfail_files=tuple(own))
 
 
 def pytest_configure(config):
@@ -140,6 +151,15 @@ def pytest_configure(config):
         return
     config.stash[_STATE_KEY] = _resolve(config)
     config.args.append(str(SUITE))
+
+
+def pytest_report_header(config):
+    """Say in the session header which backend-owned xfail file applies (``run`` says it on stderr)."""
+    if _STATE_KEY not in config.stash:
+        return None
+    state = config.stash[_STATE_KEY]
+    return [f"llm-conformance: applying the {state.spec} backend's own xfail file {path} "
+            f"(--llm-no-backend-xfail runs without it)" for path in state.own_xfail_files] or None
 
 
 def session_state(config) -> LlmSession:

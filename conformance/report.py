@@ -113,11 +113,18 @@ def _row(result: CaseResult) -> list[Text]:
     return cells + [Text(cell) for cell in (*numbers, argmax, note)]
 
 
+def id_column_options(console: Console) -> dict:
+    """``add_column`` options of a table's case-id column: folded like the others on a terminal,
+    never wrapped otherwise (CI logs, pipes), so that ``grep`` finds every id whole on its row."""
+    return {"overflow": "fold"} if console.is_terminal else {"no_wrap": True, "overflow": "ignore"}
+
+
 def print_report(results: list[CaseResult], meta: dict, console: Console) -> None:
-    """Print the table, a repro command per failing case, and the summary line."""
+    """Print the table, a repro command per failing case, and the summary line. The case ids
+    are never wrapped when ``console`` is not a terminal (:func:`id_column_options`)."""
     table = Table(title=f"{meta['backend']} on golden corpus {meta['corpus_version']}")
     for name in _COLUMNS:
-        table.add_column(name, overflow="fold")
+        table.add_column(name, **(id_column_options(console) if name == "case" else {"overflow": "fold"}))
     ordered = sorted(results, key=lambda r: _ROW_ORDER.index(r.status))
     for result in ordered:
         table.add_row(*_row(result))

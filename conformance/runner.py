@@ -22,7 +22,10 @@ The runner replays the schedule, feeding each step's ids (the prompt with its at
 or None when it is not padded) and the state the previous call returned, and compares every
 prefill and decode step's logits at the real (non-pad) positions with the case's tolerance,
 like a model case's logits (argmax check included). ``first_divergence`` names the first
-failing step, e.g. ``steps.3 (decode 1 after 12 tokens)``; every step's comparison is kept.
+failing step, e.g. ``steps.3 (decode 1 after 12 tokens)``; every step's comparison is kept, as a
+:class:`StepComparison` that also says in which row and position its max abs error is (the failure
+message names them for the first failing step). Extra outputs a loaded model lists with an optional
+``uncompared_outputs()`` (the file contract's backend does) are reported as not compared.
 A step that raises makes the case "error", its message naming the step (a step that failed
 before it keeps the case "failed" there); ``NotImplementedError`` makes it "not implemented".
 
@@ -202,6 +205,29 @@ def judge(
         if result.uncompared:
             result.message = f"not compared (no golden tensor): {', '.join(result.uncompared)}"
     return result
+
+
+def extra_outputs(model) -> list[str]:
+    """Outputs a loaded model holds that the runner does not read, as its optional
+    ``uncompared_outputs()`` lists them (the file contract's ``outputs.safetensors`` tensors beyond
+    the case's: ``steps.7.logits`` of a 6-step scenario, say); empty when the model has no such
+    method or it raises (the outputs themselves are judged as usual)."""
+    probe = getattr(model, "uncompared_outputs", None)
+    if not callable(probe):
+        return []
+    try:
+        return [str(name) for name in probe()]
+    except Exception:  # noqa: BLE001 - only a listing; reading the outputs reports their own problems
+        return []
+
+
+def _note_uncompared(result: "CaseResult", extra: list[str]) -> None:
+    """Add ``extra`` to ``result.uncompared``; a passed case's message lists them all."""
+    if not extra:
+        return
+    result.uncompared = result.uncompared + [name for name in extra if name not in result.uncompared]
+    if result.status is Status.PASSED:
+        result.message = f"not compared (no golden tensor): {', '.join(result.uncompared)}"
 
 
 def backend_tensors(output) -> dict[str, np.ndarray]:
@@ -449,14 +475,18 @@ def _logits_and_state(value, step: ScenarioStep):
     return to_float64(value[0], f"{step.name} logits"), value[1]
 
 
-def replay(model, steps: list[ScenarioStep]) -> tuple[dict[str, np.ndarray], BaseException | None, ScenarioStep | None]:
+def replay(model, steps: list[ScenarioStep], progress=None) -> tuple[dict[str, np.ndarray], BaseException | None,
+                                                                    ScenarioStep | None]:
     """Run a schedule on a loaded model: ``(logits by step name, exception or None, step that raised)``.
 
     The logits of the steps before an exception are kept, so that an earlier divergence
-    is still reported as such.
+    is still reported as such. ``progress(text)``, when given, hears each step before it runs
+    (``"steps.5 (decode 1 after 15 tokens)"``).
     """
     actual, state = {}, None
     for step in steps:
+        if progress is not None:
+            progress(f"{step.name} ({step.label})")
         try:
             if step.op == "rollback":
                 state = model.rollback(state, step.num_tokens)
@@ -472,24 +502,72 @@ def replay(model, steps: list[ScenarioStep]) -> tuple[dict[str, np.ndarray], Bas
     return actual, None, None
 
 
+@dataclass(frozen=True)
+class StepComparison(Comparison):
+    """A scenario step's :class:`~conformance.compare.Comparison`, made over its real (non-pad)
+    slots flattened to ``(P, V)``: ``actual_shape`` and ``expected_shape`` are ``(P, V)`` and
+    ``max_abs_index`` is ``(p, vocab index)`` in it (on a shape mismatch, the raw ``(B, n, V)``
+    shapes and no index). Where the max abs error sits in the step's ``(B, n, V)`` logits:
+
+    Attributes:
+        max_abs_row: the batch row b.
+        max_abs_slot: the slot t among the step's n new tokens (``logits[b, t]``; pad slots counted).
+        max_abs_position: the token's position in its row (``cumsum(attention_mask) - 1`` of the
+            whole sequence so far: real tokens before it, rolled-back ones not counted).
+    """
+
+    max_abs_row: int | None = None
+    max_abs_slot: int | None = None
+    max_abs_position: int | None = None
+
+    @property
+    def location(self) -> str:
+        """``"row 1, position 14 (slot 0), vocab 37"``, or ``""`` without an index."""
+        if self.max_abs_row is None:
+            return ""
+        return (f"row {self.max_abs_row}, position {self.max_abs_position} (slot {self.max_abs_slot}), "
+                f"vocab {self.max_abs_index[-1]}")
+
+
+def _step_comparison(got: np.ndarray, step: ScenarioStep, pads: np.ndarray) -> StepComparison:
+    """:func:`compare` of a step's returned logits with its expected ones at the real slots, located."""
+    want = step.logits
+    if got.shape != want.shape:
+        return StepComparison(**vars(compare(got, want)))
+    real = step.real()
+    comparison = compare(got[real], want[real])
+    if comparison.max_abs_index is None:
+        return StepComparison(**vars(comparison))
+    rows, slots = np.nonzero(real)
+    row, slot = int(rows[comparison.max_abs_index[0]]), int(slots[comparison.max_abs_index[0]])
+    return StepComparison(**vars(comparison), max_abs_row=row, max_abs_slot=slot,
+                          max_abs_position=int(step.tokens_before + slot - pads[row]))
+
+
 def judge_scenario(result: CaseResult, actual: dict[str, np.ndarray], steps: list[ScenarioStep],
                    tolerance: Tolerance) -> CaseResult:
     """Fill ``result`` from the logits a backend returned for the prefill and decode ``steps``
     (``actual`` may stop early: the steps it lacks are not judged). Only real (non-pad)
-    positions are compared, as ``(positions, V)`` arrays."""
+    positions are compared, as ``(positions, V)`` arrays; each step's :class:`StepComparison`
+    says in which row and position its max abs error is, and the failure message of the first
+    failing step names them."""
     failures, agreements = {}, []
+    # Pad slots per row: all in the prompt (steps[0]), so a slot's position is its index in the
+    # sequence so far minus its row's pads.
+    prompt = steps[0].attention_mask if steps else None
+    pads = None if prompt is None else (prompt == 0).sum(axis=1)
     for step in steps:
         if step.op == "rollback" or step.name not in actual:
             continue
-        got, want = actual[step.name], step.logits
-        if got.shape == want.shape:
-            real = step.real()
-            got, want = got[real], want[real]
-        comparison = compare(got, want)
+        if pads is None:
+            pads = np.zeros(step.logits.shape[0], dtype=np.int64)
+        comparison = _step_comparison(actual[step.name], step, pads)
         result.comparisons[step.name] = comparison
         result.steps[step.name] = step.label
         failures[step.name] = violations(comparison, tolerance)
         if not comparison.shape_mismatch:
+            real = step.real()
+            got, want = actual[step.name][real], step.logits[real]
             agreement = argmax_agreement(got, want, tolerance.argmax_margin * comparison.max_abs_expected)
             agreements.append(agreement)
             if not agreement.confident_agree:
@@ -505,14 +583,16 @@ def judge_scenario(result: CaseResult, actual: dict[str, np.ndarray], steps: lis
     if diverging:
         name = diverging[0]
         result.status, result.first_divergence = Status.FAILED, f"{name} ({result.steps[name]})"
-        result.message = f"{result.first_divergence}: " + "; ".join(failures[name])
+        where = result.comparisons[name].location
+        result.message = f"{result.first_divergence}: " + "; ".join(failures[name]) + (
+            f"; max abs error at {where}" if where else "")
         _mark_nan(result)
     else:
         result.status = Status.PASSED
     return result
 
 
-def run_scenario_case(backend: Backend, case: Case, golden_dir: Path, dtype: str) -> CaseResult:
+def run_scenario_case(backend: Backend, case: Case, golden_dir: Path, dtype: str, progress=None) -> CaseResult:
     """Run and judge one scenario case (see the module docstring and :func:`run_case`)."""
     result = CaseResult(case_id=case.id, dtype=dtype, status=Status.ERROR)
     result.tolerance = get_tolerance(case.tolerance_class, dtype)
@@ -523,6 +603,8 @@ def run_scenario_case(backend: Backend, case: Case, golden_dir: Path, dtype: str
         if reason is not None:
             result.status, result.message = Status.NOT_IMPLEMENTED, one_line(reason)
             return result
+        if progress is not None:
+            progress("loading the checkpoint")
         model = backend.load_model(inside(golden_dir, case.checkpoint, f"case {case.id}"), dtype)
         missing = missing_scenario_methods(model, steps)
         if missing:
@@ -530,7 +612,7 @@ def run_scenario_case(backend: Backend, case: Case, golden_dir: Path, dtype: str
             result.message = (f"backend {backend.name}: its loaded model has no {', '.join(missing)} (the optional "
                               "incremental capability that scenario cases need; docs/backends.md)")
             return result
-        actual, exc, at = replay(model, steps)
+        actual, exc, at = replay(model, steps, progress)
         if isinstance(exc, BackendError):
             raise exc
         judge_scenario(result, actual, steps, result.tolerance)
@@ -545,6 +627,7 @@ def run_scenario_case(backend: Backend, case: Case, golden_dir: Path, dtype: str
                 result.message = one_line(f"{where}: {type(exc).__name__}: {exc}")
         elif exc is not None:
             result.message += one_line(f"; then {at.name} ({at.label}) raised {type(exc).__name__}: {exc}")
+        _note_uncompared(result, extra_outputs(model))
     except BackendError as exc:
         raise BackendError(f"case {case.id}: {exc}") from None
     except (Exception, SystemExit) as exc:
@@ -554,11 +637,14 @@ def run_scenario_case(backend: Backend, case: Case, golden_dir: Path, dtype: str
     return result
 
 
-def run_case(backend: Backend, case: Case, golden_dir: Path, dtype: str) -> CaseResult:
-    """Run and judge one case (model or op) whose files and tolerance are already verified.
+def run_case(backend: Backend, case: Case, golden_dir: Path, dtype: str, progress=None) -> CaseResult:
+    """Run and judge one case (model, op or scenario) whose files and tolerance are already verified.
 
     Anything the backend raises (or exits with) marks the case "error" with a
     one-line message, and the run goes on; only a :class:`BackendError` stops it.
+    ``progress(text)``, when given, hears what a scenario case is doing before it does it
+    (``"loading the checkpoint"``, then each step: ``"steps.5 (decode 1 after 15 tokens)"``), so
+    that an isolated run can name the step a case hung or crashed in (``conformance.isolation``).
 
     Raises:
         BackendError: the backend cannot work at all (the case is named).
@@ -567,7 +653,7 @@ def run_case(backend: Backend, case: Case, golden_dir: Path, dtype: str) -> Case
     if case.level == "op":
         return run_op_case(backend, case, golden_dir, dtype)
     if case.level == "scenario":
-        return run_scenario_case(backend, case, golden_dir, dtype)
+        return run_scenario_case(backend, case, golden_dir, dtype, progress)
     result = CaseResult(case_id=case.id, dtype=dtype, status=Status.ERROR)
     result.tolerance = get_tolerance(case.tolerance_class, dtype)
     input_ids, logits, hidden = load_case_data(golden_dir, case)
@@ -586,6 +672,7 @@ def run_case(backend: Backend, case: Case, golden_dir: Path, dtype: str) -> Case
                               f"(the case has {case.mtp_depths} depth(s))")
             return result
         judge(result, actual, {**hidden, "logits": logits, **drafts}, result.tolerance)
+        _note_uncompared(result, extra_outputs(model))
     except BackendError as exc:
         raise BackendError(f"case {case.id}: {exc}") from None
     except (Exception, SystemExit) as exc:

@@ -158,3 +158,35 @@ class _NanOn(RefimplBackend):
 def nan_on(case: str = "") -> _NanOn:
     """``-o case=ID``: that case's logits hold one NaN."""
     return _NanOn(case)
+
+
+class _HangInDecode(RefimplBackend):
+    """The reference, except that a scenario's decode of ``tokens`` new tokens per row sleeps forever
+    (or aborts the process, with ``crash``)."""
+
+    name = "hang-in-decode"
+
+    def __init__(self, tokens: int, crash: bool):
+        self.tokens, self.crash = tokens, crash
+
+    def load_model(self, checkpoint_dir, dtype):
+        import os
+        import time
+
+        model = super().load_model(checkpoint_dir, dtype)
+        decode, tokens, crash = model.decode, self.tokens, self.crash
+
+        def stuck(input_ids, state):
+            if input_ids.shape[1] == tokens:
+                if crash:
+                    os.abort()
+                time.sleep(10_000)
+            return decode(input_ids, state)
+
+        model.decode = stuck
+        return model
+
+
+def hang_in_decode(tokens: str = "6", crash: str = "false") -> _HangInDecode:
+    """``-o tokens=N [-o crash=true]``: a scenario's decode of N tokens per row hangs (or aborts)."""
+    return _HangInDecode(int(tokens), crash == "true")

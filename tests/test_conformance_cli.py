@@ -113,6 +113,43 @@ def test_list_uses_golden_env_var(golden):
     assert result.exit_code == 0 and CASE_ID in result.stdout
 
 
+def test_list_filters_by_level_and_case(golden_dir):
+    result = CliRunner().invoke(cli, ["list", "--golden-dir", str(golden_dir), "--level", "scenario",
+                                      "--case", "scenario/classes/kv-0*", "--case", "qwen3/*"])
+    assert result.exit_code == 0, result.output
+    ids = {c.id for c in load_manifest(golden_dir)}
+    shown = {line.split("│")[1].strip() for line in result.stdout.splitlines() if line.startswith("│")} - {""}
+    expected = {i for i in ids if i.startswith("scenario/classes/kv-0")}
+    assert shown == expected and expected                    # qwen3/* model cases are not scenarios
+    assert f", {len(expected)} of {len(ids)} cases)" in result.stdout
+    none = CliRunner().invoke(cli, ["list", "--golden-dir", str(golden_dir), "--level", "op", "--case", "qwen3/*"])
+    assert none.exit_code == 2 and "no case is selected" in none.output
+
+
+def test_case_ids_never_wrap_in_logs():
+    """Not on a terminal (CI logs), a long id stays whole on its row however long the note is."""
+    import io
+
+    from rich.console import Console
+
+    from conformance.report import print_report
+    from conformance.runner import CaseResult, Status
+
+    case_id = "scenario/classes/kv-01-continuation-positions-behind-a-long-prompt"
+    note = "steps.5 (decode 1 after 15 tokens): rel RMS 0.0382 > 2e-05; max abs 0.342 > 0.0007; " * 3
+    results = [CaseResult(case_id=case_id, dtype="float32", status=Status.FAILED, message=note)]
+    meta = {"backend": "x", "backend_spec": "x", "dtype": "float32", "corpus_version": "1", "golden_dir": "/g"}
+    out = io.StringIO()
+    print_report(results, meta, Console(file=out, width=160))
+    rows = [line for line in out.getvalue().splitlines() if line.startswith("│")]
+    assert rows[0].split("│")[1].strip() == case_id
+    assert all(line.split("│")[1].strip() == "" for line in rows[1:])   # the note wraps, the id does not
+    # On a terminal the id column folds as before (the table fits the terminal's width).
+    out = io.StringIO()
+    print_report(results, meta, Console(file=out, width=80, force_terminal=True, color_system=None))
+    assert max(len(line) for line in out.getvalue().splitlines() if line.startswith("│")) <= 80
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_run_refimpl_passes_and_writes_report(golden, tmp_path, dtype):
     report = tmp_path / "report.json"

@@ -135,7 +135,7 @@ def test_missing_marked_errored_and_unreadable_outputs(exported, golden_dir, tmp
     assert entries["op/rms_norm/eps-dominant"]["status"] == "error"
     assert "kernel launch failed" in entries["op/rms_norm/eps-dominant"]["message"]
     assert entries["op/rms_norm/one-plus-w"]["status"] == "error"
-    assert "op__rms_norm__no-such-case matches no selected case" in result.output
+    assert f"op__rms_norm__no-such-case matches no case of the export {cases}; it is ignored" in result.output
 
 
 def test_an_output_under_the_wrong_name_fails(exported, golden_dir, tmp_path):
@@ -168,3 +168,33 @@ def test_usage_errors_are_one_line(exported, golden_dir, tmp_path):
     assert no_dir.exit_code == 2 and "is not a directory" in no_dir.output
     not_export = invoke("check", "--outputs", outputs, "--exported", tmp_path, "--golden-dir", golden_dir)
     assert not_export.exit_code == 2 and "CONTRACT.json" in not_export.output
+
+
+def test_only_folders_of_no_exported_case_are_strays(exported, golden_dir, tmp_path):
+    """The repro line ``check ... --case ID`` must not warn about the other exported cases' folders."""
+    cases, outputs = exported
+    outputs = copy_outputs(outputs, tmp_path / "out")
+    (outputs / "op__rms_norm__typo").mkdir()
+    result, entries = check(cases, outputs, golden_dir, tmp_path, "--case", "op/rms_norm/plain")
+    assert result.exit_code == 0, result.output
+    assert set(entries) == {"op/rms_norm/plain"}
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {outputs / 'op__rms_norm__typo'} matches no case of the export {cases}; "
+                        "it is ignored"]
+    # Without --exported the corpus is the reference: a folder of a corpus case is no stray either.
+    unexported = invoke("check", "--outputs", outputs, "--golden-dir", golden_dir, "--case", "op/rms_norm/plain")
+    assert [line for line in unexported.output.splitlines() if line.startswith("warning:")] == [
+        f"warning: {outputs / 'op__rms_norm__typo'} matches no case of the corpus; it is ignored"]
+
+
+def test_extra_output_tensors_are_listed_as_not_compared(exported, golden_dir, tmp_path):
+    cases, outputs = exported
+    outputs = copy_outputs(outputs, tmp_path / "out")
+    path = outputs / MODEL_CASE.replace("/", "__") / "outputs.safetensors"
+    tensors = load_file(str(path))
+    save_file({**tensors, "attention_probs.0": np.zeros((1, 2), np.float32)}, str(path))
+    result, entries = check(cases, outputs, golden_dir, tmp_path, "--case", MODEL_CASE)
+    assert result.exit_code == 0, result.output
+    assert entries[MODEL_CASE]["status"] == "passed"
+    assert entries[MODEL_CASE]["uncompared"] == ["attention_probs.0"]
+    assert entries[MODEL_CASE]["message"] == "not compared (no golden tensor): attention_probs.0"

@@ -97,3 +97,39 @@ def test_exact_zeros_are_drawn_below_the_bound_not_above_it():
     assert names == ["embed", "layers.0", "logits"]
     assert shown[0] == floor < 2e-5 / 10  # the untouched embedding sits far below the bound line
     assert shown[1:] == [0.15, 0.3] and top > 0.3
+
+
+def _scenario_failure():
+    from conformance.compare import Comparison
+    from conformance.tolerances import Tolerance
+
+    def comparison(rel):
+        return Comparison((12, 128), (12, 128), rel, (0, 0), rel, 1.0, 0)
+
+    rels = [1e-8, 2e-8, 1e-8, 3e-2, 4e-2, 5e-2]
+    return _result("scenario/qwen3/speculative", Status.FAILED,
+                   tolerance=Tolerance(rel_rms=2e-5, max_abs_rel=2e-4, argmax_margin=1e-3),
+                   first_divergence="steps.3 (decode 4 after 13 tokens)",
+                   comparisons={f"steps.{i}": comparison(r) for i, r in enumerate(rels)},
+                   steps={f"steps.{i}": "decode 1 after 6 tokens" for i in range(6)})
+
+
+def test_a_scenarios_plot_is_per_step_and_its_legend_leaves_the_curve_uncovered():
+    pytest.importorskip("matplotlib")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from conformance.html_report import error_plot_figure
+
+    result = _scenario_failure()
+    meta = {"backend": "x", "backend_spec": "x", "dtype": "float32", "corpus_version": "9", "golden_dir": "/g"}
+    text = render_html([result], meta)
+    assert 'alt="error per step of scenario/qwen3/speculative"' in text and "error per layer" not in text
+    for case in (result, _result("qwen3/x", Status.FAILED, tolerance=result.tolerance,
+                                 comparisons={"embed": result.comparisons["steps.0"],
+                                              "logits": result.comparisons["steps.5"]})):
+        canvas = FigureCanvasAgg(error_plot_figure(case))
+        canvas.draw()
+        renderer, fig = canvas.get_renderer(), canvas.figure
+        ax = fig.axes[0]
+        legend, axes_box = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+        assert legend.x0 >= axes_box.x1, (legend, axes_box)   # right of the plotting area, not on it

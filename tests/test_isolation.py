@@ -81,3 +81,20 @@ def test_ctrl_c_writes_a_partial_report(golden_dir, tmp_path):
     assert "partial" in stderr.lower() and 'id="partial"' in page.read_text()
     xml = junit.read_text()
     assert 'name="run interrupted"' in xml and 'type="interrupted"' in xml and 'errors="1"' in xml
+
+
+def test_a_hung_or_crashed_scenario_names_the_step_in_progress(golden_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.syspath_prepend(str(TESTS))
+    case = "scenario/qwen3/speculative"
+    result, entries = run(golden_dir, tmp_path, "--backend", "odd_backends:hang_in_decode", "-o", "tokens=6",
+                          "--case", case, "--timeout", "10")
+    assert result.exit_code == 1, result.output
+    entry = entries[case]
+    assert entry["status"] == "timed out"
+    assert entry["message"].startswith("no result within 10 s (--timeout) in steps.2 (decode 6 after 7 tokens); ")
+    assert entry["first_divergence"] == "steps.2 (decode 6 after 7 tokens)"
+    result, entries = run(golden_dir, tmp_path, "--backend", "odd_backends:hang_in_decode", "-o", "tokens=4",
+                          "-o", "crash=true", "--case", case)
+    assert entries[case]["status"] == "crashed"
+    assert "(killed by signal SIGABRT) in steps.3 (decode 4 after 13 tokens); " in entries[case]["message"]

@@ -228,3 +228,23 @@ def test_compute_drift_edge_cases():
                                            "rel RMS grew more than 2x (now NaN/Inf or mismatched)"]
     assert not drift["was-failing"]["flagged"]
     assert drift["skipped"]["reasons"] == ["passed before, skipped now"] and drift["skipped"]["rel_rms"] is None
+
+
+def test_matrix_says_scenario_support_is_an_upper_bound(golden_dir):
+    """A backend whose loaded model lacks prefill / decode / rollback still counts scenarios as supported:
+    only loading shows that, so the table says it under scenario rows (and only then)."""
+    from conformance.backends.refimpl_backend import RefimplBackend
+    from conformance.matrix import SCENARIO_NOTE, support_matrix
+
+    class ForwardOnly(RefimplBackend):
+        def load_model(self, checkpoint_dir, dtype):
+            model = super().load_model(checkpoint_dir, dtype)
+            return type("Model", (), {"run": model.run})()
+
+    cases = read_manifest(golden_dir).cases
+    text, _ = support_matrix([("forward-only", ForwardOnly())], cases, "float64", "title")
+    assert "| scenario | scenario/qwen3 (Qwen3ForCausalLM) | 3 | 3/3 |" in text
+    assert text.rstrip().endswith(SCENARIO_NOTE) and "only once a checkpoint is loaded" in SCENARIO_NOTE
+    ops_only, _ = support_matrix([("forward-only", ForwardOnly())], [c for c in cases if c.level == "op"],
+                                 "float64", "title")
+    assert SCENARIO_NOTE not in ops_only

@@ -84,3 +84,20 @@ def test_bad_options_stop_before_any_test(engine_suite, args, message):
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert message in result.stderr.str()
     assert "Traceback" not in result.stderr.str()
+
+
+def test_a_builtin_backends_own_xfail_file_applies_as_in_run(engine_suite, pytester, tmp_path):
+    """``run`` applies ``OWN_XFAIL_FILES[backend]`` unless ``--no-backend-xfail``; the plugin does the same
+    (``--llm-no-backend-xfail``). The broken backend is given an own xfail file by a conftest of the
+    engine project, imported before the plugin resolves the session."""
+    own = tmp_path / "broken.xfail"
+    own.write_text("".join(f"{case}  # the backend's documented deviation\n" for case in FAILING))
+    pytester.makeconftest(f"from conformance.backends import OWN_XFAIL_FILES\n"
+                          f"OWN_XFAIL_FILES[{BROKEN!r}] = ({str(own)!r},)\n")
+    result = engine_suite(f"--llm-backend={BROKEN}", "--llm-case", "op/rms_norm/*", "-rx")
+    result.assert_outcomes(passed=1 + 4, xfailed=3, deselected=1)
+    result.stdout.fnmatch_lines([f"llm-conformance: applying the {BROKEN} backend's own xfail file {own}*",
+                                 f"*{own.name}:1: the backend's documented deviation*"])
+    without = engine_suite(f"--llm-backend={BROKEN}", "--llm-case", "op/rms_norm/*", "--llm-no-backend-xfail")
+    without.assert_outcomes(passed=1 + 4, failed=3, deselected=1)
+    assert "own xfail file" not in without.stdout.str()

@@ -208,6 +208,61 @@ def test_a_step_file_missing_a_step_is_a_manifest_error(corpus, cases, tmp_path)
         load_scenario_data(golden, cases[CHUNKED])
 
 
+def _tampered_copy(corpus, case, tmp_path, change) -> Path:
+    """A copy of the corpus whose ``case`` data file went through ``change(tensors)``."""
+    golden = tmp_path / "golden"
+    shutil.copytree(corpus, golden)
+    tensors = load_file(golden / case.data)
+    change(tensors)
+    save_file(tensors, golden / case.data)
+    return golden
+
+
+def _set(name, at, value):
+    def change(tensors):
+        tensors[name][at] = value
+    return change
+
+
+@pytest.mark.parametrize("case_id, change, message", [
+    # A mask value other than 0/1 is named, with where it is.
+    (PADDED, _set("steps.0.attention_mask", (1, 3), 2),
+     r"'steps.0.attention_mask' must hold only 0 \(pad\) and 1 \(token\); it holds 2 \(1 value\(s\), the first at "
+     r"\(1, 3\)\)"),
+    # An out-of-vocabulary id names its step's tensor.
+    (SPECULATIVE, _set("steps.3.input_ids", (1, 2), 128),
+     r"steps.3.input_ids holds token id 128 at \(1, 2\), outside \[0, 128\)"),
+    # NaN or Inf in the expected logits at a real position is the corpus's fault, not the backend's.
+    (CHUNKED, _set("steps.2.logits", (0, 1, 5), np.nan), r"'steps.2.logits' holds 1 NaN/Inf value\(s\) at real"),
+    (PADDED, _set("steps.0.logits", (2, 5, 0), np.inf), r"'steps.0.logits' holds 1 NaN/Inf value\(s\) at real"),
+], ids=["mask-holds-2", "out-of-vocab-id", "nan-expected", "inf-expected-first-real-slot"])
+def test_corrupt_step_data_is_a_manifest_error_naming_the_problem(corpus, cases, tmp_path, case_id, change, message):
+    golden = _tampered_copy(corpus, cases[case_id], tmp_path, change)
+    with pytest.raises(ManifestError, match=message):
+        load_scenario_data(golden, cases[case_id])
+
+
+def test_nan_on_pad_slots_is_expected_not_a_corpus_error(corpus, cases):
+    steps = load_scenario_data(corpus, cases[PADDED])
+    assert np.isnan(steps[0].logits[2, :5]).all()
+
+
+def test_the_manifest_batch_is_checked_against_the_data(corpus, cases, tmp_path):
+    golden = tmp_path / "golden"
+    shutil.copytree(corpus, golden)
+    manifest = json.loads((golden / "MANIFEST.json").read_text())
+    entry = next(e for e in manifest["cases"] if e["id"] == SPECULATIVE)
+    assert entry["batch"] == 2 and cases[SPECULATIVE].batch == 2
+    entry["batch"] = 3
+    (golden / "MANIFEST.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match=r"'steps.0.input_ids' has 2 row\(s\), the manifest entry's 'batch' is 3"):
+        load_scenario_data(golden, {c.id: c for c in load_manifest(golden)}[SPECULATIVE])
+    entry["batch"] = "2"
+    (golden / "MANIFEST.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match="field 'batch' must be an integer >= 1"):
+        load_manifest(golden)
+
+
 # The runner with the refimpl backend and with wrong backends
 
 
@@ -380,6 +435,35 @@ def test_wrong_return_shape_is_reported_per_step(corpus, cases):
     assert "shape (2, 1, 128) != expected (2, 9, 128)" in result.message
 
 
+def test_a_step_comparison_says_which_row_and_position_its_max_abs_error_is_at(corpus, cases):
+    from conformance.report import _jsonable
+
+    calls = []
+
+    def decode_off_at_row_2(self, input_ids, state):
+        logits, state = self.model.decode(input_ids, state)
+        calls.append(input_ids.shape)
+        if len(calls) == 2:                         # steps.2: decode 5 after 9 slots
+            logits = logits.copy()
+            logits[2, 3, 7] += 1.0
+        return logits, state
+
+    result = run_wrapped(corpus, cases[PADDED], decode=decode_off_at_row_2)
+    assert result.status is Status.FAILED and result.first_divergence == "steps.2 (decode 5 after 9 tokens)"
+    step = result.comparisons["steps.2"]
+    # Row 2 has 5 pad slots: its slot 3 of this step is slot 12 of the row, its real token 7.
+    assert (step.max_abs_row, step.max_abs_slot, step.max_abs_position) == (2, 3, 7)
+    # The comparison itself is over the real slots flattened: 3 rows x 5 new tokens.
+    assert step.actual_shape == (15, 128) and step.max_abs_index == (13, 7)
+    assert result.message.endswith("; max abs error at row 2, position 7 (slot 3), vocab 7")
+    entry = _jsonable(result)["comparisons"]
+    assert {k: entry["steps.2"][k] for k in ("max_abs_row", "max_abs_slot", "max_abs_position")} == {
+        "max_abs_row": 2, "max_abs_slot": 3, "max_abs_position": 7}
+    # In the prompt the position counts real tokens only: row 1's slot 2 is its first token.
+    prompt = result.comparisons["steps.0"]
+    assert prompt.max_abs_position == prompt.max_abs_slot - (0, 2, 5)[prompt.max_abs_row]
+
+
 # CLI, reports and the file contract
 
 
@@ -464,6 +548,18 @@ def test_export_check_round_trip_and_a_perturbed_step(corpus, tmp_path):
     checked = invoke("check", "--outputs", outputs, "--exported", exported, "--golden-dir", corpus)
     assert checked.exit_code == 1
     assert SPECULATIVE in checked.output and "steps.8 (decode 1 after 16 tokens)" in checked.output
+    # A tensor the 6-step scenario does not call for is listed as not compared, not silently dropped.
+    written = outputs / PADDED.replace("/", "__") / "outputs.safetensors"
+    tensors = load_file(written)
+    save_file({**tensors, "steps.7.logits": tensors["steps.5.logits"]}, written)
+    report = tmp_path / "extra.json"
+    checked = invoke("check", "--outputs", outputs, "--exported", exported, "--golden-dir", corpus, "--case", PADDED,
+                     "--report", report)
+    assert checked.exit_code == 0, checked.output
+    entry = json.loads(report.read_text())["results"][0]
+    assert entry["status"] == "passed" and entry["uncompared"] == ["steps.7.logits"]
+    assert entry["message"] == "not compared (no golden tensor): steps.7.logits"
+    assert "warning" not in checked.output
 
 
 def test_pytest_plugin_collects_scenarios(corpus):

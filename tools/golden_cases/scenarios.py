@@ -23,7 +23,7 @@ temperature (a transformers deviation at every dtype: ``docs/transformers-differ
 
 Seeds (1601-1699) and checkpoints were chosen so that transformers 5.24 passes every case at
 float64, float32, float16 and bfloat16 (``llm-conformance run --backend transformers --level
-scenario --xfail-file conformance/backends/transformers.xfail``). A router near-tie flips an
+scenario`` applies ``conformance/backends/transformers.xfail``). A router near-tie flips an
 expert in low precision, a different computation rather than a rounding error, and a scenario
 of 25-30 tokens over two or three rows meets one often: where a family's first seed flipped
 one in bfloat16 (qwen3_moe speculative, gpt_oss chunked and speculative, glm4_moe, llama4
@@ -142,6 +142,16 @@ CASES += [
         "0), not at slot 0; batch 3, prompts of 8, 6 and 3 real tokens, then decodes of 1, 6, 1, 3 and 1 tokens",
         seed=1658, schedule=left_padded(5), batch=3, left_padding=(0, 2, 5),
         config=_llama4(rope_parameters=SCOUT_ROPE, attn_temperature_tuning=False),
+    ),
+    ScenarioCase(
+        "scenario/gemma3/window-1",
+        "Gemma 3 with sliding_window 1 on its local layers (each local query sees only itself): prefill 4, "
+        "single-token decodes, a 3-token piece and a verification rolled back; batch 2. transformers 5.24 keeps "
+        "every slot of a W = 1 layer (cache_utils.py DynamicSlidingWindowLayer: [-W + 1:] is [-0:]), so its "
+        "cached decode differs from its own full forward (conformance/backends/transformers.xfail)",
+        seed=1661, schedule=(prefill(4), decode(1), decode(1), decode(3), decode(1), decode(2), rollback(1),
+                             decode(1)), batch=2,
+        checkpoint_of="gemma3/window-1-mqa",
     ),
     ScenarioCase(
         "scenario/qwen3_next/chunked-prefill-past-64",
