@@ -20,7 +20,7 @@ XFAIL = ROOT / "conformance" / "backends" / "transformers.xfail"
 XFAILED = {line.split("#")[0].strip() for line in XFAIL.read_text().splitlines()} - {""}
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("float64", marks=pytest.mark.slow)])
 def test_cli_transformers_passes_golden_corpus(tmp_path, dtype):
     report = tmp_path / "report.json"
     cmd = [sys.executable, "-m", "conformance", "run", "--backend", "transformers", "--dtype", dtype,

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+#: The benchmark is a tool, not a subject of the default suite: run these with -m slow.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "decode_speed.py"
 MODELS = ("qwen3-0.6b", "qwen3-30b-a3b-2l", "qwen3-next-block")
