@@ -50,7 +50,7 @@ import statistics
 import numpy as np
 
 from .errors import InputError
-from .numerics import as_float_array
+from .numerics import as_float_array, to_compute, to_storage
 
 
 def gaussian_quantile(sparsity: float) -> float:
@@ -75,7 +75,7 @@ def gaussian_top_k(gate: np.ndarray, sparsity: float) -> np.ndarray:
     """``relu(g - (mean(g) + std(g) * Phi^-1(sparsity)))`` over the last axis.
 
     Args:
-        gate: ``(..., F)`` MLP gate pre-activations, float64 or float32, F >= 1.
+        gate: ``(..., F)`` MLP gate pre-activations, a float array, F >= 1.
         sparsity: target fraction of zeros, in (0, 1) (``activation_sparsity_pattern[l]``).
 
     Returns:
@@ -83,16 +83,20 @@ def gaussian_top_k(gate: np.ndarray, sparsity: float) -> np.ndarray:
 
     Dtype: mean, population standard deviation and the subtraction in the dtype of
     ``gate``; the quantile is exact, rounded once to that dtype (module docstring).
+    float16 / bfloat16: all of it in float32 (the quantile rounded to float32), the
+    result rounded once (transformers rounds the quantile, the mean, the deviation and
+    the difference to the storage dtype).
 
     Raises:
-        InputError: ``gate`` not a float64 / float32 array with at least one axis;
+        InputError: ``gate`` not a float array with at least one axis;
             ``sparsity`` outside (0, 1).
     """
     gate = as_float_array("gaussian_top_k: gate", gate)
     if gate.ndim == 0 or gate.shape[-1] == 0:
         raise InputError(f"gaussian_top_k: gate must have a non-empty last axis, got shape {gate.shape}")
+    storage, gate = gate.dtype, to_compute(gate)
     z = gate.dtype.type(gaussian_quantile(sparsity))
     mean = np.mean(gate, axis=-1, keepdims=True)
     # Population standard deviation (ddof 0), as jnp.std and torch.std(unbiased=False).
     std = np.sqrt(np.mean((gate - mean) ** 2, axis=-1, keepdims=True))
-    return np.maximum(gate - (mean + std * z), 0)
+    return to_storage(np.maximum(gate - (mean + std * z), 0), storage)

@@ -42,7 +42,11 @@ divides by ``sqrt(max(mean(y^2), 1e-5))``. The two agree unless ``mean(y^2) < 1e
 model's authors. tests/test_gemma3n_components.py measures where they part.
 
 Dtype: everything in the dtype of the streams, the router's tanh included (Google and
-transformers take that tanh in float32 for their bfloat16 models).
+transformers take that tanh in float32 for their bfloat16 models). float16 / bfloat16
+streams (:mod:`refimpl.numerics`): the prediction, the correction, the magnitude match
+and the fold are each one component, computed in float32 and rounded once; the router
+rounds its norm, its scaled input, its projection and its tanh (taken in float32), as
+transformers does.
 
 Paper: C. Baykal, D. Cutler, N. Dikkala, N. Ghosh, R. Panigrahy, X. Wang, "Alternating
 Updates for Efficient Transformers", arXiv:2301.13310, Algorithm 1 (predict with learned
@@ -61,7 +65,7 @@ import numpy as np
 
 from .errors import InputError, ShapeError
 from .linear import linear
-from .numerics import as_float_array
+from .numerics import as_float_array, to_compute, to_storage
 from .rmsnorm import rms_norm
 
 #: Google's floor on the RMS in :func:`match_magnitude` (``jnp.maximum(new_magnitude, 1e-12)``).
@@ -112,7 +116,8 @@ def router_modalities(x: np.ndarray, router_norm: np.ndarray, modality_router: n
     """
     normed = rms_norm(x, router_norm, eps)
     # M^-1, rounded to the compute dtype like transformers' router_input_scale buffer (G3n-4).
-    return np.tanh(linear(normed * normed.dtype.type(normed.shape[-1] ** -1.0), modality_router))
+    routed = linear(normed * normed.dtype.type(normed.shape[-1] ** -1.0), modality_router)
+    return to_storage(np.tanh(to_compute(routed)), routed.dtype)
 
 
 def altup_predict(streams: np.ndarray, modalities: np.ndarray, prediction_coefs: np.ndarray) -> np.ndarray:
@@ -139,7 +144,8 @@ def altup_predict(streams: np.ndarray, modalities: np.ndarray, prediction_coefs:
     coefs = linear(modalities, prediction_coefs).reshape(*modalities.shape[:-1], a, a)
     # Stream-major C[i, j] moved to the front so that pred[i] = sum_j C[i, j] * S[j] broadcasts over M.
     mixing = np.moveaxis(coefs, (-2, -1), (0, 1))[..., None]  # (A, A, B, T, 1)
-    return streams + np.sum(mixing * streams[None], axis=1)
+    wide = to_compute(streams)
+    return to_storage(wide + np.sum(to_compute(mixing) * wide[None], axis=1), streams.dtype)
 
 
 def altup_correct(
@@ -170,17 +176,23 @@ def altup_correct(
         raise ShapeError(f"altup_correct: {a} streams of {predictions.shape[1:]} need correction_coefs {(a, a)} and "
                          f"activated {predictions.shape[1:]}, got {np.shape(correction_coefs)} and "
                          f"{np.shape(activated)}")
+    storage, wide = predictions.dtype, to_compute(predictions)
     # G3n-6: the coefficients are offsets from 1.
-    gains = linear(modalities, correction_coefs) + 1
-    innovation = activated - predictions[active_idx]
-    return predictions + np.moveaxis(gains, -1, 0)[..., None] * innovation[None]
+    gains = to_compute(linear(modalities, correction_coefs)) + 1
+    innovation = to_compute(activated) - wide[active_idx]
+    return to_storage(wide + np.moveaxis(gains, -1, 0)[..., None] * innovation[None], storage)
 
 
 def root_mean_square(x: np.ndarray) -> np.ndarray:
-    """``sqrt(mean(x**2))`` over the last axis, kept as a length-1 axis; no epsilon."""
+    """``sqrt(mean(x**2))`` over the last axis, kept as a length-1 axis; no epsilon (float16 /
+    bfloat16: in float32, rounded once)."""
     x = as_float_array("root_mean_square: x", x)
     if x.ndim == 0:
         raise InputError("root_mean_square: x must have at least one axis")
+    return to_storage(_rms(to_compute(x)), x.dtype)
+
+
+def _rms(x: np.ndarray) -> np.ndarray:
     return np.sqrt(np.mean(x * x, axis=-1, keepdims=True))
 
 
@@ -192,10 +204,12 @@ def match_magnitude(y: np.ndarray, target_rms: np.ndarray) -> np.ndarray:
         target_rms: ``(..., 1)`` from :func:`root_mean_square`.
 
     Returns:
-        ``(..., M)`` in the dtype of ``y``.
+        ``(..., M)`` in the dtype of ``y`` (float16 / bfloat16: computed in float32, the RMS of
+        ``y`` included, rounded once).
     """
-    current = np.maximum(root_mean_square(y), y.dtype.type(MAGNITUDE_FLOOR))
-    return y * (target_rms / current)
+    wide = to_compute(y)
+    current = np.maximum(_rms(wide), wide.dtype.type(MAGNITUDE_FLOOR))
+    return to_storage(wide * (to_compute(target_rms) / current), y.dtype)
 
 
 def altup_embed(embeddings: np.ndarray, projections: list[np.ndarray]) -> np.ndarray:
@@ -237,4 +251,4 @@ def altup_unembed(streams: np.ndarray, projections: list[np.ndarray]) -> np.ndar
     projections = _projections("altup_unembed", projections, streams.shape[-1], streams.shape[0] - 1)
     target = root_mean_square(streams[0])
     folded = [streams[0]] + [match_magnitude(linear(s, w), target) for s, w in zip(streams[1:], projections)]
-    return np.mean(np.stack(folded), axis=0)
+    return to_storage(np.mean(to_compute(np.stack(folded)), axis=0), streams.dtype)

@@ -35,6 +35,11 @@ class Architecture:
             raises a CheckpointError (naming the layer) for a layout it cannot convert.
         mtp: optional :class:`MtpHook`: the multi-token-prediction modules a checkpoint may
             carry besides the main model (DeepSeek-V3, GLM-4.5, Qwen3-Next); see :mod:`refimpl.mtp`.
+        float32_weights: name suffixes of the tensors a model in float16 / bfloat16 holds in
+            float32, as engines do whatever the model dtype (transformers'
+            ``_keep_in_fp32_modules_strict``: DeepSeek-V3's and GLM-4.5's router weight and
+            ``e_score_correction_bias``); the functions reading them widen the storage-dtype
+            operands beside them (:func:`refimpl.routers.router_logits`). Empty: none.
         forward_step: ``(weights, config, input_ids, context) -> (logits, taps, caches)``: the
             forward over one call's new tokens given a :class:`refimpl.kv_cache.StepContext`
             (their positions, padding and the layers' caches from the previous call); returns
@@ -54,6 +59,7 @@ class Architecture:
     convert_weights: Callable | None = None
     mtp: "MtpHook | None" = None
     forward_step: Callable | None = None
+    float32_weights: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

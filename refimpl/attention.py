@@ -52,7 +52,9 @@ import numpy as np
 
 from .errors import InputError, ShapeError
 from .masks import causal_mask, chunked_attention_mask, combine, sliding_window_mask
-from .numerics import as_array, as_float_array, check_finite_positive, check_same_dtype
+from .numerics import (
+    as_array, as_float_array, check_finite_positive, check_same_dtype, compute_dtype, to_compute, to_storage,
+)
 from .softcap import soft_cap
 
 
@@ -71,7 +73,7 @@ def _check_shapes(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray)
 
 
 def _float_qkv(q, k, v) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """q, k, v as float64 or float32 arrays (InputError naming the one that is not)."""
+    """q, k, v as float arrays (InputError naming the one that is not)."""
     return tuple(as_float_array(f"attention: {name}", a) for name, a in (("q", q), ("k", k), ("v", v)))
 
 
@@ -159,12 +161,15 @@ def grouped_query_attention(
         ``(B, T, H, Dv)`` in the dtype of ``q``; a query row with no visible key is zeros.
 
     Dtype: scores, cap, softmax and the weighted sum are computed in the dtype of q;
-    ``scale`` and ``softcap`` are rounded to that dtype first.
+    ``scale`` and ``softcap`` are rounded to that dtype first. float16 / bfloat16: q,
+    k, v and sinks widened to float32, everything in float32 (scale and cap rounded to
+    float32), the output rounded once (a fused attention kernel; transformers' eager
+    path rounds the scores and the probabilities to the storage dtype too).
 
     Raises:
         ShapeError: shapes do not fit (batch, head_dim, H not a multiple of Hkv, mask,
             ``sinks`` not ``(H,)``).
-        InputError: q, k, v or sinks not float64 / float32 (integers, complex, ...);
+        InputError: q, k, v or sinks not float arrays (integers, complex, ...);
             a NaN or +inf sink; ``scale`` or ``softcap`` not a positive finite
             number (in the compute dtype).
         RefimplError: q, k, v (and sinks) differ in dtype.
@@ -177,10 +182,11 @@ def grouped_query_attention(
     g = h // hkv
     if sinks is not None:
         sinks = _check_sinks(sinks, h)
-    dtype = check_same_dtype(q=q, k=k, v=v, **({} if sinks is None else {"sinks": sinks}))
-    scale = check_finite_positive("attention: scale", scale, dtype=dtype)
+    storage = check_same_dtype(q=q, k=k, v=v, **({} if sinks is None else {"sinks": sinks}))
+    scale = check_finite_positive("attention: scale", scale, dtype=compute_dtype(storage))
     if softcap is not None:
-        check_finite_positive("attention: softcap", softcap, dtype=dtype)
+        check_finite_positive("attention: softcap", softcap, dtype=compute_dtype(storage))
+    q, k, v, sinks = to_compute(q), to_compute(k), to_compute(v), to_compute(sinks)
     # (B, Hkv, G, T, D): query heads grouped under the key/value head they read.
     qg = q.reshape(b, t, hkv, g, d).transpose(0, 2, 3, 1, 4)
     kt = k.transpose(0, 2, 3, 1)[:, :, None]  # (B, Hkv, 1, D, S)
@@ -197,7 +203,7 @@ def grouped_query_attention(
     else:
         p = masked_softmax_with_sink(scores, visible, sinks.reshape(hkv, g, 1, 1))
     out = p @ vt  # (B, Hkv, G, T, Dv)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, v.shape[-1])
+    return to_storage(out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, v.shape[-1]), storage)
 
 
 def attention(
@@ -235,11 +241,13 @@ def attention(
     Dtype: computed entirely in the dtype of ``q`` (float64 is the specification,
     float32 the measured alternative); k, v and sinks must share it; ``scaling`` and
     the cap are rounded to it. No float32 softmax island as in transformers' eager.
+    float16 / bfloat16: computed in float32, the output rounded once
+    (:func:`grouped_query_attention`).
 
     Raises:
         ShapeError: bad shapes (see :func:`grouped_query_attention`), S < T, or
             ``sinks`` not ``(H,)``.
-        InputError: q, k, v or sinks not float64 / float32 arrays; a NaN or +inf
+        InputError: q, k, v or sinks not float arrays; a NaN or +inf
             sink; ``scaling`` or ``attn_logit_softcapping`` not a positive finite number.
         RefimplError: dtypes differ; ``sliding_window`` or ``attention_chunk_size``
             not an integer >= 1.
@@ -251,9 +259,10 @@ def attention(
     (``eager_attention_forward``).
     """
     q, k, v = _float_qkv(q, k, v)
-    check_finite_positive("attention: scaling", scaling, dtype=q.dtype)
+    check_finite_positive("attention: scaling", scaling, dtype=compute_dtype(q.dtype))
     if attn_logit_softcapping is not None:
-        check_finite_positive("attention: attn_logit_softcapping", attn_logit_softcapping, dtype=q.dtype)
+        check_finite_positive("attention: attn_logit_softcapping", attn_logit_softcapping,
+                              dtype=compute_dtype(q.dtype))
     if q.ndim != 4 or k.ndim != 4:
         raise ShapeError(f"attention wants (B, T, H, D) arrays, got q{q.shape} k{k.shape}")
     t, s = q.shape[1], k.shape[1]

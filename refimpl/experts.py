@@ -20,6 +20,8 @@ Grok 2.5's experts are separate ``w1``/``w3``/``w2`` matrices with erf-GELU; the
 :func:`refimpl.mlp.gated_mlp` with ``hidden_act="gelu"``.
 
 Dtype: float64 or float32, computed in the dtype of ``x`` (the weights must share it).
+float16 / bfloat16: each projection (with its bias), the activation (:func:`clamped_swiglu`
+for gpt-oss) and the gating product rounded to the storage dtype, each computed in float32.
 
 Sources: Shazeer, "GLU Variants Improve Transformer", arXiv:2002.05202 (SwiGLU);
 transformers 5.24 ``DeepseekV3Experts`` / ``Qwen3MoeExperts`` (concatenated gate|up),
@@ -34,7 +36,7 @@ import numpy as np
 from .errors import ShapeError
 from .linear import linear
 from .mlp import activation, silu
-from .numerics import as_float_array, check_finite_positive, check_same_dtype
+from .numerics import as_float_array, check_finite_positive, check_same_dtype, to_compute, to_storage
 from .errors import ConfigError
 
 
@@ -43,6 +45,15 @@ def _check(name: str, x, **weights) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     checked = {k: as_float_array(f"{name}: {k}", v) for k, v in weights.items()}
     check_same_dtype(x=x, **checked)
     return x, checked
+
+
+def _input_major(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """``x @ weight (+ bias)`` for an input-major ``(in, out)`` weight, with the dtype rule of
+    :func:`refimpl.linear.linear` (float16 / bfloat16: in float32, rounded once)."""
+    y = to_compute(x) @ to_compute(weight)
+    if bias is not None:
+        y = y + to_compute(bias)
+    return to_storage(y, x.dtype)
 
 
 def swiglu_expert(
@@ -62,7 +73,7 @@ def swiglu_expert(
         ``(n, M)``.
 
     Raises:
-        InputError: not float64/float32 arrays. ShapeError: the weights do not fit.
+        InputError: not float arrays. ShapeError: the weights do not fit.
         ConfigError: unknown activation.
     """
     x, w = _check("swiglu_expert", x, gate_up_proj=gate_up_proj, down_proj=down_proj)
@@ -88,7 +99,7 @@ def input_major_swiglu_expert(x: np.ndarray, gate_up_proj: np.ndarray, down_proj
         ``(n, M)``.
 
     Raises:
-        InputError: not float64/float32 arrays. ShapeError: the weights do not fit.
+        InputError: not float arrays. ShapeError: the weights do not fit.
     """
     x, w = _check("input_major_swiglu_expert", x, gate_up_proj=gate_up_proj, down_proj=down_proj)
     gate_up, down = w["gate_up_proj"], w["down_proj"]
@@ -97,8 +108,8 @@ def input_major_swiglu_expert(x: np.ndarray, gate_up_proj: np.ndarray, down_proj
         raise ShapeError(f"input_major_swiglu_expert: x {x.shape}, gate_up_proj {gate_up.shape} and down_proj "
                          f"{down.shape} do not fit (need x (n, M), gate_up_proj (M, 2I), down_proj (I, M))")
     i = gate_up.shape[1] // 2
-    h = x @ gate_up
-    return (silu(h[:, :i]) * h[:, i:]) @ down
+    h = _input_major(x, gate_up)
+    return _input_major(silu(h[:, :i]) * h[:, i:], down)
 
 
 def clamped_swiglu(gate: np.ndarray, up: np.ndarray, *, swiglu_limit: float, alpha: float = 1.702) -> np.ndarray:
@@ -108,14 +119,17 @@ def clamped_swiglu(gate: np.ndarray, up: np.ndarray, *, swiglu_limit: float, alp
     half gets ``+1``. ``alpha`` = 1.702 (sigmoid approximation of GELU), ``L`` =
     ``swiglu_limit`` (7.0 in gpt-oss). Other clamp forms (DeepSeek-V4's, Ling's) are
     different functions (bug classes ACT-02/03/05).
+
+    Dtype: that of ``gate`` and ``up``; float16 / bfloat16 computed in float32 and rounded once.
     """
     check_finite_positive("clamped_swiglu: swiglu_limit", swiglu_limit, error=ConfigError)
     check_finite_positive("clamped_swiglu: alpha", alpha, error=ConfigError)
+    storage, gate, up = gate.dtype, to_compute(gate), to_compute(up)
     g = np.minimum(gate, gate.dtype.type(swiglu_limit))
     u = np.clip(up, up.dtype.type(-swiglu_limit), up.dtype.type(swiglu_limit))
     with np.errstate(over="ignore"):
         glu = g / (1 + np.exp(-gate.dtype.type(alpha) * g))
-    return (u + 1) * glu
+    return to_storage((u + 1) * glu, storage)
 
 
 def clamped_swiglu_expert(
@@ -137,7 +151,7 @@ def clamped_swiglu_expert(
         routing weight with the rest).
 
     Raises:
-        InputError: not float64/float32 arrays. ShapeError: the weights do not fit.
+        InputError: not float arrays. ShapeError: the weights do not fit.
         ConfigError: non-finite or non-positive ``swiglu_limit`` / ``alpha``.
     """
     name = "clamped_swiglu_expert"
@@ -153,5 +167,5 @@ def clamped_swiglu_expert(
         raise ShapeError(f"{name}: x {x.shape}, gate_up_proj {gate_up.shape}, gate_up_proj_bias {b1.shape}, down_proj "
                          f"{down.shape}, down_proj_bias {b2.shape} do not fit (need x (n, M), gate_up_proj (M, 2I), "
                          "gate_up_proj_bias (2I,), down_proj (I, M), down_proj_bias (M,))")
-    h = x @ gate_up + b1
-    return clamped_swiglu(h[:, 0::2], h[:, 1::2], swiglu_limit=swiglu_limit, alpha=alpha) @ down + b2
+    h = _input_major(x, gate_up, b1)
+    return _input_major(clamped_swiglu(h[:, 0::2], h[:, 1::2], swiglu_limit=swiglu_limit, alpha=alpha), down, b2)

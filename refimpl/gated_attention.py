@@ -51,7 +51,8 @@ Biases (``q_proj.bias`` (2 H D,), ``k_proj.bias``, ``v_proj.bias`` (Hkv D,),
 
 Dtype: float64 or float32, computed in the dtype of ``hidden_states`` (weights must
 share it). transformers computes the RMSNorm core, cos/sin and the eager softmax in
-float32 islands.
+float32 islands. float16 / bfloat16: each projection, norm, rotation, the attention
+core and the output gate rounded to the storage dtype, each computed in float32.
 
 Paper: Qiu et al., "Gated Attention for Large Language Models: Non-linearity, Sparsity,
 and Attention-Sink-Free", arXiv:2505.06708, sec. 2-3 (elementwise, head-specific sigmoid
@@ -74,7 +75,7 @@ from .errors import ConfigError, MissingWeightsError, RefimplError, ShapeError, 
 from .kv_cache import KVCache, StepContext, attend_with_cache
 from .linear import linear
 from .masks import causal_mask
-from .numerics import as_float_array, as_integer_array, check_finite_nonnegative
+from .numerics import as_float_array, as_integer_array, check_finite_nonnegative, to_compute, to_storage
 from .rmsnorm import rms_norm
 from .rope import apply_rope_rotate_half, rope_cos_sin, rope_frequencies
 
@@ -126,10 +127,12 @@ def apply_output_gate(attended: np.ndarray, gate: np.ndarray) -> np.ndarray:
     """``attended * sigmoid(gate)``, elementwise; both ``(B, T, H D)`` in one dtype.
 
     The logistic function is evaluated as ``1 / (1 + exp(-g))`` (exp overflow to inf
-    gives the exact limit 0).
+    gives the exact limit 0). float16 / bfloat16: in float32, rounded once (transformers
+    rounds the sigmoid and the product).
     """
+    storage, attended, gate = attended.dtype, to_compute(attended), to_compute(gate)
     with np.errstate(over="ignore"):
-        return attended * (1 / (1 + np.exp(-gate)))
+        return to_storage(attended * (1 / (1 + np.exp(-gate))), storage)
 
 
 def _project(x: np.ndarray, w: dict, name: str) -> np.ndarray:
@@ -231,7 +234,7 @@ def gated_attention(
     """Causal gated attention of Qwen3-Next from its hidden states (checked entry point).
 
     Args:
-        hidden_states: ``(B, T, M)`` (after the layer's input norm), float64 or float32.
+        hidden_states: ``(B, T, M)`` (after the layer's input norm), a float array.
         positions: ``(B, T)`` or ``(T,)`` integer positions for RoPE.
         weights: the module-relative tensors of :func:`gated_attention_weight_shapes`
             (``"q_proj.weight"``, ..., ``"k_norm.weight"``), named as in transformers'

@@ -51,7 +51,7 @@ def laurel_residual(
     Dtype: computed in the dtype of ``x``; every array must share it.
 
     Raises:
-        InputError: an array is not float64 / float32; eps negative or not finite.
+        InputError: an array is not a float array; eps negative or not finite.
         ShapeError: the weights do not fit ``x`` or each other.
         RefimplError: the arrays differ in dtype.
     """

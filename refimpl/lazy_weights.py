@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .errors import CheckpointError
+from .numerics import is_low_precision, to_storage
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -100,14 +101,19 @@ def to_compute_dtype(name: str, tensor, dtype: np.dtype) -> np.ndarray:
     """``tensor`` (a LazyTensor or an array) as a C-contiguous array in ``dtype``, checked finite.
 
     A LazyTensor gives a fresh array; an array already in ``dtype`` and contiguous is returned as is.
+    For a float16 / bfloat16 ``dtype`` the exact values (stored dtype, or float64 when
+    dequantized) are rounded once (:func:`refimpl.numerics.to_storage`).
 
     Raises:
         CheckpointError: the values hold NaN or Inf (after the cast: a float64 value
-            beyond float32's range is refused in float32 mode).
+            beyond float32's range is refused in float32 mode, one beyond 65504 in float16).
     """
     # Overflow to inf in a float64 -> float32 cast is reported below, by name.
     with np.errstate(over="ignore"):
-        if isinstance(tensor, LazyTensor):
+        if is_low_precision(dtype):
+            exact = tensor.materialize() if isinstance(tensor, LazyTensor) else np.asarray(tensor)
+            array = np.ascontiguousarray(exact if exact.dtype == dtype else to_storage(exact, dtype))
+        elif isinstance(tensor, LazyTensor):
             array = tensor.materialize(dtype)
         else:
             array = np.ascontiguousarray(tensor, dtype=dtype)
@@ -116,18 +122,30 @@ def to_compute_dtype(name: str, tensor, dtype: np.dtype) -> np.ndarray:
     return array
 
 
-def convert_all(tensors: Mapping, dtype: np.dtype, progress: bool = False) -> dict[str, np.ndarray]:
-    """Eager loading: every tensor converted once, in the mapping's order (a progress bar on stderr if asked)."""
+def tensor_dtype(name: str, dtype: np.dtype, keep_float32: tuple[str, ...] = ()) -> np.dtype:
+    """The dtype tensor ``name`` is held in by a model in ``dtype``: float32 for a name ending in one
+    of ``keep_float32`` when ``dtype`` is float16 / bfloat16 (tensors engines keep in float32,
+    :attr:`refimpl.architecture.Architecture.float32_weights`), ``dtype`` otherwise."""
+    if keep_float32 and is_low_precision(dtype) and name.endswith(keep_float32):
+        return np.dtype(np.float32)
+    return dtype
+
+
+def convert_all(tensors: Mapping, dtype: np.dtype, progress: bool = False,
+                keep_float32: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Eager loading: every tensor converted once, in the mapping's order (a progress bar on stderr if asked);
+    names ending in ``keep_float32`` in float32 beside a float16 / bfloat16 ``dtype`` (:func:`tensor_dtype`)."""
     with _progress_bar(progress, "converting weights", len(tensors)) as advance:
         converted = {}
         for name in tensors:
-            converted[name] = to_compute_dtype(name, tensors[name], dtype)
+            converted[name] = to_compute_dtype(name, tensors[name], tensor_dtype(name, dtype, keep_float32))
             advance(1)
     return converted
 
 
 class LazyWeights(Mapping):
-    """``{name: array}`` whose values are read and converted to ``dtype`` on each access.
+    """``{name: array}`` whose values are read and converted to ``dtype`` on each access (names
+    ending in ``keep_float32`` to float32 beside a float16 / bfloat16 ``dtype``: :func:`tensor_dtype`).
 
     Iteration, ``len`` and ``in`` use the names only; ``values()`` and ``items()`` convert
     every tensor (the forwards never call them: ``layer_weights`` selects names first).
@@ -138,16 +156,17 @@ class LazyWeights(Mapping):
         CheckpointError: the tensor holds NaN or Inf.
     """
 
-    def __init__(self, tensors: dict[str, LazyTensor], dtype: np.dtype):
+    def __init__(self, tensors: dict[str, LazyTensor], dtype: np.dtype, keep_float32: tuple[str, ...] = ()):
         self._tensors = dict(tensors)
         self.dtype = np.dtype(dtype)
+        self.keep_float32 = tuple(keep_float32)
         self._listeners: list[Callable[[str], None]] = []
 
     def __getitem__(self, name: str) -> np.ndarray:
         tensor = self._tensors[name]
         for listener in self._listeners:
             listener(name)
-        return to_compute_dtype(name, tensor, self.dtype)
+        return to_compute_dtype(name, tensor, tensor_dtype(name, self.dtype, self.keep_float32))
 
     def __contains__(self, name) -> bool:
         return name in self._tensors
@@ -160,7 +179,7 @@ class LazyWeights(Mapping):
 
     def merged(self, other: "LazyWeights") -> "LazyWeights":
         """The names of both (``other`` wins on a clash), still lazy."""
-        return LazyWeights({**self._tensors, **other._tensors}, self.dtype)
+        return LazyWeights({**self._tensors, **other._tensors}, self.dtype, self.keep_float32)
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The shape of ``name`` without reading it."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import ShapeError
-from .numerics import as_float_array, check_same_dtype
+from .numerics import as_float_array, check_same_dtype, to_compute, to_storage
 
 
 def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
@@ -21,11 +21,14 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) ->
         bias: ``(out_features,)`` or None.
 
     Returns:
-        ``(..., out_features)`` in the dtype of ``x`` (no accumulation beyond
-        NumPy's matmul in that dtype).
+        ``(..., out_features)`` in the dtype of ``x``.
+
+    Dtype: float64 / float32: NumPy's matmul in that dtype. float16 / bfloat16: the
+    product and the bias add in float32 (a GEMM's float32 accumulator and epilogue),
+    rounded once to the storage dtype.
 
     Raises:
-        InputError: an array is not float64 / float32.
+        InputError: an array is not float64, float32, bfloat16 or float16.
         ShapeError: ``weight`` is not 2-D, the last axis of ``x`` is not ``in_features``,
             or ``bias`` is not ``(out_features,)``.
         RefimplError: the arrays differ in dtype.
@@ -42,8 +45,8 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) ->
         bias = as_float_array("linear: bias", bias)
         if bias.shape != weight.shape[:1]:
             raise ShapeError(f"linear: bias shape {bias.shape} is not ({weight.shape[0]},) of weight {weight.shape}")
-    check_same_dtype(x=x, weight=weight, **({} if bias is None else {"bias": bias}))
-    y = x @ weight.T
+    storage = check_same_dtype(x=x, weight=weight, **({} if bias is None else {"bias": bias}))
+    y = to_compute(x) @ to_compute(weight).T
     if bias is not None:
-        y = y + bias
-    return y
+        y = y + to_compute(bias)
+    return to_storage(y, storage)

@@ -76,7 +76,10 @@ config also sets ``head_dim`` to Dr (the RoPE width), not to Dn + Dr.
 
 Dtype: float64 or float32, computed in the dtype of ``hidden_states`` (weights must
 share it). transformers computes the RMSNorm core, cos/sin and the softmax in
-float32 islands.
+float32 islands. float16 / bfloat16: every projection (the absorbed form's two
+per-head products included), norm, rotation and the attention core rounded to the
+storage dtype, each computed in float32 (:mod:`refimpl.numerics`); the cache holds
+``c^{KV}`` and ``k^R`` in the storage dtype.
 
 Paper: DeepSeek-V2, arXiv:2405.04434, sec. 2.1 (eqs. 9-19; decoupled RoPE sec. 2.1.3;
 weight absorption "W^{UK} can be absorbed into W^{UQ}, and W^{UV} into W^O", sec. 2.1.2);
@@ -96,7 +99,7 @@ from .attention import grouped_query_attention
 from .errors import ConfigError, MissingWeightsError, RefimplError, ShapeError, UnexpectedWeightsError
 from .linear import linear
 from .masks import causal_mask
-from .numerics import as_float_array, as_integer_array, check_finite_nonnegative
+from .numerics import as_float_array, as_integer_array, check_finite_nonnegative, to_compute, to_storage
 from .rmsnorm import rms_norm
 from .rope import apply_rope_interleaved, apply_rope_rotate_half, rope_cos_sin, rope_frequencies, yarn_mscale
 
@@ -396,13 +399,14 @@ def mla_attend_absorbed(step: MlaStep, c_kv: np.ndarray, k_rope: np.ndarray, mas
     w, dims = step.weights, step.dims
     b, t, h, _ = step.q_nope.shape
     w_uk, w_uv = split_kv_b_proj(w["kv_b_proj.weight"], dims)
+    storage = step.q_nope.dtype
     # q^C . (W^UK c) = ((W^UK)^T q^C) . c: the query moves into the latent space.
-    q_latent = np.einsum("bthn,hnc->bthc", step.q_nope, w_uk)
+    q_latent = to_storage(np.einsum("bthn,hnc->bthc", to_compute(step.q_nope), to_compute(w_uk)), storage)
     q = np.concatenate([q_latent, step.q_rope], axis=-1)
     k = np.concatenate([c_kv, k_rope], axis=-1)[:, :, None, :]
     out_latent = grouped_query_attention(q, k, c_kv[:, :, None, :], mask, step.scale)
     # sum_j p_j W^UV c_j = W^UV sum_j p_j c_j: W^UV after attention.
-    out = np.einsum("bthc,hvc->bthv", out_latent, w_uv)
+    out = to_storage(np.einsum("bthc,hvc->bthv", to_compute(out_latent), to_compute(w_uv)), storage)
     return _project(out.reshape(b, t, h * dims.v_head_dim), w, "o_proj")
 
 

@@ -26,23 +26,28 @@ import numpy as np
 
 from .errors import ConfigError, ShapeError
 from .linear import linear
-from .numerics import as_float_array, check_same_dtype
+from .numerics import as_float_array, check_same_dtype, is_low_precision, to_compute, to_storage
 
 
 def silu(z: np.ndarray) -> np.ndarray:
-    """``z * sigmoid(z)`` elementwise, in the dtype of ``z``.
+    """``z * sigmoid(z)`` elementwise, in the dtype of ``z`` (float16 / bfloat16: in float32,
+    rounded once).
 
     Written as ``z / (1 + exp(-z))``; for very negative z, exp overflows to inf and
     the result is -0.0, the correct limit.
     """
+    wide = to_compute(z)
     with np.errstate(over="ignore"):
-        return z / (1 + np.exp(-z))
+        return to_storage(wide / (1 + np.exp(-wide)), z.dtype)
 
 
 def gelu_tanh(z: np.ndarray) -> np.ndarray:
-    """Tanh-approximated GELU ``0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3)))``, in the dtype of ``z``."""
-    c = z.dtype.type(np.sqrt(2.0 / np.pi))
-    return z.dtype.type(0.5) * z * (1 + np.tanh(c * (z + z.dtype.type(0.044715) * z * z * z)))
+    """Tanh-approximated GELU ``0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3)))``, in the dtype of ``z``
+    (float16 / bfloat16: in float32, rounded once)."""
+    wide = to_compute(z)
+    kind = wide.dtype.type
+    c = kind(np.sqrt(2.0 / np.pi))
+    return to_storage(kind(0.5) * wide * (1 + np.tanh(c * (wide + kind(0.044715) * wide * wide * wide))), z.dtype)
 
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
@@ -52,14 +57,16 @@ def gelu(z: np.ndarray) -> np.ndarray:
     """Exact GELU ``0.5 z (1 + erf(z / sqrt(2)))`` elementwise, in the dtype of ``z``.
 
     Dtype: evaluated in float64 with Python's ``math.erf`` (correctly rounded to within
-    an ulp or so of float64; no SciPy needed) and rounded once to the dtype of ``z``.
+    an ulp or so of float64; no SciPy needed) and rounded once to the dtype of ``z``
+    (float16 / bfloat16 included: float64 is at least as accurate as their float32 compute).
     An element-by-element loop: fine for the reference's tiny models, slow for big ones.
     ``-inf`` gives ``-0.0``, the limit (0.5 z (1 + erf) would be ``-inf * 0``).
     """
     wide = np.asarray(z, dtype=np.float64)
     with np.errstate(invalid="ignore"):
         out = 0.5 * wide * (1.0 + _erf(wide / math.sqrt(2.0)))
-    return np.where(np.isneginf(wide), -0.0, out).astype(z.dtype)
+    out = np.where(np.isneginf(wide), -0.0, out)
+    return to_storage(out, z.dtype) if is_low_precision(z.dtype) else out.astype(z.dtype)
 
 
 #: ``hidden_act`` / ``hidden_activation`` names to functions.
@@ -94,9 +101,11 @@ def gated_mlp(
         ``(..., M)`` in the dtype of ``x``.
 
     Dtype: computed in the dtype of ``x`` (float64 or float32); the weights must share it.
+    float16 / bfloat16: the three projections, the activation and the product each
+    rounded to the storage dtype (each computed in float32), as PyTorch eager runs it.
 
     Raises:
-        InputError: an array is not float64 / float32 (integers, complex, ...).
+        InputError: an array is not float64, float32, bfloat16 or float16 (integers, complex, ...).
         ShapeError: the weights do not fit ``x`` or each other (the message names them).
         RefimplError: the arrays differ in dtype.
         ConfigError: unknown ``hidden_act``.
@@ -107,7 +116,7 @@ def gated_mlp(
 
 
 def _check_mlp(x, gate_proj, up_proj, down_proj) -> tuple[np.ndarray, ...]:
-    """The four arrays, checked: float64 / float32, one dtype, gate and up ``(F, M)``, down ``(M, F)``."""
+    """The four arrays, checked: float arrays of one dtype, gate and up ``(F, M)``, down ``(M, F)``."""
     x = as_float_array("gated_mlp: x", x)
     gate, up, down = (as_float_array(f"gated_mlp: {name}", w, ndim=2) for name, w in
                       (("gate_proj", gate_proj), ("up_proj", up_proj), ("down_proj", down_proj)))

@@ -1,8 +1,10 @@
-"""The model object: a config, its weights in one compute dtype, and a forward.
+"""The model object: a config, its weights in one dtype, and a forward.
 
 ``from_pretrained(path)`` reads a Hugging Face checkpoint directory, checks that
 the tensors are exactly those the architecture needs, with the right shapes, and
-casts them once to the compute dtype (dequantizing FP8 and MXFP4 tensors exactly);
+casts them once to the model's dtype (dequantizing FP8 and MXFP4 tensors exactly):
+float64 or float32, computed in end to end, or float16 / bfloat16, storage dtypes
+computed on in float32 per component (:mod:`refimpl.numerics`, ``docs/low-precision.md``);
 ``from_pretrained(path, lazy=True)`` checks names and shapes from the file headers and
 converts each tensor only when a forward reads it.
 """
@@ -24,7 +26,7 @@ from .errors import (
     WeightShapeError,
 )
 from .lazy_weights import LazyTensor, LazyWeights, convert_all
-from .numerics import resolve_dtype
+from .numerics import FLOAT_DTYPES, resolve_dtype
 from .quantization import scheme_from_config
 from .architecture import Architecture
 from .kv_cache import StepContext, fresh_context, next_context
@@ -36,7 +38,7 @@ class ModelOutput:
     """Result of :meth:`Model.forward`.
 
     Attributes:
-        logits: ``(B, T, V)`` in the compute dtype.
+        logits: ``(B, T, V)`` in the model's dtype.
         hidden_states: ``None``, or an ordered mapping of named intermediates
             (``"embed"``, ``"layers.0"`` ... ``"layers.{L-1}"``, ``"norm"``), each ``(B, T, M)``.
         mtp_logits: ``None``, or the multi-token-prediction draft logits, one array per depth
@@ -247,10 +249,13 @@ class Model:
     Attributes:
         architecture: the registry entry.
         config: the frozen config dataclass.
-        weights: ``{Hugging Face name: array}``, all in ``dtype``: a dict (eager), or with
+        weights: ``{Hugging Face name: array}``, all in ``dtype`` (in float16 / bfloat16, the
+            architecture's ``float32_weights`` in float32): a dict (eager), or with
             ``lazy`` a :class:`~refimpl.lazy_weights.LazyWeights` that reads and converts a
             tensor each time a forward asks for it (one layer at a time).
-        dtype: the compute dtype (float64 or float32).
+        dtype: float64 or float32 (the compute dtype), or float16 / bfloat16 (the storage
+            dtype of weights, activations, caches and logits, with float32 compute inside
+            each component: :mod:`refimpl.numerics`).
         lazy: whether weights are converted on access rather than once at load.
         mtp_weights: the multi-token-prediction tensors (same names and dtype), or None when
             the checkpoint carries no complete set (:func:`check_mtp_weights`).
@@ -263,21 +268,23 @@ class Model:
         on stderr while converting (eager) or over the layers of each forward (lazy)."""
         self.architecture = architecture
         self.config = config
-        self.dtype = resolve_dtype(dtype)
+        self.dtype = resolve_dtype(dtype, FLOAT_DTYPES)
         if not isinstance(lazy, (bool, np.bool_)):
             raise InputError(f"lazy must be True or False, got {lazy!r}")
         self.lazy = bool(lazy)
         self.progress = (self.lazy and sys.stderr.isatty()) if progress is None else bool(progress)
         checked = check_weights(architecture, config, weights)
-        self.weights = LazyWeights(checked, self.dtype) if self.lazy else convert_all(checked, self.dtype, self.progress)
+        keep = architecture.float32_weights
+        self.weights = (LazyWeights(checked, self.dtype, keep) if self.lazy
+                        else convert_all(checked, self.dtype, self.progress, keep))
         mtp, self._mtp_refusal = check_mtp_weights(architecture, config, weights)
         self.mtp_weights = None
         if mtp is not None and self.lazy:
-            self.mtp_weights = LazyWeights(mtp, self.dtype)
+            self.mtp_weights = LazyWeights(mtp, self.dtype, keep)
         elif mtp is not None:
             # A non-finite MTP tensor leaves the main model usable; it is named when drafts are asked for.
             try:
-                self.mtp_weights = convert_all(mtp, self.dtype)
+                self.mtp_weights = convert_all(mtp, self.dtype, keep_float32=keep)
             except CheckpointError as exc:
                 self._mtp_refusal = exc
 
@@ -296,7 +303,7 @@ class Model:
                 ``(B, T-k, V)`` each (:mod:`refimpl.mtp`).
 
         Returns:
-            :class:`ModelOutput` with logits ``(B, T, V)`` in the compute dtype.
+            :class:`ModelOutput` with logits ``(B, T, V)`` in the model's dtype.
 
         Raises:
             InputError: ids not integer, not 2-D, or outside ``[0, vocab_size)``; a
@@ -429,7 +436,11 @@ def from_pretrained(path, dtype=np.float64, *, lazy: bool = False, progress: boo
         path: directory with ``config.json`` and ``model.safetensors`` (or a sharded
             ``model.safetensors.index.json``), in any storage format of
             :mod:`refimpl.checkpoint` (float64/32/16, bfloat16, FP8 block, MXFP4).
-        dtype: compute dtype, ``np.float64`` (default) or ``np.float32``.
+        dtype: ``np.float64`` (default) or ``np.float32``, the compute dtype; or ``np.float16``
+            / ``ml_dtypes.bfloat16`` (names ``"float16"``, ``"bfloat16"`` work too), storage
+            dtypes with float32 compute per component (``docs/low-precision.md``). Logits,
+            hidden states and caches come out in this dtype (Gated DeltaNet's recurrent
+            state stays float32).
         lazy: keep the files memory-mapped and convert each tensor when a forward reads it
             (names and shapes are checked from the headers now, finiteness on conversion);
             a model larger than memory in ``dtype`` then runs one layer at a time. Default:

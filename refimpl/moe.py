@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import ConfigError, InputError, ShapeError
-from .numerics import as_float_array, check_same_dtype
+from .numerics import as_float_array, check_same_dtype, compute_dtype, to_compute, to_storage
 from .routers import dense_routing
 
 #: ``expert(e, rows) -> outputs``: expert ``e`` applied to ``rows`` ``(n, M)``, giving ``(n, M)``.
@@ -43,7 +43,9 @@ _WEIGHT_ON = ("output", "input")
 def _check(name, x, weights, indices, num_experts, weight_on):
     x = as_float_array(f"{name}: x", x, ndim=2)
     weights = as_float_array(f"{name}: weights", weights, ndim=2)
-    check_same_dtype(x=x, weights=weights)
+    # Float32 routing weights (from float32 router logits) may combine float16 / bfloat16 rows.
+    if weights.dtype != compute_dtype(x.dtype):
+        check_same_dtype(x=x, weights=weights)
     indices = np.asarray(indices)
     if indices.dtype.kind not in "iu":
         raise InputError(f"{name}: indices must be integers, got {indices.dtype}")
@@ -77,7 +79,8 @@ def dispatch(
 
     Args:
         x: ``(N, M)`` token rows (flatten batch and sequence first).
-        weights, indices: ``(N, k)`` from a router in :mod:`refimpl.routers`.
+        weights, indices: ``(N, k)`` from a router in :mod:`refimpl.routers`; ``weights`` in the
+            dtype of ``x``, or float32 beside float16 / bfloat16 ``x``.
         expert: ``expert(e, rows)`` applying expert ``e`` to ``rows`` ``(n, M)``.
         num_experts: E.
         weight_on: ``"output"`` or ``"input"`` (Llama 4).
@@ -86,25 +89,33 @@ def dispatch(
         ``(N, M)`` in the dtype of ``x``; rows of tokens routed nowhere are 0.
         Experts are visited in index order and each adds its contribution.
 
+    Dtype: float16 / bfloat16: each expert runs on rows in the storage dtype (with
+    ``weight_on="input"`` the scaled rows ``w * x`` are rounded to it, an expert's input);
+    the products with the weights and the sum over the k experts are taken in float32
+    and rounded once (a grouped GEMM's combine; transformers' ``index_add_`` rounds each
+    addition).
+
     Raises:
-        InputError: ``x`` / ``weights`` not float64/float32 of one dtype, ``indices`` not integers.
+        InputError: ``x`` / ``weights`` not float arrays of one dtype, ``indices`` not integers.
         ShapeError: shapes that do not fit, indices outside ``[0, E)``, an expert named twice
             in one row, or an expert returning a shape other than its rows'.
         ConfigError: unknown ``weight_on``, ``num_experts`` not a positive integer.
     """
     x, weights, indices = _check("dispatch", x, weights, indices, num_experts, weight_on)
-    out = np.zeros_like(x)
+    storage, weights = x.dtype, to_compute(weights)
+    out = np.zeros(x.shape, dtype=compute_dtype(storage))
     for e in range(num_experts):
         rows, slots = np.nonzero(indices == e)
         if rows.size == 0:
             continue
         w = weights[rows, slots][:, None]
         if weight_on == "output":
-            contribution = w * _apply("dispatch", expert, e, x[rows])
+            contribution = w * to_compute(_apply("dispatch", expert, e, x[rows]))
         else:
-            contribution = _apply("dispatch", expert, e, w * x[rows])
+            scaled = to_storage(w * to_compute(x[rows]), storage)
+            contribution = to_compute(_apply("dispatch", expert, e, scaled))
         np.add.at(out, rows, contribution)
-    return out
+    return to_storage(out, storage)
 
 
 def dense_mixture(
@@ -115,19 +126,21 @@ def dense_mixture(
 
     ``y = sum_e G[:, e] * Expert_e(x)`` (or ``Expert_e(G[:, e] * x)`` masked to the chosen
     experts for ``weight_on="input"``) with ``G`` the dense routing matrix of
-    :func:`refimpl.routers.dense_routing`. Arguments, returns and errors as :func:`dispatch`.
+    :func:`refimpl.routers.dense_routing`. Arguments, returns, dtype rule and errors as :func:`dispatch`.
     """
     x, weights, indices = _check("dense_mixture", x, weights, indices, num_experts, weight_on)
-    gates = dense_routing(weights, indices, num_experts)
+    storage = x.dtype
+    gates = dense_routing(to_compute(weights), indices, num_experts)
     chosen = dense_routing(np.ones_like(weights), indices, num_experts) > 0
-    out = np.zeros_like(x)
+    out = np.zeros(x.shape, dtype=compute_dtype(storage))
     for e in range(num_experts):
         g = gates[:, e:e + 1]
         if weight_on == "output":
-            out = out + g * _apply("dense_mixture", expert, e, x)
+            out = out + g * to_compute(_apply("dense_mixture", expert, e, x))
         else:
-            out = out + np.where(chosen[:, e:e + 1], _apply("dense_mixture", expert, e, g * x), 0)
-    return out
+            scaled = to_storage(g * to_compute(x), storage)
+            out = out + np.where(chosen[:, e:e + 1], to_compute(_apply("dense_mixture", expert, e, scaled)), 0)
+    return to_storage(out, storage)
 
 
 # --- per-layer schedules: which decoder layers have a MoE block -----------------------------------------------

@@ -1,16 +1,42 @@
 """Compute-dtype policy and the argument checks shared by every component.
 
-The reference computes in one floating dtype per call, float64 by default. Every
-public function takes arrays already in that dtype and returns arrays in it; this
-module names the dtypes we accept and gives the boundary check that keeps NumPy 2
-from silently promoting a float32 computation to float64 (``x_f32 / np.sqrt(d)``
-with a Python float stays float32, but a float64 NumPy scalar does not).
+The reference runs in one floating dtype per call, float64 by default. Every public
+function takes arrays already in that dtype and returns arrays in it; this module
+names the dtypes we accept and gives the boundary check that keeps NumPy 2 from
+silently promoting a float32 computation to float64 (``x_f32 / np.sqrt(d)`` with a
+Python float stays float32, but a float64 NumPy scalar does not).
+
+Dtypes (the definition; ``docs/low-precision.md`` gives the per-component table):
+
+* **float64** (the specification) and **float32**: a component computes in the dtype
+  of its arrays, end to end. Nothing below changes these two paths: the helpers
+  return the arrays themselves, with no cast.
+* **float16** and **bfloat16** (``ml_dtypes.bfloat16``), *storage* dtypes with
+  float32 compute per component: weights, activations, KV caches and logits are
+  held in the storage dtype d; each component function (a projection, RMSNorm, the
+  application of RoPE, attention, an activation, a router, the MoE combine, the delta
+  rule, ...) widens its d inputs to float32 (exact), computes in float32 and rounds
+  its outputs to d once (:func:`to_compute`, :func:`to_storage`, in that order in
+  each component's body). Between components the model code keeps only the
+  elementwise arithmetic of its equations (residual adds, products with a gate);
+  NumPy and ``ml_dtypes`` run each such operation on two d arrays in float32 and
+  round the result to d once, as a PyTorch eager op does. Reductions and matrix
+  products never run on d arrays. This is op-granularity low precision as PyTorch
+  eager runs it, without transformers' own float32 islands. The dtype travels with
+  the arrays: there is no global mode.
+  Exceptions, where engines keep float32 whatever the model dtype: Gated DeltaNet's
+  log-decay ``g`` and recurrent state stay float32 (transformers, flash-linear-attention);
+  router logits are never rounded (the router is one component from the hidden state to
+  the routing weights, :func:`refimpl.routers.router_logits`); the tensors an
+  architecture lists in ``float32_weights`` are held in float32 (DeepSeek-V3's and
+  GLM-4.5's router, as transformers' ``_keep_in_fp32_modules_strict``).
 
 Boundary checks (every public op and component calls them on its arguments):
 
 * :func:`as_float_array`: an array argument as an ndarray of an accepted real
-  floating dtype. Integers, bools, complex, strings and objects are refused, never
-  cast: integer q/k/v would make ``scale`` an integer 0 and return a wrong answer.
+  floating dtype (float64, float32, bfloat16, float16; float128 is refused).
+  Integers, bools, complex, strings and objects are refused, never cast: integer
+  q/k/v would make ``scale`` an integer 0 and return a wrong answer.
   NaN and inf *inside* an array argument are data and propagate.
 * :func:`as_integer_array`: positions and other integer arrays; :func:`as_array` for
   any other array (a boolean mask), refusing only ragged input.
@@ -30,6 +56,7 @@ import functools
 import math
 import numbers
 
+import ml_dtypes  # noqa: F401  (registers the name "bfloat16" with NumPy)
 import numpy as np
 
 from .errors import InputError, RefimplError, ShapeError
@@ -37,29 +64,93 @@ from .errors import InputError, RefimplError, ShapeError
 #: Dtypes the reference computes in. float64 is the specification; float32 is
 #: offered to measure the error a float32 engine should expect.
 COMPUTE_DTYPES = {"float64": np.float64, "float32": np.float32}
-#: Storage dtypes accepted, besides the compute dtypes, by the functions that have a
-#: low-precision form (RMSNorm's cast orders, the embedding lookup). bfloat16 is
+#: Storage dtypes with float32 compute per component (module docstring). bfloat16 is
 #: ``ml_dtypes.bfloat16``, recognised by its name: it is not a ``np.floating`` subtype.
 LOW_PRECISION_DTYPES = ("bfloat16", "float16")
-#: Every floating dtype some function of the reference accepts.
+#: Every floating dtype the reference runs in: a model, and every op and component.
 FLOAT_DTYPES = (*COMPUTE_DTYPES, *LOW_PRECISION_DTYPES)
 
 
-def resolve_dtype(dtype) -> np.dtype:
-    """Return the NumPy dtype for ``dtype`` (a name, a NumPy type or dtype).
+def _dtype_list(names) -> str:
+    """``"float64, float32 or bfloat16"``."""
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def resolve_dtype(dtype, dtypes=tuple(COMPUTE_DTYPES)) -> np.dtype:
+    """Return the NumPy dtype for ``dtype`` (a name, a NumPy type or dtype), one of ``dtypes``.
+
+    ``"bfloat16"`` names ``ml_dtypes.bfloat16`` (ml_dtypes registers the name with NumPy).
 
     Raises:
-        RefimplError: ``dtype`` is not float64 or float32.
+        RefimplError: ``dtype`` is unknown or not one of ``dtypes`` (by default float64 or float32;
+            :data:`FLOAT_DTYPES` adds float16 and bfloat16).
     """
     try:
         resolved = np.dtype(dtype)
     except TypeError as exc:
-        raise RefimplError(f"unknown dtype {dtype!r}; use one of {sorted(COMPUTE_DTYPES)}") from exc
-    if resolved.name not in COMPUTE_DTYPES:
-        raise RefimplError(
-            f"the reference computes in {sorted(COMPUTE_DTYPES)}, not {resolved.name}"
-        )
+        raise RefimplError(f"unknown dtype {dtype!r}; use {_dtype_list(dtypes)}") from exc
+    if resolved.name not in dtypes:
+        raise RefimplError(f"the reference runs in {_dtype_list(dtypes)}, not {resolved.name}")
     return resolved
+
+
+def is_low_precision(dtype) -> bool:
+    """Whether ``dtype`` is a storage dtype computed on in float32 (float16, bfloat16)."""
+    if not isinstance(dtype, np.dtype):
+        dtype = np.dtype(dtype)
+    return dtype in _LOW_PRECISION
+
+
+def compute_dtype(dtype) -> np.dtype:
+    """The dtype a component computes in for arrays held in ``dtype``: float32 for float16
+    and bfloat16, ``dtype`` itself for float64 and float32."""
+    dtype = np.dtype(dtype)
+    return _FLOAT32 if is_low_precision(dtype) else dtype
+
+
+def to_compute(array):
+    """A float16 / bfloat16 array widened to float32 (exact); any other array, or None, as is (no copy).
+
+    The first half of every component's cast pair: its inputs are widened, it computes, and
+    :func:`to_storage` rounds its outputs back.
+    """
+    if array is None or array.dtype not in _LOW_PRECISION:
+        return array
+    return array.astype(np.float32)
+
+
+def to_storage(array: np.ndarray, dtype) -> np.ndarray:
+    """``array`` rounded once to the storage ``dtype`` when that is float16 or bfloat16;
+    ``array`` itself (no cast) when ``dtype`` is float64 or float32.
+
+    A float32 array is rounded directly. A float64 array is rounded correctly too:
+    ``ml_dtypes`` casts float64 to bfloat16 through float32, which can round twice (a
+    value just above a bfloat16 midpoint becomes the midpoint in float32, then ties to
+    even), so float64 is first rounded to float32 *to odd* (truncate, and set the last
+    bit when inexact), which makes the second rounding the correct one.
+    """
+    if not is_low_precision(dtype):
+        return array
+    if array.dtype == np.float64:
+        array = _float32_round_to_odd(array)
+    return array.astype(dtype)
+
+
+def _float32_round_to_odd(x: np.ndarray) -> np.ndarray:
+    """float64 ``x`` to float32 rounded to odd: the float32 value toward zero, its last bit
+    set when that is inexact (infinities, NaN and values beyond float32 go the ordinary way)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        nearest = x.astype(np.float32)
+        toward_zero = np.where(np.abs(nearest.astype(np.float64)) > np.abs(x),
+                               np.nextafter(nearest, np.float32(0)), nearest)
+        inexact = (toward_zero.astype(np.float64) != x) & np.isfinite(nearest)
+    bits = toward_zero.view(np.uint32) | inexact.astype(np.uint32)
+    return bits.view(np.float32)
+
+
+_FLOAT32 = np.dtype(np.float32)
+_LOW_PRECISION = frozenset(np.dtype(name) for name in LOW_PRECISION_DTYPES)
 
 
 def check_same_dtype(**arrays: np.ndarray) -> np.dtype:
@@ -95,14 +186,14 @@ def _dtype_name(dtype: np.dtype) -> str:
     return dtype.name
 
 
-def as_float_array(name: str, value, *, dtypes=tuple(COMPUTE_DTYPES), ndim: int | None = None) -> np.ndarray:
+def as_float_array(name: str, value, *, dtypes=FLOAT_DTYPES, ndim: int | None = None) -> np.ndarray:
     """``value`` as an ndarray of one of the floating ``dtypes``, never cast.
 
     Args:
         name: the argument as messages name it, e.g. ``"attention: q"``.
         value: an ndarray or array-like (a list of Python floats becomes float64).
-        dtypes: accepted dtype names, by default the compute dtypes (float64, float32);
-            :data:`FLOAT_DTYPES` adds float16 and bfloat16.
+        dtypes: accepted dtype names, by default :data:`FLOAT_DTYPES` (float64, float32,
+            bfloat16, float16).
         ndim: the required number of axes, or None for any.
 
     Returns:
@@ -115,7 +206,7 @@ def as_float_array(name: str, value, *, dtypes=tuple(COMPUTE_DTYPES), ndim: int 
     """
     array = as_array(name, value)
     if _dtype_name(array.dtype) not in dtypes:
-        raise InputError(f"{name} must be a {' or '.join(dtypes)} array, got dtype {array.dtype}")
+        raise InputError(f"{name} must be a {_dtype_list(dtypes)} array, got dtype {array.dtype}")
     _check_ndim(name, array, ndim)
     return array
 

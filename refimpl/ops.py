@@ -78,7 +78,12 @@ transformers module's state dict: ``DeepseekV3Attention`` (``q_a_proj.weight``,
 
 Array inputs arrive in the run's dtype (float64, float32, or float16 / bfloat16 as
 NumPy or ``ml_dtypes`` arrays); integer inputs stay int64. An op returns one array,
-or a dict of arrays named as in the table.
+or a dict of arrays named as in the table, in the run's dtype. In float16 / bfloat16
+every op is the reference's low-precision definition (``docs/low-precision.md``):
+storage dtype in and out, float32 compute inside each component, one rounding per
+component output. Two exceptions: the delta rule's ``final_state`` and Gated
+DeltaNet's ``recurrent_state`` come back in float32 (the recurrent state engines keep
+in float32 whatever the model dtype); ``rms_norm`` keeps its named ``cast_order``.
 
 Every op checks its arguments before computing (:mod:`refimpl.numerics`): an array
 of the wrong dtype (integers, bools, complex), a NaN, infinite or out-of-range
@@ -130,7 +135,7 @@ def rope(
     beyond the rotary width pass through.
 
     Raises:
-        InputError: ``x`` not a float64 / float32 array, ``positions`` not integers.
+        InputError: ``x`` not a float array, ``positions`` not integers.
         ShapeError: ``x`` not 4-D, ``positions`` is not ``(B, T)`` of ``x``.
         ConfigError: bad ``rope_parameters``, ``partial_rotary_factor``,
             ``max_position_embeddings`` or ``layout``.

@@ -9,8 +9,11 @@ Notation:
     eps  epsilon, scalar          added inside the square root (``rms_norm_eps``)
 
 In a low-precision storage dtype (bfloat16, float16) every implementation
-normalises in float32; two cast orders then exist and give different bits
-(:func:`rms_norm_low_precision`):
+normalises in float32. The reference's own rule (:mod:`refimpl.numerics`) makes each
+function here one component: widen to float32, normalise and scale in float32, round
+the output once (the ``"multiply_then_cast"`` order below). Engines use two cast
+orders, which give different bits (:func:`rms_norm_low_precision`, the op suite's
+named variants):
 
 * ``"cast_then_multiply"`` (Llama family, Qwen3, Mistral, SmolLM3):
   ``w * cast(n(x))``, the product taken in the storage dtype;
@@ -35,7 +38,9 @@ import numpy as np
 
 from .errors import InputError, ShapeError
 from .mlp import silu
-from .numerics import as_float_array, check_finite_nonnegative, check_same_dtype
+from .numerics import (
+    FLOAT_DTYPES, as_float_array, check_finite_nonnegative, check_same_dtype, compute_dtype, to_compute, to_storage,
+)
 
 #: Named cast orders of :func:`rms_norm_low_precision`.
 CAST_ORDERS = ("cast_then_multiply", "multiply_then_cast")
@@ -68,7 +73,7 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, *, weight_offset: fl
     """RMSNorm in the compute dtype: ``(weight_offset + w) * x / sqrt(mean(x**2, -1) + eps)``.
 
     Args:
-        x: ``(..., M)`` activations, float64 or float32.
+        x: ``(..., M)`` activations.
         weight: ``(M,)`` per-channel weight, same dtype as ``x``.
         eps: added to the mean square inside the root (``rms_norm_eps``).
         weight_offset: 0 for a plain weight, 1 for Gemma's ``1 + w``.
@@ -77,20 +82,24 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, *, weight_offset: fl
         ``(..., M)``, same dtype as ``x``.
 
     Dtype: computed entirely in the dtype of ``x``; the mean of squares accumulates
-    in that dtype. In float64 and float32 the two cast orders coincide.
+    in that dtype. In float64 and float32 the two cast orders coincide. float16 /
+    bfloat16: computed in float32 (eps rounded to float32), rounded once to the
+    storage dtype: :func:`rms_norm_low_precision` with ``"multiply_then_cast"``.
 
     Raises:
         ShapeError: ``weight`` does not have shape ``(M,)``.
-        InputError: ``x`` or ``weight`` not float64 / float32; ``eps`` not a finite
-            number >= 0; ``weight_offset`` not 0 or 1.
+        InputError: ``x`` or ``weight`` not float64, float32, bfloat16 or float16; ``eps``
+            not a finite number >= 0; ``weight_offset`` not 0 or 1.
         RefimplError: ``x`` and ``weight`` differ in dtype.
     """
-    x, weight, dtype = _check(x, weight, weight_offset, ("float64", "float32"))
+    x, weight, storage = _check(x, weight, weight_offset, FLOAT_DTYPES)
+    dtype = compute_dtype(storage)
     eps = check_finite_nonnegative("rms_norm: eps", eps, dtype=dtype)
+    x, weight = to_compute(x), to_compute(weight)
     mean_square = np.mean(x * x, axis=-1, keepdims=True)
     normalised = x / np.sqrt(mean_square + eps)
     scale = weight + dtype.type(weight_offset) if weight_offset else weight
-    return scale * normalised
+    return to_storage(scale * normalised, storage)
 
 
 def rms_normalize(x: np.ndarray, eps: float) -> np.ndarray:
@@ -101,16 +110,17 @@ def rms_normalize(x: np.ndarray, eps: float) -> np.ndarray:
     ``sqrt(D)``, not 1). Applied per head: ``x`` ``(B, T, H, D)``, statistics over D.
 
     Args:
-        x: ``(..., D)`` activations, float64 or float32.
+        x: ``(..., D)`` activations.
         eps: added to the mean square inside the root (Llama 4 passes ``rms_norm_eps``).
 
     Returns:
         ``(..., D)``, same dtype as ``x``.
 
-    Dtype: computed entirely in the dtype of ``x``.
+    Dtype: computed entirely in the dtype of ``x``; float16 / bfloat16 in float32,
+    rounded once.
 
     Raises:
-        InputError: ``x`` not a float64 / float32 array with at least one axis; ``eps``
+        InputError: ``x`` not a float array with at least one axis; ``eps``
             not a finite number >= 0.
 
     Checked against: transformers 5.24 ``models/llama4/modeling_llama4.py``
@@ -119,8 +129,9 @@ def rms_normalize(x: np.ndarray, eps: float) -> np.ndarray:
     x = as_float_array("rms_normalize: x", x)
     if x.ndim == 0:
         raise InputError("rms_normalize: x must have at least one axis, got a scalar")
-    eps = check_finite_nonnegative("rms_normalize: eps", eps, dtype=x.dtype)
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+    eps = check_finite_nonnegative("rms_normalize: eps", eps, dtype=compute_dtype(x.dtype))
+    wide = to_compute(x)
+    return to_storage(wide / np.sqrt(np.mean(wide * wide, axis=-1, keepdims=True) + eps), x.dtype)
 
 
 def rms_norm_low_precision(
@@ -167,9 +178,9 @@ def gated_rms_norm(x: np.ndarray, weight: np.ndarray, z: np.ndarray, eps: float)
     ``w`` ``(d_v,)``, statistics over d_v).
 
     Args:
-        x: ``(..., D)`` activations, float64 or float32.
+        x: ``(..., D)`` activations.
         weight: ``(D,)`` plain per-channel weight.
-        z: gate, same shape as ``x``.
+        z: gate, same shape and dtype as ``x``.
         eps: added to the mean square inside the root (``rms_norm_eps``).
 
     Returns:
@@ -178,11 +189,13 @@ def gated_rms_norm(x: np.ndarray, weight: np.ndarray, z: np.ndarray, eps: float)
     Dtype: computed in the dtype of ``x``. transformers normalises in float32, casts
     the normalised value back, multiplies by w in the storage dtype, multiplies by
     ``silu(z)`` taken in float32 and casts the product back; in float64 and float32
-    (islands lifted) that is this one expression.
+    (islands lifted) that is this one expression. float16 / bfloat16: this expression
+    in float32, rounded once (transformers rounds the normalised value, the product
+    with w and the gated product).
 
     Raises:
         ShapeError: ``weight`` not ``(D,)``; ``z`` not the shape of ``x``.
-        InputError: an array not float64 / float32; ``eps`` not a finite number >= 0.
+        InputError: an array not a float array; ``eps`` not a finite number >= 0.
         RefimplError: the arrays differ in dtype.
 
     Paper: Yang, Kautz, Hatamizadeh, arXiv:2412.06464 (block design: output norm and gate).
@@ -196,7 +209,8 @@ def gated_rms_norm(x: np.ndarray, weight: np.ndarray, z: np.ndarray, eps: float)
         raise ShapeError(f"gated_rms_norm: weight shape {weight.shape} does not match last axis of x {x.shape}")
     if z.shape != x.shape:
         raise ShapeError(f"gated_rms_norm: gate z {z.shape} must have the shape of x {x.shape}")
-    dtype = check_same_dtype(x=x, weight=weight, z=z)
-    eps = check_finite_nonnegative("gated_rms_norm: eps", eps, dtype=dtype)
+    storage = check_same_dtype(x=x, weight=weight, z=z)
+    eps = check_finite_nonnegative("gated_rms_norm: eps", eps, dtype=compute_dtype(storage))
+    x, weight, z = to_compute(x), to_compute(weight), to_compute(z)
     normalised = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
-    return (weight * normalised) * silu(z)
+    return to_storage((weight * normalised) * silu(z), storage)

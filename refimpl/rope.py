@@ -58,7 +58,8 @@ import numpy as np
 from .config import MAX_SIZE
 from .errors import ConfigError, InputError, ShapeError
 from .numerics import (
-    COMPUTE_DTYPES, as_float_array, as_integer_array, check_finite, check_finite_positive, check_same_dtype,
+    FLOAT_DTYPES, as_float_array, as_integer_array, check_finite, check_finite_positive, check_same_dtype,
+    is_low_precision, to_compute, to_storage,
 )
 
 
@@ -510,18 +511,20 @@ def rope_cos_sin(
         positions: ``(T,)`` or ``(B, T)`` integer absolute positions (any size; 131072
             and beyond are fine).
         inv_freq: ``(Dr/2,)`` float64 inverse frequencies.
-        dtype: compute dtype of the result.
+        dtype: dtype of the result: float64, float32, or a storage dtype (float16,
+            bfloat16) whose tables :func:`apply_rope_rotate_half` widens to float32.
         attention_scaling: multiplier of both tables (YaRN's magnitude factor; 1 otherwise).
 
     Returns:
         ``(cos, sin)``, each ``(T, Dr/2)`` or ``(B, T, Dr/2)`` in ``dtype``. Angles are
-        formed and the trigonometric functions evaluated in float64, then rounded once.
-        (transformers forms the angles in float32: at position 131000 that alone moves
-        an angle by up to ~4e-3 rad.)
+        formed and the trigonometric functions evaluated in float64, then rounded once
+        (to float16 / bfloat16 too, as transformers rounds its float32 tables to the
+        model dtype). (transformers forms the angles in float32: at position 131000 that
+        alone moves an angle by up to ~4e-3 rad.)
 
     Raises:
         InputError: ``positions`` is not an integer array; ``inv_freq`` is not a float
-            array of finite values; ``dtype`` is not float64 or float32;
+            array of finite values; ``dtype`` is not float64, float32, bfloat16 or float16;
             ``attention_scaling`` is not a positive finite number.
         ShapeError: ``positions`` is not 1-D or 2-D, or ``inv_freq`` is not 1-D.
     """
@@ -536,6 +539,8 @@ def rope_cos_sin(
     scale = check_finite_positive("RoPE attention_scaling", attention_scaling)
     # m * theta_i, exact in float64 for any realistic position.
     angles = positions.astype(np.float64)[..., None] * inv_freq.astype(np.float64)
+    if is_low_precision(dtype):
+        return to_storage(np.cos(angles) * scale, dtype), to_storage(np.sin(angles) * scale, dtype)
     return (np.cos(angles) * scale).astype(dtype), (np.sin(angles) * scale).astype(dtype)
 
 
@@ -544,13 +549,13 @@ def _compute_dtype(dtype) -> np.dtype:
         resolved = np.dtype(dtype)
     except TypeError:
         resolved = None
-    if resolved is None or resolved.name not in COMPUTE_DTYPES:
-        raise InputError(f"RoPE dtype must be float64 or float32, got {dtype!r}")
+    if resolved is None or resolved.name not in FLOAT_DTYPES:
+        raise InputError(f"RoPE dtype must be float64, float32, bfloat16 or float16, got {dtype!r}")
     return resolved
 
 
 def _check_tables(x, cos, sin) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """``(x, cos, sin, Dr/2)`` after checking that they are float64 / float32 arrays and that
+    """``(x, cos, sin, Dr/2)`` after checking that they are float arrays of one dtype and that
     ``(T, Dr/2)`` or ``(B, T, Dr/2)`` tables fit ``x`` ``(B, T, H, D)``."""
     x, cos, sin = (as_float_array(f"RoPE {name}", a) for name, a in (("x", x), ("cos", cos), ("sin", sin)))
     half = cos.shape[-1] if cos.ndim else 0
@@ -577,11 +582,13 @@ def apply_rope_rotate_half(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> n
         ``(B, T, H, D)`` in the dtype of ``x``.
 
     Dtype: each product and sum in the dtype of ``x`` (the tables must share it), in
-    transformers' order ``x1 cos - x2 sin``, ``x2 cos + x1 sin``.
+    transformers' order ``x1 cos - x2 sin``, ``x2 cos + x1 sin``. float16 / bfloat16: in
+    float32, each rotated channel rounded once (transformers rounds ``x cos``,
+    ``rotate_half(x) sin`` and their sum).
 
     Raises:
         ShapeError: the tables do not fit ``x`` (wrong T, B, Dr/2 = 0 or Dr > D).
-        InputError: ``x`` or a table is not a float64 / float32 array.
+        InputError: ``x`` or a table is not a float array.
         RefimplError: ``x`` and the tables differ in dtype.
 
     Paper: arXiv:2104.09864, sec. 3.4.2, eq. 34 (in the half-split pairing).
@@ -590,10 +597,11 @@ def apply_rope_rotate_half(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> n
     ``apply_rotary_pos_emb`` (lines 154-188).
     """
     x, cos, sin, half = _check_tables(x, cos, sin)
+    storage, x = x.dtype, to_compute(x)
     # Broadcast the tables over heads: (..., T, 1, Dr/2).
-    c, s = cos[..., None, :], sin[..., None, :]
+    c, s = to_compute(cos)[..., None, :], to_compute(sin)[..., None, :]
     x1, x2, passed = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
-    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s, passed], axis=-1)
+    return to_storage(np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s, passed], axis=-1), storage)
 
 
 def apply_rope_interleaved(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -612,21 +620,23 @@ def apply_rope_interleaved(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> n
         cos, sin: ``(T, Dr/2)`` or ``(B, T, Dr/2)`` from :func:`rope_cos_sin`, Dr <= D.
 
     Returns:
-        ``(B, T, H, D)`` in the dtype of ``x``.
+        ``(B, T, H, D)`` in the dtype of ``x`` (float16 / bfloat16: computed in float32,
+        rounded once).
 
     Raises:
         ShapeError: the tables do not fit ``x``.
-        InputError: ``x`` or a table is not a float64 / float32 array.
+        InputError: ``x`` or a table is not a float array.
         RefimplError: ``x`` and the tables differ in dtype.
 
     Paper: arXiv:2104.09864, sec. 3.4.2, eq. 34 (the paper's own pairing).
     """
     x, cos, sin, half = _check_tables(x, cos, sin)
-    c, s = cos[..., None, :], sin[..., None, :]
+    storage, x = x.dtype, to_compute(x)
+    c, s = to_compute(cos)[..., None, :], to_compute(sin)[..., None, :]
     x1, x2 = x[..., 0:2 * half:2], x[..., 1:2 * half:2]
     # Re-interleave (even, odd) results: (..., Dr/2, 2) -> (..., Dr).
     rotated = np.stack([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).reshape(*x.shape[:-1], 2 * half)
-    return np.concatenate([rotated, x[..., 2 * half:]], axis=-1)
+    return to_storage(np.concatenate([rotated, x[..., 2 * half:]], axis=-1), storage)
 
 
 _APPLY = {RopeLayout.ROTATE_HALF: apply_rope_rotate_half, RopeLayout.INTERLEAVED: apply_rope_interleaved}

@@ -3,7 +3,7 @@
 Every router returns ``(weights, indices)``, both ``(N, k)``: row ``n`` sends token
 ``n`` to experts ``indices[n, j]`` with combine weights ``weights[n, j]`` (for Llama 4
 the weight scales the expert *input*, see :func:`llama4_top_k_sigmoid`). The
-router linear itself (``logits = x W_router^T (+ b)``) is :func:`refimpl.linear.linear`.
+router linear itself (``logits = x W_router^T (+ b)``) is :func:`router_logits`.
 
 Notation: N tokens, E routed experts (``n_routed_experts`` / ``num_local_experts`` /
 ``num_experts``), k experts per token (``num_experts_per_tok``).
@@ -28,7 +28,10 @@ a NaN score selects is undefined, and engines differ (NumPy's sort puts NaN last
 
 Dtype: float64 or float32 logits; every router computes in the dtype of its logits
 (transformers' routers that compute in float32 for a float64 model are float32
-islands, see ``docs/transformers-differences.md``).
+islands, see ``docs/transformers-differences.md``). float16 / bfloat16 logits (and
+correction bias) are widened to float32: scores, selection and weights are computed
+in float32 (the experts are chosen from the float32 scores) and the weights rounded
+once to the logits' dtype; the indices are int64 in every dtype.
 
 Sources: Qwen3-MoE / Qwen3-Next ``*TopKRouter`` (softmax, top-k, optional
 renormalisation); gpt-oss ``GptOssTopKRouter`` (top-k on logits, softmax over the
@@ -47,8 +50,24 @@ import warnings
 import numpy as np
 
 from .errors import ConfigError, InputError, RoutingTieWarning, ShapeError
-from .numerics import as_float_array, check_finite, check_finite_positive
+from .linear import linear
+from .numerics import as_float_array, check_finite, check_finite_positive, to_compute, to_storage
 from .softcap import soft_cap
+
+
+def router_logits(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """The router projection ``x W^T (+ b)``, ``(N, E)`` for rows ``x`` ``(N, M)`` and ``W`` ``(E, M)``.
+
+    :func:`refimpl.linear.linear` in float64 and float32. For float16 / bfloat16 ``x`` and
+    weights the logits are the float32 product, *not* rounded to the storage dtype: the
+    router is one component from the hidden state to the routing weights, and the experts
+    are chosen from float32 scores (transformers computes DeepSeek-V3's and GLM-4.5's router
+    linear in float32 too; rounding the logits to bfloat16 first flips near-tied choices).
+
+    Raises:
+        As :func:`refimpl.linear.linear`.
+    """
+    return linear(to_compute(x), to_compute(weight), to_compute(bias))
 
 
 def _check_top_k(name: str, top_k, num_experts: int) -> int:
@@ -120,7 +139,7 @@ def softmax_top_k(router_logits: np.ndarray, top_k: int, *, norm_topk_prob: bool
     Used by Qwen3-MoE and Qwen3-Next (``Qwen3MoeTopKRouter``).
 
     Args:
-        router_logits: ``(N, E)`` float64/float32.
+        router_logits: ``(N, E)``, a float array (float16 / bfloat16: computed in float32).
         top_k: ``num_experts_per_tok``, 1 <= k <= E.
         norm_topk_prob: renormalise the chosen probabilities to sum to 1.
 
@@ -135,12 +154,13 @@ def softmax_top_k(router_logits: np.ndarray, top_k: int, *, norm_topk_prob: bool
     k = _check_top_k("softmax_top_k", top_k, logits.shape[1])
     if not isinstance(norm_topk_prob, (bool, np.bool_)):
         raise ConfigError(f"softmax_top_k: norm_topk_prob must be a bool, got {norm_topk_prob!r}")
-    probs = _softmax(logits)
+    storage = logits.dtype
+    probs = _softmax(to_compute(logits))
     indices = top_k_indices(probs, k)
     weights = np.take_along_axis(probs, indices, axis=-1)
     if norm_topk_prob:
         weights = weights / weights.sum(axis=-1, keepdims=True)
-    return weights, indices
+    return to_storage(weights, storage), indices
 
 
 def top_k_softmax(router_logits: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -160,8 +180,9 @@ def top_k_softmax(router_logits: np.ndarray, top_k: int) -> tuple[np.ndarray, np
     """
     logits = _logits("top_k_softmax", router_logits)
     k = _check_top_k("top_k_softmax", top_k, logits.shape[1])
+    storage, logits = logits.dtype, to_compute(logits)
     indices = top_k_indices(logits, k)
-    return _softmax(np.take_along_axis(logits, indices, axis=-1)), indices
+    return to_storage(_softmax(np.take_along_axis(logits, indices, axis=-1)), storage), indices
 
 
 def sigmoid_group_top_k(
@@ -183,7 +204,7 @@ def sigmoid_group_top_k(
     Used by DeepSeek-V3, Kimi K2 (``n_group`` 1) and GLM-4.5 (``n_group`` 1).
 
     Args:
-        router_logits: ``(N, E)`` float64/float32.
+        router_logits: ``(N, E)``, a float array (float16 / bfloat16: computed in float32).
         e_score_correction_bias: ``(E,)`` same dtype.
         top_k: ``num_experts_per_tok``; must not exceed the experts in the kept groups.
         n_group: number of expert groups; divides E, at least 2 experts per group.
@@ -220,6 +241,7 @@ def sigmoid_group_top_k(
         raise ConfigError(f"{name}: norm_topk_prob must be a bool, got {norm_topk_prob!r}")
     check_finite_positive(f"{name}: routed_scaling_factor", routed_scaling_factor, error=ConfigError)
 
+    storage, logits, bias = logits.dtype, to_compute(logits), to_compute(bias)
     scores = _sigmoid(logits)
     choice = scores + bias
     grouped = choice.reshape(len(choice), n_group, per_group)
@@ -232,7 +254,7 @@ def sigmoid_group_top_k(
     weights = np.take_along_axis(scores, indices, axis=-1)
     if norm_topk_prob:
         weights = weights / (weights.sum(axis=-1, keepdims=True) + logits.dtype.type(1e-20))
-    return weights * logits.dtype.type(routed_scaling_factor), indices
+    return to_storage(weights * logits.dtype.type(routed_scaling_factor), storage), indices
 
 
 def sigmoid_bias_top_k(
@@ -255,10 +277,11 @@ def sigmoid_bias_top_k(
     logits = _logits(name, router_logits)
     bias = _bias(name, e_score_correction_bias, logits)
     k = _check_top_k(name, top_k, logits.shape[1])
+    storage, logits, bias = logits.dtype, to_compute(logits), to_compute(bias)
     scores = _sigmoid(logits)
     indices = top_k_indices(scores + bias, k)
     weights = np.take_along_axis(scores, indices, axis=-1)
-    return weights / weights.sum(axis=-1, keepdims=True), indices
+    return to_storage(weights / weights.sum(axis=-1, keepdims=True), storage), indices
 
 
 def llama4_top_k_sigmoid(router_logits: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -279,8 +302,9 @@ def llama4_top_k_sigmoid(router_logits: np.ndarray, top_k: int) -> tuple[np.ndar
     """
     logits = _logits("llama4_top_k_sigmoid", router_logits)
     k = _check_top_k("llama4_top_k_sigmoid", top_k, logits.shape[1])
+    storage, logits = logits.dtype, to_compute(logits)
     indices = top_k_indices(logits, k)
-    return _sigmoid(np.take_along_axis(logits, indices, axis=-1)), indices
+    return to_storage(_sigmoid(np.take_along_axis(logits, indices, axis=-1)), storage), indices
 
 
 def soft_capped_softmax_top_k(
@@ -302,6 +326,8 @@ def soft_capped_softmax_top_k(
         negative / non-finite cap.
     """
     logits = _logits("soft_capped_softmax_top_k", router_logits)
+    # The cap, the softmax and the choice all in float32 for float16 / bfloat16 logits.
+    storage, logits = logits.dtype, to_compute(logits)
     if router_logit_softcapping:
         check_finite_positive(
             "soft_capped_softmax_top_k: router_logit_softcapping", router_logit_softcapping, error=ConfigError
@@ -309,7 +335,8 @@ def soft_capped_softmax_top_k(
         logits = soft_cap(logits, router_logit_softcapping)
     elif router_logit_softcapping is not None:
         check_finite("soft_capped_softmax_top_k: router_logit_softcapping", router_logit_softcapping, error=ConfigError)
-    return softmax_top_k(logits, top_k, norm_topk_prob=False)
+    weights, indices = softmax_top_k(logits, top_k, norm_topk_prob=False)
+    return to_storage(weights, storage), indices
 
 
 def dense_routing(weights: np.ndarray, indices: np.ndarray, num_experts: int) -> np.ndarray:

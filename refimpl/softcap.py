@@ -16,20 +16,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from .numerics import as_float_array, check_finite_positive
+from .numerics import as_float_array, check_finite_positive, compute_dtype, to_compute, to_storage
 
 
 def soft_cap(x: np.ndarray, cap: float) -> np.ndarray:
     """``cap * tanh(x / cap)`` elementwise, in the dtype of ``x``.
 
     Args:
-        x: any shape, float64 or float32 (NaN and inf propagate as tanh takes them).
-        cap: c > 0, rounded to the dtype of ``x`` first.
+        x: any shape, a float array (NaN and inf propagate as tanh takes them).
+        cap: c > 0, rounded to the dtype of ``x`` first (float16 / bfloat16: to float32).
+
+    Dtype: float16 / bfloat16 computed in float32 and rounded once (transformers rounds
+    the quotient, the tanh and the product).
 
     Raises:
-        InputError: ``x`` is not a float64 / float32 array; ``cap`` is not a positive
-            finite number (in that dtype).
+        InputError: ``x`` is not a float array; ``cap`` is not a positive finite number
+            (in that dtype).
     """
     x = as_float_array("soft_cap: x", x)
-    c = check_finite_positive("soft_cap: cap", cap, dtype=x.dtype)
-    return c * np.tanh(x / c)
+    c = check_finite_positive("soft_cap: cap", cap, dtype=compute_dtype(x.dtype))
+    wide = to_compute(x)
+    return to_storage(c * np.tanh(wide / c), x.dtype)

@@ -62,7 +62,7 @@ def _recurrence(step, *, dtype=None):
     """A delta rule (both forms) that runs ``step`` token by token, optionally in ``dtype``."""
 
     def rule(q, k, v, g, beta, *, initial_state=None, scale=None, chunk_size=None):
-        q, k, v, g, beta, state, scale = dr._check_inputs(q, k, v, g, beta, initial_state, scale)
+        q, k, v, g, beta, state, scale, _ = dr._check_inputs(q, k, v, g, beta, initial_state, scale)
         out_dtype = v.dtype
         arrays = dr.heads_first(q, k, v, g, beta, scale)
         if dtype is not None:
@@ -150,7 +150,7 @@ def gdn04_padding_updates_state():
 
 
 def _state_sized_by_length(q, k, v, g, beta, *, initial_state=None, scale=None, chunk_size=None):
-    q, k, v, g, beta, _, scale = dr._check_inputs(q, k, v, g, beta, None, scale)
+    q, k, v, g, beta, _, scale, _ = dr._check_inputs(q, k, v, g, beta, None, scale)
     qh, kh, vh, gh, bh = dr.heads_first(q, k, v, g, beta, scale)
     # shapes unpacked as (B, T, H, D) after the transpose to (B, H, T, D): "length" is H, "heads" is T
     batch, length, heads, _ = qh.shape

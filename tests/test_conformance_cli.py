@@ -166,12 +166,27 @@ def test_run_refimpl_passes_and_writes_report(golden, tmp_path, dtype):
     assert entry["argmax"]["fraction"] == 1.0
 
 
+def make_float64_only_backend():
+    """The reference, refusing every dtype but float64 (what ``supports`` strings do)."""
+    backend = resolve_backend("refimpl", {})
+    backend.supports = lambda case, dtype: True if dtype == "float64" else "float64 only"
+    return backend
+
+
 def test_run_unsupported_dtype_is_not_implemented(golden):
-    result = invoke("run", "--backend", "refimpl", "--dtype", "bfloat16", "--golden-dir", str(golden))
+    result = invoke("run", "--backend", "test_conformance_cli:make_float64_only_backend", "--dtype", "bfloat16",
+                    "--golden-dir", str(golden))
     # nothing could be checked: not a success
     assert result.exit_code == 1, result.output
     assert "0 passed, 0 failed, 1 not implemented" in result.stdout
     assert "no case was checked" in result.stderr
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_refimpl_runs_in_low_precision_within_the_bounds(golden, dtype):
+    result = invoke("run", "--backend", "refimpl", "--dtype", dtype, "--golden-dir", str(golden))
+    assert result.exit_code == 0, result.output
+    assert "1 passed, 0 failed" in result.stdout
 
 
 class PerturbingBackend:

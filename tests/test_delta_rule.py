@@ -223,7 +223,7 @@ def test_scale_defaults_to_inverse_sqrt_dk():
     (lambda x: {k: v[:, :0] for k, v in x.items()}, ShapeError, "empty axis"),
     (lambda x: {**x, "g": np.where(np.arange(4) == 1, np.nan, x["g"])}, InputError, "g holds NaN"),
     (lambda x: {**x, "v": x["v"] * np.inf}, InputError, "v holds NaN or infinite"),
-    (lambda x: {**x, "q": x["q"].astype(np.int64)}, InputError, "q must be a float64 or float32"),
+    (lambda x: {**x, "q": x["q"].astype(np.int64)}, InputError, "q must be a float64, float32, bfloat16 or float16"),
     (lambda x: {**x, "beta": x["beta"].astype(np.float32)}, RefimplError, "share one compute dtype"),
     (lambda x: {**x, "scale": 0.0}, InputError, "scale must be a positive"),
     (lambda x: {**x, "scale": float("nan")}, InputError, "scale must be a positive"),

@@ -91,7 +91,7 @@ def test_gaussian_top_k_float32_stays_float32_and_uses_the_rounded_quantile():
 
 
 def test_gaussian_top_k_refuses_bad_gates():
-    with pytest.raises(InputError, match="float64 or float32"):
+    with pytest.raises(InputError, match="float64, float32, bfloat16 or float16"):
         gaussian_top_k(np.arange(4), 0.95)
     with pytest.raises(InputError, match="non-empty last axis"):
         gaussian_top_k(np.zeros((2, 0)), 0.95)

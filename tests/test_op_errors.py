@@ -70,8 +70,8 @@ BAD = {
     "attention-bool-v": (lambda: attention(Q, K, V > 0, scaling=0.5), InputError, "v must be"),
     "attention-object-k": (lambda: attention(Q, np.array([None, 1.0]), V, scaling=0.5), InputError, "k must be"),
     "attention-ragged-list": (lambda: attention([[1.0], [1.0, 2.0]], K, V, scaling=0.5), InputError, "q must be"),
-    "attention-float16": (lambda: attention(*(a.astype(np.float16) for a in (Q, K, V)), scaling=0.5),
-                          InputError, "float16"),
+    "attention-float128": (lambda: attention(*(a.astype(np.longdouble) for a in (Q, K, V)), scaling=0.5),
+                           InputError, str(np.dtype(np.longdouble))),
     "attention-int-sinks": (lambda: _attention(sinks=np.array([1, 2])), InputError, "sinks"),
     # attention: scalar parameters
     "attention-nan-scaling": (lambda: _attention(scaling=float("nan")), InputError, "scaling"),
@@ -250,12 +250,16 @@ def test_as_float_array_returns_the_array_itself_and_names_the_dtype():
     a = np.ones(3, np.float32)
     assert as_float_array("f: a", a) is a
     assert as_float_array("f: a", [1.0, 2.0]).dtype == np.float64
-    assert as_float_array("f: a", np.ones(2, BF16), dtypes=FLOAT_DTYPES).dtype == BF16
-    for bad, dtype in ((np.ones(2, BF16), "bfloat16"), (np.ones(2, np.int32), "int32"), (np.ones(2, bool), "bool"),
+    assert as_float_array("f: a", np.ones(2, BF16)).dtype == BF16
+    assert as_float_array("f: a", np.ones(2, np.float16), dtypes=FLOAT_DTYPES).dtype == np.float16
+    for bad, dtype in ((np.ones(2, np.int32), "int32"), (np.ones(2, bool), "bool"),
                        (np.ones(2, np.complex64), "complex64"), (np.array(["a"]), "<U1"),
                        (np.ones(2, np.longdouble), str(np.dtype(np.longdouble)))):
-        with pytest.raises(InputError, match=f"^f: a must be a float64 or float32 array, got dtype {dtype}$"):
+        with pytest.raises(InputError, match=f"^f: a must be a float64, float32, bfloat16 or float16 array, "
+                                             f"got dtype {dtype}$"):
             as_float_array("f: a", bad)
+    with pytest.raises(InputError, match="^f: a must be a float64 or float32 array, got dtype bfloat16$"):
+        as_float_array("f: a", np.ones(2, BF16), dtypes=("float64", "float32"))
     with pytest.raises(ShapeError, match="f: a must have 2 axes"):
         as_float_array("f: a", a, ndim=2)
 

@@ -1,7 +1,9 @@
 """The NumPy reference (``refimpl``) as a backend.
 
 It computes in float64 (the specification) or float32 (to measure what error a
-float32 engine should expect); other dtypes are reported as not implemented. When a
+float32 engine should expect), and runs in float16 and bfloat16 as storage dtypes with
+float32 compute per component (``docs/low-precision.md``): its own error in a backend's
+low-precision dtype, the yardstick of the error model. When a
 checkpoint carries complete multi-token-prediction modules, ``run`` also returns their
 draft logits (``BackendOutput.mtp_logits``). Scenario cases run through
 ``refimpl.Model.prefill`` / ``decode`` / ``rollback`` (the state is the reference's
@@ -21,7 +23,7 @@ from ..errors import BackendError
 from ..manifest import Case
 from .base import BackendOutput
 
-DTYPES = ("float64", "float32")
+DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 
 class RefimplModel:
@@ -31,7 +33,7 @@ class RefimplModel:
         self.model = model
 
     def run(self, input_ids: np.ndarray) -> BackendOutput:
-        """Logits ``(B, T, V)`` and taps, in the compute dtype, for ids ``(B, T)``; the MTP
+        """Logits ``(B, T, V)`` and taps, in the model's dtype, for ids ``(B, T)``; the MTP
         draft logits too when the checkpoint has MTP modules."""
         out = self.model.forward(input_ids, return_hidden_states=True, return_mtp_logits=self.model.has_mtp)
         return BackendOutput(logits=out.logits, hidden_states=dict(out.hidden_states), mtp_logits=out.mtp_logits)
@@ -75,7 +77,7 @@ class RefimplBackend:
 
     def supports(self, case: Case, dtype: str) -> bool | str:
         if dtype not in DTYPES:
-            return f"refimpl computes in {' or '.join(DTYPES)} only"
+            return f"refimpl runs in {', '.join(DTYPES)} only"
         if case.level in ("model", "scenario") and case.architecture not in refimpl.ARCHITECTURES:
             return f"refimpl has no architecture '{case.architecture}'"
         if case.level == "model" and case.mtp_depths and refimpl.ARCHITECTURES[case.architecture].mtp is None:

@@ -38,6 +38,10 @@ key head 0). Tiling (``h % Hk``) is a different function whenever ``Hk > 1`` and
 
 Dtype: computed in the inputs' dtype (float64, the specification, or float32); all
 inputs share it. transformers runs this core in float32 whatever the model dtype.
+float16 / bfloat16 inputs (q, k, v, beta; g and the initial state in that dtype or in
+float32, as the layer keeps them) are widened and the rule runs in float32: ``o`` is
+rounded once to the storage dtype, the final state is returned in float32 (the
+recurrent state engines keep: transformers, flash-linear-attention).
 
 The chunked form, its derivation and why it equals the recurrent form are written
 out in ``delta_rule.md`` beside this module.
@@ -59,12 +63,13 @@ import numbers
 
 import numpy as np
 
-from ..errors import InputError, ShapeError
-from ..numerics import as_float_array, check_finite_positive, check_same_dtype
+from ..errors import InputError, RefimplError, ShapeError
+from ..numerics import as_float_array, check_finite_positive, check_same_dtype, compute_dtype, to_compute, to_storage
 
 
 def _check_inputs(q, k, v, g, beta, initial_state, scale):
-    """The arrays (same dtype), the initial state (zeros when None) and the scale, checked."""
+    """The arrays widened to the compute dtype, the initial state (zeros when None), the scale
+    and the storage dtype of q, k, v and beta, checked."""
     q = as_float_array("gated_delta_rule: q", q, ndim=4)
     k = as_float_array("gated_delta_rule: k", k, ndim=4)
     v = as_float_array("gated_delta_rule: v", v, ndim=4)
@@ -83,24 +88,35 @@ def _check_inputs(q, k, v, g, beta, initial_state, scale):
     for name, array in (("g", g), ("beta", beta)):
         if array.shape != (batch, length, hv):
             raise ShapeError(f"gated_delta_rule: {name} {array.shape} must be (B, T, Hv) = {(batch, length, hv)}")
-    dtype = check_same_dtype(q=q, k=k, v=v, g=g, beta=beta)
-    state = _check_state(initial_state, (batch, hv, dk, dv), dtype)
+    storage = check_same_dtype(q=q, k=k, v=v, beta=beta)
+    _check_float32_companion(storage, g=g)
+    dtype = compute_dtype(storage)
+    state = _check_state(initial_state, (batch, hv, dk, dv), storage)
     for name, array in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta), ("initial_state", state)):
         if not np.all(np.isfinite(array)):
             raise InputError(f"gated_delta_rule: {name} holds NaN or infinite values")
     scale = dk ** -0.5 if scale is None else scale
     scale = check_finite_positive("gated_delta_rule: scale", scale, dtype=dtype)
-    return q, k, v, g, beta, state, dtype.type(scale)
+    q, k, v, g, beta, state = (to_compute(a) for a in (q, k, v, g, beta, state))
+    return q, k, v, g, beta, state, dtype.type(scale), storage
 
 
-def _check_state(initial_state, shape, dtype) -> np.ndarray:
-    """``initial_state`` checked against ``(B, Hv, d_k, d_v)``, or zeros of that shape."""
+def _check_float32_companion(storage: np.dtype, **arrays: np.ndarray) -> None:
+    """``arrays`` (g, the state) in the ``storage`` dtype of q, k, v and beta, or in float32 beside
+    float16 / bfloat16 ones; RefimplError naming the dtypes otherwise."""
+    for name, array in arrays.items():
+        if array.dtype != storage and array.dtype != compute_dtype(storage):
+            raise RefimplError(f"arrays must share one compute dtype, got q={storage}, {name}={array.dtype}")
+
+
+def _check_state(initial_state, shape, storage) -> np.ndarray:
+    """``initial_state`` checked against ``(B, Hv, d_k, d_v)``, or zeros of that shape (compute dtype)."""
     if initial_state is None:
-        return np.zeros(shape, dtype=dtype)
+        return np.zeros(shape, dtype=compute_dtype(storage))
     state = as_float_array("gated_delta_rule: initial_state", initial_state, ndim=4)
     if state.shape != shape:
         raise ShapeError(f"gated_delta_rule: initial_state {state.shape} must be (B, Hv, d_k, d_v) = {shape}")
-    check_same_dtype(inputs=np.empty(0, dtype), initial_state=state)
+    _check_float32_companion(storage, initial_state=state)
     return state
 
 
@@ -150,12 +166,15 @@ def gated_delta_rule_recurrent(q, k, v, g, beta, *, initial_state=None, scale=No
         scale: multiplies q; default ``d_k ** -0.5``.
 
     Returns:
-        ``(o (B, T, Hv, d_v), final_state (B, Hv, d_k, d_v))`` in the inputs' dtype.
+        ``(o (B, T, Hv, d_v), final_state (B, Hv, d_k, d_v))`` in the inputs' dtype (float16 /
+        bfloat16 inputs: ``o`` in it, the final state in float32).
 
-    Dtype: float64 or float32, every product and sum in that dtype.
+    Dtype: float64 or float32, every product and sum in that dtype; float16 / bfloat16 in
+    float32 (module docstring). g and ``initial_state`` may be float32 beside float16 /
+    bfloat16 q, k, v, beta.
 
     Raises:
-        InputError: an array not float64 / float32 or holding NaN / inf; ``scale`` not a
+        InputError: an array not a float array or holding NaN / inf; ``scale`` not a
             positive finite number.
         ShapeError: wrong number of axes, mismatched (B, T), q and k of different shapes,
             ``Hv % Hk != 0``, an empty axis, or ``initial_state`` not ``(B, Hv, d_k, d_v)``
@@ -166,12 +185,12 @@ def gated_delta_rule_recurrent(q, k, v, g, beta, *, initial_state=None, scale=No
     Checked against: transformers 5.24 ``torch_recurrent_gated_delta_rule``
     (``modeling_qwen3_next.py:513-575``) run in float64 with its float32 casts lifted.
     """
-    q, k, v, g, beta, state, scale = _check_inputs(q, k, v, g, beta, initial_state, scale)
+    q, k, v, g, beta, state, scale, storage = _check_inputs(q, k, v, g, beta, initial_state, scale)
     qh, kh, vh, gh, bh = heads_first(q, k, v, g, beta, scale)
     out = np.empty(vh.shape, dtype=vh.dtype)
     for t in range(vh.shape[2]):
         out[:, :, t], state = _step(state, qh[:, :, t], kh[:, :, t], vh[:, :, t], gh[:, :, t], bh[:, :, t])
-    return np.moveaxis(out, 1, 2), state
+    return to_storage(np.moveaxis(out, 1, 2), storage), state
 
 
 def solve_unit_lower(a: np.ndarray, rhs: np.ndarray) -> np.ndarray:
@@ -225,7 +244,7 @@ def gated_delta_rule_chunked(q, k, v, g, beta, *, chunk_size=64, initial_state=N
         chunk_size: C, an integer >= 1 (transformers and fla use 64).
 
     Returns:
-        ``(o (B, T, Hv, d_v), final_state (B, Hv, d_k, d_v))`` in the inputs' dtype.
+        ``(o (B, T, Hv, d_v), final_state (B, Hv, d_k, d_v))`` as :func:`gated_delta_rule_recurrent`.
 
     Dtype: as :func:`gated_delta_rule_recurrent`. In float32 the error grows with the depth of a
     chunk's cumulative log-decay (about ``|gamma| 2^-24`` on a pairwise decay of order 1;
@@ -240,7 +259,7 @@ def gated_delta_rule_chunked(q, k, v, g, beta, *, chunk_size=64, initial_state=N
     (``modeling_qwen3_next.py:371-510``), which pads T to a multiple of C with zero
     keys, values, beta and g instead.
     """
-    q, k, v, g, beta, state, scale = _check_inputs(q, k, v, g, beta, initial_state, scale)
+    q, k, v, g, beta, state, scale, storage = _check_inputs(q, k, v, g, beta, initial_state, scale)
     chunk_size = check_chunk_size(chunk_size)
     qh, kh, vh, gh, bh = heads_first(q, k, v, g, beta, scale)
     out = np.empty(vh.shape, dtype=vh.dtype)
@@ -248,4 +267,4 @@ def gated_delta_rule_chunked(q, k, v, g, beta, *, chunk_size=64, initial_state=N
         part = slice(start, start + chunk_size)
         out[:, :, part], state = _chunk(state, qh[:, :, part], kh[:, :, part], vh[:, :, part], gh[:, :, part],
                                         bh[:, :, part])
-    return np.moveaxis(out, 1, 2), state
+    return to_storage(np.moveaxis(out, 1, 2), storage), state

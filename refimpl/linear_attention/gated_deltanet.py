@@ -60,7 +60,11 @@ would cost ``T * Hv * d_k * d_v`` per row and call; the replay costs one call's 
 Dtype: computed in the dtype of ``hidden_states`` (float64 or float32); weights and
 state share it. transformers forms g from ``A_log.float()`` and ``a.float()``, runs the
 delta rule in float32 and keeps the recurrent state in float32, whatever the model
-dtype (lifted by ``conformance.backends.hf_exact.exact_float64``).
+dtype (lifted by ``conformance.backends.hf_exact.exact_float64``). float16 / bfloat16
+hidden states (:mod:`refimpl.numerics`): projections, conv, ``beta``, the L2 norms, the
+gated norm each rounded to the storage dtype (computed in float32), as is the conv
+state; ``g`` and the recurrent state stay float32, as in transformers and
+flash-linear-attention (a recurrent state given in the storage dtype is widened).
 
 Paper: Yang, Kautz, Hatamizadeh, "Gated Delta Networks", arXiv:2412.06464, section 3
 (block design: short conv, L2-normalised q/k, output gate and norm).
@@ -77,7 +81,7 @@ import numpy as np
 
 from ..errors import ConfigError, InputError, MissingWeightsError, ShapeError, UnexpectedWeightsError
 from ..linear import linear
-from ..numerics import as_float_array, check_finite_nonnegative, check_same_dtype
+from ..numerics import as_float_array, check_finite_nonnegative, check_same_dtype, compute_dtype, to_compute, to_storage
 from ..rmsnorm import gated_rms_norm
 from .delta_rule import gated_delta_rule_chunked, gated_delta_rule_recurrent
 from .short_conv import causal_conv1d, conv_state_after
@@ -284,7 +288,9 @@ def _check_state(state, x: np.ndarray, d: _Dims) -> GatedDeltaNetState | None:
         array = as_float_array(f"gated_deltanet: state.{name}", getattr(state, name))
         if array.shape != shape:
             raise ShapeError(f"gated_deltanet: state.{name} has shape {array.shape}, expected {shape}")
-        check_same_dtype(hidden_states=x, **{name: array})
+        # The recurrent state may be float32 beside float16 / bfloat16 hidden states (kept so).
+        if name != "recurrent_state" or array.dtype != compute_dtype(x.dtype):
+            check_same_dtype(hidden_states=x, **{name: array})
     return state
 
 
@@ -311,8 +317,10 @@ def split_projections(qkvz: np.ndarray, ba: np.ndarray, d: _Dims):
 
 
 def l2_normalize(x: np.ndarray, eps: float = L2_NORM_EPS) -> np.ndarray:
-    """``x / sqrt(sum(x**2, -1) + eps)`` over the last axis, in the dtype of ``x``."""
-    return x / np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + x.dtype.type(eps))
+    """``x / sqrt(sum(x**2, -1) + eps)`` over the last axis, in the dtype of ``x`` (float16 /
+    bfloat16: in float32, rounded once)."""
+    wide = to_compute(x)
+    return to_storage(wide / np.sqrt(np.sum(wide * wide, axis=-1, keepdims=True) + wide.dtype.type(eps)), x.dtype)
 
 
 def softplus(x: np.ndarray) -> np.ndarray:
@@ -321,8 +329,19 @@ def softplus(x: np.ndarray) -> np.ndarray:
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
+    """``1 / (1 + exp(-x))`` in the dtype of ``x`` (float16 / bfloat16: in float32, rounded once)."""
+    wide = to_compute(x)
     with np.errstate(over="ignore"):
-        return 1 / (1 + np.exp(-x))
+        return to_storage(1 / (1 + np.exp(-wide)), x.dtype)
+
+
+def log_decay(a: np.ndarray, a_log: np.ndarray, dt_bias: np.ndarray) -> np.ndarray:
+    """``g = -exp(A_log) * softplus(a + dt_bias)``, the log-decay (<= 0) ``(B, T, Hv)``.
+
+    Dtype: that of ``a``; float16 / bfloat16 computed in float32 and *kept* in float32, as
+    transformers (``A_log.float()``, ``a.float()``) and flash-linear-attention keep it.
+    """
+    return -np.exp(to_compute(a_log)) * softplus(to_compute(a) + to_compute(dt_bias))
 
 
 def conv_inputs(q, k, v) -> np.ndarray:
@@ -362,14 +381,15 @@ def gated_deltanet(
         ``(out (B, T, M), new_state)``; processing a sequence in pieces, passing the
         state along, equals one pass.
 
-    Dtype: that of ``hidden_states`` (float64 or float32); weights and state share it.
+    Dtype: that of ``hidden_states``; weights and the conv state share it. float16 /
+    bfloat16: the recurrent state is float32 (module docstring).
 
     Raises:
         ConfigError: a head parameter not an integer >= 1, Hv not a multiple of Hk.
         MissingWeightsError / UnexpectedWeightsError: a weight name missing or unknown.
         ShapeError: ``hidden_states`` not 3-D or with an empty axis (B = 0 or T = 0), a weight or
             state of the wrong shape.
-        InputError: an array not float64 / float32, ``rms_norm_eps`` not finite >= 0,
+        InputError: an array not a float array, ``rms_norm_eps`` not finite >= 0,
             ``chunk_size`` not an integer >= 1; NaN / inf reaching the delta rule.
         RefimplError: arrays of different dtypes.
 
@@ -384,7 +404,7 @@ def gated_deltanet(
         raise ShapeError(f"gated_deltanet: hidden_states {x.shape} must be (B, T, M) with no empty axis")
     w = _check_weights(weights, x, d)
     state = _check_state(state, x, d)
-    eps = check_finite_nonnegative("gated_deltanet: rms_norm_eps", rms_norm_eps, dtype=x.dtype)
+    eps = check_finite_nonnegative("gated_deltanet: rms_norm_eps", rms_norm_eps, dtype=compute_dtype(x.dtype))
     # 1) fused projections, grouped per key head
     q, k, v, z, b, a = split_projections(linear(x, w["in_proj_qkvz.weight"]), linear(x, w["in_proj_ba.weight"]), d)
     # 2) - 4) conv, gates, L2 norm
@@ -401,7 +421,7 @@ def _recurrence_inputs(q, k, v, b, a, w: dict, conv_state, d: _Dims) -> tuple[De
     q, k, v, conv_state = _short_conv(q, k, v, w["conv1d.weight"], conv_state, d)
     # 3) gates: beta = sigmoid(b), g = -exp(A_log) softplus(a + dt_bias)
     beta = _sigmoid(b)
-    g = -np.exp(w["A_log"]) * softplus(a + w["dt_bias"])
+    g = log_decay(a, w["A_log"], w["dt_bias"])
     # 4) L2-normalised q and k (the core scales q by d_k^-1/2)
     q, k = l2_normalize(q), l2_normalize(k)
     return DeltaRuleInputs(q, k, v, g, beta), conv_state
@@ -460,7 +480,7 @@ def gated_deltanet_step(
     if cache is not None and not isinstance(cache, GatedDeltaNetCache):
         raise ShapeError(f"gated_deltanet: cache must be a GatedDeltaNetCache or None, got {type(cache).__name__}")
     before = None if cache is None else _check_state(cache.state, x, d)
-    eps = check_finite_nonnegative("gated_deltanet: rms_norm_eps", rms_norm_eps, dtype=x.dtype)
+    eps = check_finite_nonnegative("gated_deltanet: rms_norm_eps", rms_norm_eps, dtype=compute_dtype(x.dtype))
     if padding is not None:
         padding = np.asarray(padding)
         if padding.shape != x.shape[:2] or padding.dtype != np.bool_:

@@ -21,7 +21,8 @@ layout one column longer, ``(B, C, K)``; its oldest column is never read (the wi
 the first new token starts one step later). Prefill then decode equals one pass.
 
 Dtype: computed in the dtype of ``x`` (float64 or float32); the sum over the K taps
-accumulates in that dtype.
+accumulates in that dtype. float16 / bfloat16: in float32, the output rounded once
+(:func:`causal_conv1d`).
 
 Paper: the short convolution of Mamba / Gated DeltaNet (arXiv:2412.06464, block design).
 Checked against: transformers 5.24 ``models/qwen3_next/modeling_qwen3_next.py``
@@ -35,7 +36,7 @@ import numpy as np
 
 from ..errors import InputError, ShapeError
 from ..mlp import silu
-from ..numerics import as_float_array, check_same_dtype
+from ..numerics import as_float_array, check_same_dtype, to_compute, to_storage
 
 #: Activations applied after the convolution (Qwen3-Next: ``hidden_act`` "silu").
 CONV_ACTIVATIONS = ("silu", None)
@@ -75,10 +76,12 @@ def causal_conv1d(x, weight, *, conv_state=None, activation="silu"):
         ``(out (B, T, C), new_conv_state (B, C, K-1))``: the new state holds the last
         K-1 inputs of history followed by ``x``, in the same layout.
 
-    Dtype: that of ``x``; all arrays must share it.
+    Dtype: that of ``x``; all arrays must share it. float16 / bfloat16: the convolution and
+    the activation in float32, the output rounded once (a fused conv kernel); the new
+    state holds the inputs themselves, in the storage dtype.
 
     Raises:
-        InputError: an array not float64 / float32; unknown ``activation``.
+        InputError: an array not a float array; unknown ``activation``.
         ShapeError: wrong number of axes, an empty ``x``, ``weight`` not ``(C, K)``,
             ``conv_state`` not ``(B, C, K-1)``.
         RefimplError: the arrays differ in dtype.
@@ -87,15 +90,16 @@ def causal_conv1d(x, weight, *, conv_state=None, activation="silu"):
     (``modeling_qwen3_next.py:319-361``).
     """
     x, weight, conv_state = _check(x, weight, conv_state, activation)
-    taps = weight.shape[1]
+    storage, taps = x.dtype, weight.shape[1]
     # x_ext[b, i, c]: the K-1 history inputs, then x (time-major)
     extended = np.concatenate([np.swapaxes(conv_state, 1, 2), x], axis=1)
     length = x.shape[1]
-    out = np.zeros_like(x)
+    wide, weight = to_compute(extended), to_compute(weight)
+    out = np.zeros(x.shape, dtype=wide.dtype)
     for j in range(taps):
-        out = out + weight[:, j] * extended[:, j:j + length]
+        out = out + weight[:, j] * wide[:, j:j + length]
     new_state = np.swapaxes(extended[:, extended.shape[1] - (taps - 1):], 1, 2)
-    return (silu(out) if activation == "silu" else out), np.ascontiguousarray(new_state)
+    return to_storage(silu(out) if activation == "silu" else out, storage), np.ascontiguousarray(new_state)
 
 
 def conv_state_after(conv_state: np.ndarray, x: np.ndarray) -> np.ndarray:

@@ -66,6 +66,7 @@ MLA symbols in :mod:`refimpl.mla`.
 
 Dtype: computed in the dtype of the weights (float64 or float32). transformers keeps
 float32 islands (norm cores, RoPE tables, softmax, the whole router).
+float16 / bfloat16: storage dtypes with float32 compute per component (``docs/low-precision.md``).
 
 Paper: DeepSeek-V3 Technical Report, arXiv:2412.19437, sec. 2.1.1 (MLA), sec. 2.1.2
 (DeepSeekMoE with auxiliary-loss-free balancing, eqs. 12-16, node-limited routing),
@@ -88,7 +89,6 @@ from ..config import check_known_keys, get_field, get_positive_int
 from ..errors import ConfigError, MissingWeightsError, ShapeError, UnexpectedWeightsError
 from ..experts import swiglu_expert
 from ..kv_cache import KVCache, StepContext, extend_kv, fresh_context, visibility
-from ..linear import linear
 from ..mla import (
     MlaDims, mla_attend_absorbed, mla_attend_literal, mla_dims, mla_project, mla_softmax_scale,
     mla_weight_shapes,
@@ -96,9 +96,9 @@ from ..mla import (
 from ..mlp import activation, gated_mlp
 from ..moe import dispatch, first_k_dense_schedule
 from ..mtp import mtp_chain, mtp_layer
-from ..numerics import as_float_array, check_finite_positive
+from ..numerics import as_float_array, check_finite_positive, compute_dtype, to_compute
 from ..rmsnorm import rms_norm
-from ..routers import sigmoid_group_top_k
+from ..routers import router_logits, sigmoid_group_top_k
 from ..rope import rope_frequencies
 from ._expert_layout import MLP_EXPERTS, split_fused_experts
 from ._llama_like import (
@@ -424,9 +424,15 @@ def _check_moe_weights(weights: dict, config: DeepseekV3Config, dtype) -> dict[s
     for name, shape in shapes.items():
         if checked[name].shape != shape:
             raise ShapeError(f"moe_block: {name} has shape {checked[name].shape}, the config needs {shape}")
-        if checked[name].dtype != dtype:
+        # The router's tensors may be float32 beside float16 / bfloat16 hidden states (ARCHITECTURE.float32_weights).
+        router_float32 = name in ROUTER_WEIGHTS and checked[name].dtype == compute_dtype(dtype)
+        if checked[name].dtype != dtype and not router_float32:
             raise ShapeError(f"moe_block: {name} is {checked[name].dtype}, hidden_states are {np.dtype(dtype)}")
     return checked
+
+
+#: The router's tensors (names in the MoE block), which transformers keeps in float32.
+ROUTER_WEIGHTS = ("gate.weight", "gate.e_score_correction_bias")
 
 
 # Blocks
@@ -459,7 +465,8 @@ def moe_block(hidden_states: np.ndarray, weights: dict[str, np.ndarray], config)
     tokens = x.reshape(-1, x.shape[-1])
     # Eqs. 13-16: affinities, biased group-limited top-k, unbiased (renormalised, scaled) weights.
     routing, chosen = sigmoid_group_top_k(
-        linear(tokens, w["gate.weight"]), w["gate.e_score_correction_bias"], top_k=config.num_experts_per_tok,
+        router_logits(tokens, w["gate.weight"]), to_compute(w["gate.e_score_correction_bias"]),
+        top_k=config.num_experts_per_tok,
         n_group=config.n_group, topk_group=config.topk_group, norm_topk_prob=config.norm_topk_prob,
         routed_scaling_factor=config.routed_scaling_factor)
     gate_up, down = w["experts.gate_up_proj"], w["experts.down_proj"]
@@ -661,4 +668,6 @@ ARCHITECTURE = Architecture(
     ignored_weights=ignored_weights,
     convert_weights=convert_weights,
     mtp=MtpHook(weight_shapes=mtp_weight_shapes, prefixes=ignored_weights, copies=mtp_copies, forward=mtp_forward),
+    # transformers' DeepseekV3PreTrainedModel._keep_in_fp32_modules_strict.
+    float32_weights=tuple(f"mlp.{name}" for name in ROUTER_WEIGHTS),
 )

@@ -60,6 +60,7 @@ multiplies by ``1 + w`` in float32 before casting back (``multiply_then_cast``);
 differs from this only in bfloat16/float16. The embedding scale is rounded to the
 compute dtype before the multiply, as transformers casts its ``embed_scale`` buffer
 (bug class NRM-06).
+float16 / bfloat16: storage dtypes with float32 compute per component (``docs/low-precision.md``).
 
 Paper: Gemma Team, "Gemma 3 Technical Report", arXiv:2503.19786, sec. 2 (5 local :
 1 global layers, local window 1024, GQA with QK-norm replacing Gemma 2's soft-capping,

@@ -82,6 +82,7 @@ Dtype: computed in the dtype of the weights (float64 or float32); scalar factors
 its scalar buffers; ``1/sqrt(2)`` of the residual average is a division, as in
 transformers. transformers takes every RMSNorm, the router tanh and the sparsity
 quantile in float32 (spec sheet sec. A.8 item 5); the reference does not.
+float16 / bfloat16: storage dtypes with float32 compute per component (``docs/low-precision.md``).
 
 Paper: Gemma Team, Gemma 3n model card and developer guide (Google, 2025; no technical
 report). Components: AltUp arXiv:2301.13310, LAuReL arXiv:2411.07501, MatFormer

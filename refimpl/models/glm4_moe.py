@@ -74,6 +74,7 @@ including the router; transformers computes the router (``F.linear`` on
 ``.type(torch.float32)`` inputs, modeling:284), every RMSNorm, the RoPE tables
 and the softmax in float32 even for a float64 model (float32 islands, see
 ``docs/transformers-differences.md``).
+float16 / bfloat16: storage dtypes with float32 compute per component (``docs/low-precision.md``).
 
 Paper: GLM-4.5 Team, "GLM-4.5: Agentic, Reasoning, and Coding (ARC) Foundation Models",
 arXiv:2508.06471, sec. 2.1 and Table 1 (MoE with loss-free balance routing and sigmoid
@@ -100,10 +101,10 @@ from ..linear import linear
 from ..mlp import ACTIVATIONS, gated_mlp
 from ..moe import dispatch, first_k_dense_schedule
 from ..mtp import mtp_chain, mtp_layer
-from ..numerics import as_float_array, check_finite_positive, check_same_dtype
+from ..numerics import as_float_array, check_finite_positive, check_same_dtype, compute_dtype, to_compute
 from ..rmsnorm import rms_norm
 from ..rope import apply_rope_rotate_half, rope_cos_sin, rope_frequencies
-from ..routers import sigmoid_group_top_k
+from ..routers import router_logits, sigmoid_group_top_k
 from ._expert_layout import MLP_EXPERTS, split_fused_experts
 from ._llama_like import (
     ROPE_KEYS, decoder_layer_mtp_logits, attention_weight_shapes, implicit_head_dim, num_key_value_heads, projection,
@@ -458,8 +459,14 @@ def _moe_weights(weights: dict, config: Glm4MoeConfig, x: np.ndarray) -> dict[st
     for name, shape in shapes.items():
         if checked[name].shape != shape:
             raise ShapeError(f"moe_block: '{name}' has shape {checked[name].shape}, the config needs {shape}")
-    check_same_dtype(hidden_states=x, **{n.replace(".", "_"): w for n, w in checked.items()})
+    # The router's tensors may be float32 beside float16 / bfloat16 hidden states (ARCHITECTURE.float32_weights).
+    check_same_dtype(hidden_states=x, **{n.replace(".", "_"): w for n, w in checked.items()
+                                         if not (n in ROUTER_WEIGHTS and w.dtype == compute_dtype(x.dtype))})
     return checked
+
+
+#: The router's tensors (names in the MoE block), which transformers keeps in float32.
+ROUTER_WEIGHTS = ("gate.weight", "gate.e_score_correction_bias")
 
 
 def route(x: np.ndarray, p: dict[str, np.ndarray], config: Glm4MoeConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -468,9 +475,9 @@ def route(x: np.ndarray, p: dict[str, np.ndarray], config: Glm4MoeConfig) -> tup
     ``logits = x W_gate^T`` (no bias), then :func:`refimpl.routers.sigmoid_group_top_k`,
     which applies ``routed_scaling_factor`` once (MOE-09).
     """
-    logits = linear(x, p["gate.weight"])
+    logits = router_logits(x, p["gate.weight"])
     return sigmoid_group_top_k(
-        logits, p["gate.e_score_correction_bias"], top_k=config.num_experts_per_tok, n_group=config.n_group,
+        logits, to_compute(p["gate.e_score_correction_bias"]), top_k=config.num_experts_per_tok, n_group=config.n_group,
         topk_group=config.topk_group, norm_topk_prob=config.norm_topk_prob,
         routed_scaling_factor=config.routed_scaling_factor)
 
@@ -496,7 +503,7 @@ def moe_block(hidden_states: np.ndarray, weights: dict[str, np.ndarray], config)
     """GLM-4.5's MoE feed-forward: routed experts plus the shared expert, ``(B, T, M) -> (B, T, M)``.
 
     Args:
-        hidden_states: ``(B, T, M)`` float64/float32, the post-attention-normalised input.
+        hidden_states: ``(B, T, M)``, the post-attention-normalised input.
         weights: the tensors of :func:`moe_weight_shapes`, named relative to
             ``model.layers.{l}.mlp.`` (``"gate.weight"``, ``"gate.e_score_correction_bias"``,
             ``"experts.gate_up_proj"``, ``"experts.down_proj"``, ``"shared_experts.*_proj.weight"``),
@@ -507,7 +514,7 @@ def moe_block(hidden_states: np.ndarray, weights: dict[str, np.ndarray], config)
         ``(B, T, M)``: ``sum_j w_j Expert_{e_j}(x) + Shared(x)``.
 
     Raises:
-        InputError: weights missing or unknown, arrays not float64/float32, config not a dict.
+        InputError: weights missing or unknown, arrays not float arrays, config not a dict.
         ShapeError: ``hidden_states`` not ``(B, T, M)`` or a weight of the wrong shape.
         ConfigError: a bad config. RefimplError: mixed dtypes.
 
@@ -687,4 +694,6 @@ ARCHITECTURE = Architecture(
     convert_weights=convert_weights,
     mtp=MtpHook(weight_shapes=mtp_weight_shapes, prefixes=mtp_weight_prefixes, copies=mtp_copies,
                 forward=mtp_forward),
+    # transformers' Glm4MoePreTrainedModel._keep_in_fp32_modules_strict.
+    float32_weights=tuple(f"mlp.{name}" for name in ROUTER_WEIGHTS),
 )

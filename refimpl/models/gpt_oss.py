@@ -48,6 +48,7 @@ in float32 and multiplies by the weight *before* casting back (unlike Llama); in
 float32 that is the same math as :func:`refimpl.rmsnorm.rms_norm`, and it differs only in
 bfloat16 / float16 (``multiply_then_cast``). The attention softmax runs in the activation dtype
 in transformers (no float32 island there).
+float16 / bfloat16: storage dtypes with float32 compute per component (``docs/low-precision.md``).
 
 Checkpoints on the Hub store the expert matrices as MXFP4 blocks (``*_blocks``, ``*_scales``, with
 ``quantization_config.quant_method = "mxfp4"``); the checkpoint reader dequantizes them exactly into
@@ -78,12 +79,11 @@ from ..config import check_known_keys, get_field, get_positive_int
 from ..errors import CheckpointError, ConfigError, MissingWeightsError, ShapeError, UnexpectedWeightsError
 from ..experts import clamped_swiglu_expert
 from ..kv_cache import KVCache, StepContext, attend_with_cache, fresh_context
-from ..linear import linear
 from ..moe import dispatch
 from ..numerics import as_float_array, check_finite_positive, check_same_dtype
 from ..rmsnorm import rms_norm
 from ..rope import apply_rope_rotate_half, rope_cos_sin, rope_frequencies
-from ..routers import top_k_softmax
+from ..routers import router_logits, top_k_softmax
 from ._llama_like import attention_weight_shapes, decoder_weight_shapes, projection, run_decoder_step, tied_head
 
 NAME = "GptOssForCausalLM"
@@ -365,7 +365,7 @@ def _moe_weights(weights: dict[str, np.ndarray], hidden: np.ndarray) -> dict[str
     Raises:
         CheckpointError: MXFP4 ``*_blocks`` / ``*_scales`` tensors in place of the expert stacks.
         MissingWeightsError / UnexpectedWeightsError: tensors absent or not of this block.
-        InputError: a tensor that is not a float64 / float32 array.
+        InputError: a tensor that is not a float array.
         ShapeError: shapes that do not fit one (E, M, I).
         RefimplError: a tensor in another dtype than the hidden states.
     """
@@ -430,7 +430,7 @@ def moe_block(hidden_states: np.ndarray, weights: dict[str, np.ndarray], config)
     rows = x.reshape(b * t, m)
     w = _moe_weights(weights, rows)
     # Router: top-k of the biased logits, softmax over the k chosen.
-    routing_weights, indices = top_k_softmax(linear(rows, w["router.weight"], w["router.bias"]),
+    routing_weights, indices = top_k_softmax(router_logits(rows, w["router.weight"], w["router.bias"]),
                                              config.num_experts_per_tok)
 
     def expert(e: int, chosen: np.ndarray) -> np.ndarray:

@@ -63,6 +63,7 @@ compute dtype), normalises in float32 inside fused kernels, and folds
 ``output_multiplier_scale`` into the bfloat16 ``lm_head`` weights at load time
 (``lm_head`` times s_out in float32, then cast); so does this module, in the
 compute dtype. With s_out = 0.5 folding is exact.
+float16 / bfloat16: storage dtypes with float32 compute per component (``docs/low-precision.md``).
 
 Sources: xai-org/grok-2 ``config.json`` (Hugging Face; values quoted in
 ``shared/spec/moe-architectures.md`` sec. 5.1 from sgl-jax test scripts that embed it);
@@ -95,10 +96,13 @@ from ..kv_cache import KVCache, StepContext, extend_kv, fresh_context, visibilit
 from ..linear import linear
 from ..mlp import gated_mlp
 from ..moe import dispatch
-from ..numerics import as_float_array, as_integer_array, check_finite_nonnegative, check_finite_positive
+from ..numerics import (
+    as_float_array, as_integer_array, check_finite_nonnegative, check_finite_positive, check_same_dtype, to_compute,
+    to_storage,
+)
 from ..rmsnorm import rms_norm
 from ..rope import apply_rope_rotate_half, default_inv_freq, rope_cos_sin
-from ..routers import soft_capped_softmax_top_k
+from ..routers import router_logits, soft_capped_softmax_top_k
 from ..softcap import soft_cap
 from ._llama_like import layer_weights
 
@@ -379,10 +383,16 @@ def capped_tempered_attention(
     Returns:
         ``(B, T, H, Dv)`` in the dtype of ``q``.
 
+    Dtype: float16 / bfloat16: q, k, v widened, scores, cap, temperature, softmax and the
+    weighted sum in float32 (the scale, cap and temperature rounded to float32), the output
+    rounded once (sglang's attention kernels accumulate in float32).
+
     Raises:
         InputError: a non-float array. ShapeError: shapes that do not fit.
     """
     q, k, v = (as_float_array(f"capped_tempered_attention: {n}", a, ndim=4) for n, a in (("q", q), ("k", k), ("v", v)))
+    storage = check_same_dtype(q=q, k=k, v=v)
+    q, k, v = to_compute(q), to_compute(k), to_compute(v)
     b, t, h, d = q.shape
     hkv, s = k.shape[2], k.shape[1]
     if hkv == 0 or h % hkv or k.shape[:3] != v.shape[:3] or k.shape[3] != d or np.shape(mask) not in ((t, s), (b, t, s)):
@@ -401,7 +411,7 @@ def capped_tempered_attention(
     scores = scores * (tau[:, None] if tau.ndim == 1 else tau[:, None, None, :, None])
     p = masked_softmax(scores, mask[:, None, None] if np.ndim(mask) == 3 else mask)
     out = p @ v.transpose(0, 2, 1, 3)[:, :, None]  # (B, Hkv, G, T, Dv)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, v.shape[-1])
+    return to_storage(out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, v.shape[-1]), storage)
 
 
 def rope_tables(config: Grok2Config, positions: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -468,7 +478,7 @@ def moe_block(hidden_states: np.ndarray, weights: dict[str, np.ndarray], config)
     x = as_float_array("moe_block: hidden_states", hidden_states)
     rows = x.reshape(-1, x.shape[-1])
     # Router: soft-cap, softmax over all experts, top-k, no renormalisation.
-    logits = linear(rows, weights["block_sparse_moe.gate.weight"])
+    logits = router_logits(rows, weights["block_sparse_moe.gate.weight"])
     routing, chosen = soft_capped_softmax_top_k(
         logits, config.num_experts_per_tok, router_logit_softcapping=config.router_logit_softcapping)
 

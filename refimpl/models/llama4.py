@@ -66,6 +66,7 @@ Dtype: computed in the dtype of the weights (float64 or float32); RoPE tables an
 temperature are formed in float64 and rounded once. transformers computes RoPE in
 complex64, RMSNorm / QK-norm and the router sigmoid in float32 (float32 islands; see
 ``conformance/backends/hf_exact.py``).
+float16 / bfloat16: storage dtypes with float32 compute per component (``docs/low-precision.md``).
 
 Paper: Meta, "The Llama 4 herd" (blog, 2025-04-05: MoE with a shared expert and
 alternating dense / MoE layers, iRoPE = interleaved NoPE layers with inference-time
@@ -99,13 +100,12 @@ from ..config import check_known_keys, get_field, get_positive_int
 from ..errors import ConfigError, MissingWeightsError, ShapeError, UnexpectedWeightsError, WeightShapeError
 from ..experts import swiglu_expert
 from ..kv_cache import KVCache, StepContext, attend_with_cache, fresh_context
-from ..linear import linear
 from ..mlp import ACTIVATIONS, gated_mlp
 from ..moe import dispatch, interleaved_schedule
 from ..numerics import as_float_array, as_integer_array
 from ..rmsnorm import rms_normalize, rms_norm
 from ..rope import apply_rope_interleaved, default_inv_freq, rope_cos_sin, rope_frequencies, rotary_dim
-from ..routers import llama4_top_k_sigmoid
+from ..routers import llama4_top_k_sigmoid, router_logits
 from ._llama_like import (
     ROPE_KEYS, attention_weight_shapes, decoder_weight_shapes, projection, resolve_rope_parameters, run_decoder_step,
     split_heads, tied_head,
@@ -490,7 +490,7 @@ def moe_block(hidden_states: np.ndarray, weights: dict[str, np.ndarray], config)
         raise ShapeError(f"Llama 4 moe_block: hidden_states {x.shape} must end in hidden_size {config.hidden_size}")
     w = _check_moe_weights(weights, config)
     rows = x.reshape(-1, config.hidden_size)
-    scores, chosen = llama4_top_k_sigmoid(linear(rows, w["router.weight"]), config.num_experts_per_tok)
+    scores, chosen = llama4_top_k_sigmoid(router_logits(rows, w["router.weight"]), config.num_experts_per_tok)
     gate_up, down = w["experts.gate_up_proj"], w["experts.down_proj"]
     routed = dispatch(rows, scores, chosen, lambda e, xe: routed_expert(xe, gate_up[e], down[e], config.hidden_act),
                       config.num_local_experts, weight_on="input")

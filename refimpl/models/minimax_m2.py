@@ -46,6 +46,7 @@ of :func:`weight_shapes`, layer by layer.
 
 Dtype: computed in the dtype of the weights (float64 or float32). transformers takes
 the sigmoid in float32 (a float32 island at float64).
+float16 / bfloat16: storage dtypes with float32 compute per component (``docs/low-precision.md``).
 
 Paper: MiniMax-M2 model card and config.json (MiniMaxAI/MiniMax-M2; no architecture paper);
 the router is DeepSeek-V3's auxiliary-loss-free balancing (arXiv:2412.19437, sec. 2.1.2)
@@ -67,11 +68,11 @@ from ..config import check_known_keys, get_field, get_positive_int
 from ..errors import ConfigError
 from ..experts import swiglu_expert
 from ..kv_cache import KVCache, StepContext, attend_with_cache, fresh_context
-from ..linear import linear
 from ..moe import dispatch
+from ..numerics import to_compute
 from ..rmsnorm import rms_norm
 from ..rope import apply_rope_rotate_half, rope_cos_sin, rope_frequencies
-from ..routers import sigmoid_bias_top_k
+from ..routers import router_logits, sigmoid_bias_top_k
 from ._expert_layout import ExpertLayout, split_fused_experts
 from ._llama_like import attention_weight_shapes, decoder_weight_shapes, projection, run_decoder_step, \
     tied_head, validate_common
@@ -296,8 +297,8 @@ def moe_block(hidden_states: np.ndarray, weights: dict[str, np.ndarray], config)
     x = check_moe_weights("minimax_m2.moe_block", weights, config, hidden_states, shapes)
     rows = x.reshape(-1, m)
     # Router: sigmoid affinities, top-k of affinity + bias, un-biased weights renormalised.
-    routing, chosen = sigmoid_bias_top_k(linear(rows, weights["gate.weight"]), weights["e_score_correction_bias"],
-                                         config.num_experts_per_tok)
+    routing, chosen = sigmoid_bias_top_k(router_logits(rows, weights["gate.weight"]),
+                                         to_compute(weights["e_score_correction_bias"]), config.num_experts_per_tok)
     gate_up, down = weights["experts.gate_up_proj"], weights["experts.down_proj"]
 
     def expert(index: int, routed: np.ndarray) -> np.ndarray:

@@ -37,6 +37,7 @@ still sees, and its own) when ``sliding_window`` is set, every slot when it is n
 :func:`forward` is :func:`forward_step` from position 0.
 
 Dtype: computed in the dtype of the weights (float64 or float32).
+float16 / bfloat16: storage dtypes with float32 compute per component (``docs/low-precision.md``).
 
 Paper: Jiang et al., "Mistral 7B", arXiv:2310.06825, sec. 2 (sliding window attention,
 GQA; architecture of Touvron et al., arXiv:2302.13971).

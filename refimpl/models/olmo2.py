@@ -26,6 +26,7 @@ QK-norm and RoPE) and value; :func:`forward` is :func:`forward_step` from positi
 Dtype: computed in the dtype of the weights (float64 or float32). transformers
 multiplies by the norm weight before casting back to the input dtype, unlike Llama;
 that only differs in bfloat16/float16 (spec quirk O3).
+float16 / bfloat16: storage dtypes with float32 compute per component (``docs/low-precision.md``).
 
 Paper: OLMo Team, "2 OLMo 2 Furious", arXiv:2501.00656, training-stability section (reordered norm:
 RMSNorm on the outputs of attention and MLP inside the residual; QK-norm).

@@ -46,6 +46,7 @@ Attention is :func:`refimpl.models.qwen3.attention_block` (it reads only ``head_
 
 Dtype: computed in the dtype of the weights (float64 or float32). transformers takes
 the router softmax in float32 and casts the weights back (a float32 island at float64).
+float16 / bfloat16: storage dtypes with float32 compute per component (``docs/low-precision.md``).
 
 Paper: Qwen3 Technical Report, arXiv:2505.09388, sec. 2 (architecture: QK-Norm, GQA,
 128 experts with 8 active, no shared experts, global-batch load balancing).
@@ -67,12 +68,11 @@ from ..config import check_known_keys, get_field, get_positive_int
 from ..errors import ConfigError, MissingWeightsError, ShapeError
 from ..kv_cache import KVCache, StepContext, fresh_context
 from ..experts import swiglu_expert
-from ..linear import linear
 from ..masks import causal_mask, sliding_window_mask
 from ..moe import dispatch, sparse_step_schedule
 from ..numerics import as_float_array
 from ..rmsnorm import rms_norm
-from ..routers import softmax_top_k
+from ..routers import router_logits, softmax_top_k
 from . import qwen3
 from ._expert_layout import MLP_EXPERTS, split_fused_experts
 from ._llama_like import (
@@ -309,7 +309,7 @@ def sparse_moe(
     ``expert_weights(e) -> (gate_up_proj (2I, M), down_proj (M, I))``, asked only of routed experts."""
     rows = x.reshape(-1, config.hidden_size)
     # Router: softmax over all experts, top-k, renormalise only if norm_topk_prob.
-    routing, chosen = softmax_top_k(linear(rows, router), config.num_experts_per_tok,
+    routing, chosen = softmax_top_k(router_logits(rows, router), config.num_experts_per_tok,
                                     norm_topk_prob=config.norm_topk_prob)
 
     def expert(index: int, routed: np.ndarray) -> np.ndarray:

@@ -76,6 +76,7 @@ so a left-padded row gives the logits of the row alone. The MTP module
 Dtype: computed in the dtype of the weights (float64 or float32). transformers keeps
 float32 islands in float64 models: every RMSNorm core, RoPE cos/sin, the eager softmax,
 the router softmax, ``A_log.float()`` / ``a.float()`` and the whole gated-delta core.
+float16 / bfloat16: storage dtypes with float32 compute per component (``docs/low-precision.md``).
 
 Paper: Qwen3-Next model card and blog, "Qwen3-Next: Towards Ultimate Training & Inference
 Efficiency" (Qwen team, Sept. 2025): hybrid 3:1 Gated DeltaNet / gated attention, 512
@@ -108,9 +109,10 @@ from ..linear_attention.gated_deltanet import gated_deltanet_step, gated_deltane
 from ..mlp import gated_mlp
 from ..moe import dispatch, sparse_step_schedule
 from ..mtp import mtp_chain, mtp_layer
+from ..numerics import to_compute, to_storage
 from ..rmsnorm import rms_norm
 from ..rope import rope_cos_sin, rope_frequencies
-from ..routers import softmax_top_k
+from ..routers import router_logits, softmax_top_k
 from ._expert_layout import MLP_EXPERTS, split_fused_experts
 from ._llama_like import decoder_weight_shapes, gated_mlp_block, layer_weights, mlp_weight_shapes, tied_head
 from .qwen3_moe import check_moe_weights, checkpoint_expert, expert_weight_shapes
@@ -398,8 +400,10 @@ def weight_init(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> 
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
+    """``1 / (1 + exp(-z))`` in the dtype of ``z`` (float16 / bfloat16: in float32, rounded once)."""
+    wide = to_compute(z)
     with np.errstate(over="ignore"):
-        return 1 / (1 + np.exp(-z))
+        return to_storage(1 / (1 + np.exp(-wide)), z.dtype)
 
 
 def shared_expert(rows: np.ndarray, w: dict[str, np.ndarray], hidden_act: str) -> np.ndarray:
@@ -474,7 +478,7 @@ def sparse_moe(
     ``expert_weights(e) -> (gate_up_proj (2I, M), down_proj (M, I))`` is asked only of routed experts."""
     rows = x.reshape(-1, config.hidden_size)
     # Router: softmax over all experts, top-k, renormalise only if norm_topk_prob.
-    routing, chosen = softmax_top_k(linear(rows, weights["gate.weight"]), config.num_experts_per_tok,
+    routing, chosen = softmax_top_k(router_logits(rows, weights["gate.weight"]), config.num_experts_per_tok,
                                     norm_topk_prob=config.norm_topk_prob)
 
     def expert(index: int, routed: np.ndarray) -> np.ndarray:

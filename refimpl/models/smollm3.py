@@ -37,6 +37,7 @@ slots, a ``"full_attention"`` layer every slot. :func:`forward` is :func:`forwar
 from position 0.
 
 Dtype: computed in the dtype of the weights (float64 or float32).
+float16 / bfloat16: storage dtypes with float32 compute per component (``docs/low-precision.md``).
 
 Paper: Hugging Face, "SmolLM3: smol, multilingual, long-context reasoner" (blog,
 2025-07-08, and the HuggingFaceTB/SmolLM3-3B model card): Llama-style GQA decoder
