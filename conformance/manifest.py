@@ -95,6 +95,10 @@ class Case:
             scenario runs, or None when it has its own.
         batch: scenario cases only: the rows B of every step, as the manifest entry's
             optional ``batch`` states it (checked against the data file); None when absent.
+        shapes: the input shapes the manifest entry declares, ``{name: shape}``: an op
+            case's ``inputs``, a model case's ``input_ids`` (from ``input_shape``); empty when
+            absent. For backends that size their work before loading anything (informative
+            only: the data file's own shapes are what runs).
     """
 
     id: str
@@ -112,6 +116,7 @@ class Case:
     schedule: tuple = ()
     checkpoint_of: str | None = None
     batch: int | None = None
+    shapes: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -312,6 +317,7 @@ def _parse_case(golden_dir, raw, where: str) -> Case:
         schedule=check_schedule(_field(raw, "schedule", list, where), where) if scenario else (),
         checkpoint_of=_field(raw, "checkpoint_of", str, where) if scenario and "checkpoint_of" in raw else None,
         batch=_batch(raw, where) if scenario else None,
+        shapes=_shapes(raw, where),
     )
     if model:
         inside(golden_dir, case.checkpoint, f"{where}: checkpoint")
@@ -320,6 +326,21 @@ def _parse_case(golden_dir, raw, where: str) -> Case:
     if case.data not in files:
         raise ManifestError(f"{where}: data file '{case.data}' is not listed in 'files'")
     return case
+
+
+def _shapes(raw: dict, where: str) -> dict[str, tuple[int, ...]]:
+    """The optional declared input shapes: ``inputs`` (op cases) and ``input_shape`` (model cases)."""
+    declared = dict(raw.get("inputs") or {}) if isinstance(raw.get("inputs"), dict) else {}
+    if "input_shape" in raw:
+        declared["input_ids"] = raw["input_shape"]
+    shapes = {}
+    for name, shape in declared.items():
+        if (not isinstance(shape, list) or len(shape) > 8
+                or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in shape)):
+            raise ManifestError(f"{where}: the declared shape of '{name}' must be a list of at most 8 integers "
+                                f">= 0, got {shape!r}")
+        shapes[str(name)] = tuple(shape)
+    return shapes
 
 
 def _batch(raw: dict, where: str) -> int | None:

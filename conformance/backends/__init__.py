@@ -21,6 +21,7 @@ BUILTINS = {
     "transformers": "conformance.backends.transformers_backend:TransformersBackend",
     "torch": "conformance.backends.torch_backend:TorchBackend",
     "onnxruntime": "conformance.backends.onnxruntime_backend:OnnxRuntimeBackend",
+    "numba": "conformance.backends.numba_backend:NumbaBackend",
 }
 
 #: The xfail files a built-in backend owns (its accepted, documented deviations), applied by
