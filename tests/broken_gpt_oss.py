@@ -16,7 +16,7 @@ import numpy as np
 from broken_backends import _BrokenBackend, _ConfigEdit, _DefaultEps, _FinalNormEps
 from refimpl import kv_cache
 from refimpl.attention import grouped_query_attention
-from refimpl.linear import linear
+from refimpl.routers import router_logits
 from refimpl.models import _llama_like, gpt_oss
 
 
@@ -126,14 +126,14 @@ def router_softmax_over_all() -> _BrokenBackend:
         gpt_oss, "top_k_softmax", _softmax_over_all_then_top_k))
 
 
-def _linear_without_router_bias(x, weight, bias=None):
-    """``linear`` without its bias: in gpt_oss it computes only the router logits (projections use ``_llama_like``)."""
-    return linear(x, weight)
+def _router_logits_without_bias(x, weight, bias=None):
+    """The router projection without its bias."""
+    return router_logits(x, weight)
 
 
 def router_bias_dropped() -> _BrokenBackend:
     return _BrokenBackend("broken:router-bias-dropped", lambda: mock.patch.object(
-        gpt_oss, "linear", _linear_without_router_bias))
+        gpt_oss, "router_logits", _router_logits_without_bias))
 
 
 def _moe_block_unweighted_down_bias(hidden_states, weights, config):
