@@ -341,3 +341,27 @@ def test_the_gpu_tile_bundles_in_the_simulator(path, poisoned_scratch):
     qp, kp = causal_positions(1, 3, 70)
     out = launch(path, q, k, v, qp, kp, scale=0.5, window=40, tiles=tiles)
     assert_matches(out, expected(q, k, v, qp, kp, scale=0.5, window=40))
+
+
+@pytest.mark.parametrize("path", ["prefill", "decode"])
+def test_nan_and_inf_reach_the_output_as_in_the_reference(path):
+    # A NaN / inf in a visible key or in a query makes the reference's row NaN; the split-K merge
+    # once returned zeros there (a corrupted cache would have hidden). A NaN key no query sees
+    # (outside the window) changes nothing.
+    q, k, v = draw(31, 1, 2, 9, 2, 1, 4, 4)
+    qp, kp = causal_positions(1, 2, 9)
+    for poison in ("key", "query", "inf key", "unseen key"):
+        qq, kk = q.copy(), k.copy()
+        if poison == "key":
+            kk[0, 7, 0, 1] = np.nan
+        elif poison == "query":
+            qq[0, 1, 1, 0] = np.nan
+        elif poison == "inf key":
+            kk[0, 8, 0, 2] = np.inf
+        else:
+            kk[0, 0, 0, 0] = np.nan  # window 4: positions 7, 8 see keys 4..8 only
+        got = ka.attend_positions(qq, kk, v, qp, kp, scale=0.5, sliding_window=4, path=path)
+        want = expected(qq, kk, v, qp, kp, scale=0.5, window=4)
+        assert np.array_equal(np.isnan(got), np.isnan(want)), (poison, got, want)
+        finite = ~np.isnan(want)
+        np.testing.assert_allclose(got[finite], want[finite], rtol=1e-5, atol=1e-6)

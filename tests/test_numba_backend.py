@@ -140,3 +140,26 @@ def test_without_a_gpu_or_the_simulator_the_backend_says_so():
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "no CUDA GPU is visible" in proc.stderr and "NUMBA_ENABLE_CUDASIM=1" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("op", nb.KERNEL_OPS)
+def test_every_offered_op_reaches_a_kernel(op, cases, backend, monkeypatch):
+    """An op the backend offers must run a kernel (else it checks the reference against itself)."""
+    import importlib
+
+    calls = []
+    for _, _, kernel_module, launcher in nb.REPLACEMENTS + ((None, None, "moe", "moe_experts"),):
+        module = importlib.import_module(f"refimpl.kernels.{kernel_module}")
+        real = getattr(module, launcher)
+
+        def counted(*args, _real=real, _name=launcher, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, launcher, counted)
+    chosen = [c for c in cases.values() if c.level == "op" and c.op == op
+              and backend.supports(c, "float32") is True and (op != "mla" or "absorbed" in c.id)]
+    assert chosen, f"no small golden case of op {op}"
+    result = run_case(backend, min(chosen, key=nb.simulated_cost), GOLDEN, "float32")
+    assert result.status is Status.PASSED, (result.status, result.message)
+    assert calls, f"op {op} passed without calling any kernel launcher"

@@ -64,8 +64,7 @@ REPLACEMENTS = (
 
 #: Ops of ``refimpl.ops.OPS`` whose computation reaches a kernel (the others would only run
 #: the NumPy reference against itself, and are reported "not implemented").
-KERNEL_OPS = ("attention", "mla", "moe_dispatch", "moe_block", "gated_delta_rule", "gated_deltanet",
-              "gated_attention")
+KERNEL_OPS = ("attention", "mla", "moe_dispatch", "moe_block", "gated_delta_rule", "gated_deltanet")
 
 #: MoE blocks (op ``moe_block``) that reach a kernel, by config ``architectures`` entry.
 KERNEL_MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM", "Qwen3NextForCausalLM", "GptOssForCausalLM")
@@ -102,6 +101,9 @@ def kernels_in_place():
     itself is left alone: its launchers call the reference's bookkeeping and checks.
     """
     _kernels()
+    # A module first imported inside the block would bind the launchers for good: import the
+    # ones that hold these functions by name (the models, the ops table) before rebinding.
+    importlib.import_module("refimpl.ops")
     swap = {id(original): replacement for original, replacement in _pairs()}
     changed = []
     try:
@@ -157,8 +159,11 @@ def _kernel_op(function, name):
                                           f"(kernels cover {', '.join(KERNEL_MOE_ARCHITECTURES)})")
         if name == "mla" and arguments.get("form") != "absorbed":
             raise NotImplementedError("numba backend: MLA has a kernel for the absorbed form only")
+        # The ops table holds some reference functions themselves (op "attention" is
+        # refimpl.attention.attention): call the launcher that replaces it, if any.
+        target = {id(original): launcher for original, launcher in _pairs()}.get(id(function), function)
         with kernels_in_place():
-            return function(**arguments)
+            return target(**arguments)
 
     op.__name__ = name
     op.__doc__ = f"refimpl.ops '{name}' with the kernels of refimpl.kernels in place."

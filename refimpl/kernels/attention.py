@@ -231,14 +231,17 @@ def normaliser(m, l, z):
     """The factor turning a running output (max m, sum l) into the output, sink z in the denominator.
 
     ``exp(m - M) / (l exp(m - M) + exp(z - M))`` with ``M = max(m, z)``; 0 when the row saw
-    no key (m = -inf: whatever the sink) or nothing at all.
+    no key (m = -inf: whatever the sink) or nothing at all; NaN when a NaN or infinite score
+    reached the sum (``max`` skips NaN, so only l carries it), as the reference gives NaN.
     """
+    if l != l:
+        return l
     top = max(m, z)
     if top == NEG_INF:
         return float32(0.0)
     e = math.exp(m - top)
     denominator = l * e + math.exp(z - top)
-    if denominator > float32(0.0):
+    if denominator > float32(0.0) or denominator != denominator:
         return e / denominator
     return float32(0.0)
 
@@ -292,16 +295,21 @@ def merge_partials_kernel(part_o, part_ml, sinks, out):
         z = sinks[h]
     # M = max(z, max_p m_p): partitions without a visible key (m_p = -inf) change nothing.
     top = z
+    poisoned = False
     for p in range(part_ml.shape[2]):
         top = max(top, part_ml[bh, row, p, 0])
+        # A NaN or infinite score leaves NaN in a partition's sum (max skips NaN): the row is NaN.
+        poisoned = poisoned or part_ml[bh, row, p, 1] != part_ml[bh, row, p, 1]
     denominator = float32(0.0)
-    if top != NEG_INF:
+    if poisoned:
+        denominator = float32(math.nan)
+    elif top != NEG_INF:
         denominator = math.exp(z - top)
         for p in range(part_ml.shape[2]):
             denominator += math.exp(part_ml[bh, row, p, 0] - top) * part_ml[bh, row, p, 1]
     for c in range(cuda.threadIdx.x, out.shape[3], cuda.blockDim.x):
         total = float32(0.0)
-        if denominator > float32(0.0):
+        if denominator > float32(0.0) or denominator != denominator:
             for p in range(part_ml.shape[2]):
                 total += math.exp(part_ml[bh, row, p, 0] - top) * part_o[bh, row, p, c]
             total /= denominator

@@ -137,7 +137,7 @@ from ..linear import linear
 from ..mlp import ACTIVATIONS
 from ..moe import _check as _check_dispatch
 from ..numerics import FLOAT_DTYPES, as_float_array, check_finite_positive, check_same_dtype
-from ..routers import softmax_top_k, top_k_softmax
+from ..routers import router_logits, softmax_top_k, top_k_softmax
 from ._numba import SIMULATOR, cuda, float32, int32
 
 ROWS = 8
@@ -819,7 +819,8 @@ def sparse_moe(x: np.ndarray, router, expert_weights: Callable[[int], tuple[np.n
     name = "sparse_moe"
     block = router if isinstance(router, Mapping) else None
     rows = np.asarray(x).reshape(-1, config.hidden_size)
-    logits = linear(rows, block["gate.weight"] if block is not None else router)
+    # The reference's router: float32 scores for float16 / bfloat16 rows (refimpl.routers.router_logits).
+    logits = router_logits(rows, block["gate.weight"] if block is not None else router)
     routing, chosen = softmax_top_k(logits, config.num_experts_per_tok, norm_topk_prob=config.norm_topk_prob)
     if rows.shape[0] == 0:
         return np.zeros(np.shape(x), np.float32)
@@ -858,7 +859,8 @@ def moe_block(hidden_states: np.ndarray, weights: dict[str, np.ndarray], config)
     b, t, m = x.shape
     rows = x.reshape(b * t, m)
     w = _moe_weights(weights, rows)
-    routing, indices = top_k_softmax(linear(rows, w["router.weight"], w["router.bias"]), config.num_experts_per_tok)
+    routing, indices = top_k_softmax(router_logits(rows, w["router.weight"], w["router.bias"]),
+                                     config.num_experts_per_tok)
     if rows.shape[0] == 0:
         return np.zeros(x.shape, np.float32)
     used = np.unique(indices)
