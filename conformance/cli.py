@@ -130,12 +130,13 @@ def _check_writable(report: Path) -> None:
 
 
 def _stdout_console(ids=()) -> Console:
-    """Console for tables: its terminal's width, or in logs 160 columns, more when the longest of
-    ``ids`` (a table's case ids, never wrapped there) needs them, so that rows do not fold."""
+    """Console for tables: its terminal's width, or in logs 200 columns, more when the longest of
+    ``ids`` (a table's case ids, never wrapped there) needs them, so that rows do not fold (the
+    error model's columns take about 40)."""
     console = Console()
     if console.is_terminal:
         return console
-    return Console(width=max(160, max((len(i) for i in ids), default=0) + 110))
+    return Console(width=max(200, max((len(i) for i in ids), default=0) + 150))
 
 
 def _now() -> str:

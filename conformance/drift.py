@@ -9,6 +9,10 @@ A case present in both reports is flagged ("drift") when
   NaN/Inf (or a shape mismatch) is flagged; one that was already NaN/Inf is not
   compared.
 
+Each entry also carries the headline's error model in both runs (``old_reference_error``,
+``reference_error``, ``old_ratio``, ``ratio``: the reference's own error in the dtype and the
+backend's ratio to it; None where a report has none), and a flagged growth names them.
+
 Cases absent from OLD.json are ignored. Drift is reported, never judged: it does
 not change the exit status.
 """
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConformanceError
-from .report import _jsonable, headline
+from .report import _jsonable, _number, error_model_numbers, headline
 from .runner import CaseResult, Status
 
 DEFAULT_FACTOR = 2.0
@@ -92,7 +96,8 @@ def compute_drift(results: list[CaseResult], old: OldReport, factor: float = DEF
     """``{case id: drift entry}`` for the cases of ``results`` that OLD.json has.
 
     Each entry: ``old_status``, ``status``, ``old_rel_rms``, ``rel_rms`` (headline errors,
-    None if not compared), ``factor`` (new / old, None if not computable), ``flagged`` and
+    None if not compared), ``factor`` (new / old, None if not computable), ``old_reference_error``,
+    ``reference_error``, ``old_ratio``, ``ratio`` (the headline's error model), ``flagged`` and
     ``reasons`` (why it is flagged; empty when not).
     """
     drift = {}
@@ -105,17 +110,28 @@ def compute_drift(results: list[CaseResult], old: OldReport, factor: float = DEF
         reasons = []
         if before["status"] in _PASSING and result.status.value not in _PASSING:
             reasons.append(f"passed before, {result.status.value} now")
-        ratio = None
+        model = error_model_numbers(result)
+        old_model = before.get("headline") if isinstance(before.get("headline"), dict) else {}
+        reference, ratio = _number(model.get("reference_error")), _number(model.get("ratio"))
+        old_reference, old_ratio = _number(old_model.get("reference_error")), _number(old_model.get("ratio"))
+        grew = None
         if now is not None and then is not None and math.isfinite(then):
-            ratio = now / then if then > 0 else (math.inf if now > 0 else 1.0)
+            grew = now / then if then > 0 else (math.inf if now > 0 else 1.0)
             if now > factor * then:
                 grown = "now NaN/Inf or mismatched" if math.isinf(now) else f"{then:.2e} -> {now:.2e}"
+                if ratio is not None and not math.isinf(now):
+                    grown += f"; reference {reference:.2e}, ratio {_ratio_text(old_ratio)} -> {_ratio_text(ratio)}"
                 reasons.append(f"rel RMS grew more than {factor:g}x ({grown})")
         drift[result.case_id] = {
             "old_status": before["status"], "status": result.status.value, "old_rel_rms": then, "rel_rms": now,
-            "factor": ratio, "flagged": bool(reasons), "reasons": reasons,
+            "factor": grew, "old_reference_error": old_reference, "reference_error": reference,
+            "old_ratio": old_ratio, "ratio": ratio, "flagged": bool(reasons), "reasons": reasons,
         }
     return drift
+
+
+def _ratio_text(value: float | None) -> str:
+    return "?" if value is None else f"{value:.2f}"
 
 
 def drift_lines(drift: dict[str, dict], old: OldReport, factor: float) -> list[str]:

@@ -6,9 +6,12 @@ One entry per line::
     # full-line comments and blank lines are allowed
     op/attention/mla-*          # MLA not ported yet          (skip: reason optional)
     gemma3/*                    # issue 123: soft-cap order   (xfail: reason required)
+    op/rope/*@bfloat16          # applies to bfloat16 runs only
 
-The entry is a case-id glob (``fnmatch``, case-sensitive, no whitespace), then
-optionally ``#`` and a reason. In an xfail file the reason is required.
+The entry is a case-id glob (``fnmatch``, case-sensitive, no whitespace), optionally
+``@<dtype>`` (float64, float32, float16 or bfloat16: the entry then applies to runs in that
+dtype only; case ids never hold ``@``), then optionally ``#`` and a reason. In an xfail file
+the reason is required.
 
 What the runner does with them (``conformance.runner``):
     skipped   a case matched by a skip entry is not run and does not count as failed
@@ -27,6 +30,8 @@ from pathlib import Path
 
 from .errors import ConformanceError
 
+#: The dtypes an entry may be restricted to with ``@<dtype>``.
+ENTRY_DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 #: Longest glob accepted on a line: case ids are short, and fnmatch compiles each glob to a
 #: regular expression (a megabyte-long line takes seconds).
@@ -45,12 +50,19 @@ class Entry:
         pattern: the case-id glob.
         reason: the text after ``#`` (may be empty in a skip file).
         path, line: where the entry is (line numbers from 1).
+        dtype: the run dtype the entry applies to (``GLOB@dtype``); None for every dtype.
     """
 
     pattern: str
     reason: str
     path: str
     line: int
+    dtype: str | None = None
+
+    def applies(self, case_id: str, dtype: str | None) -> bool:
+        """True when the entry matches ``case_id`` in a run at ``dtype`` (None: any dtype)."""
+        return (self.dtype is None or dtype is None or self.dtype == dtype) and fnmatch.fnmatchcase(case_id,
+                                                                                                    self.pattern)
 
     @property
     def where(self) -> str:
@@ -67,7 +79,8 @@ def parse_line(text: str, path: str, line: int, reason_required: bool) -> Entry 
 
     Raises:
         ExpectationError: the glob contains whitespace, is longer than :data:`MAX_GLOB_CHARS`,
-            has a ``[`` that no ``]`` closes, or a required reason is missing.
+            has a ``[`` that no ``]`` closes, names an unknown ``@dtype``, or a required reason
+            is missing.
     """
     stripped = text.strip()
     if not stripped or stripped.startswith("#"):
@@ -86,7 +99,11 @@ def parse_line(text: str, path: str, line: int, reason_required: bool) -> Entry 
         raise ExpectationError(f"{path}:{line}: glob '{pattern}' has a '[' that no ']' closes")
     if reason_required and not reason:
         raise ExpectationError(f"{path}:{line}: xfail entry '{pattern}' has no reason; write '{pattern}  # reason'")
-    return Entry(pattern, reason, path, line)
+    pattern, at, dtype = pattern.partition("@")
+    if at and dtype not in ENTRY_DTYPES:
+        raise ExpectationError(f"{path}:{line}: '@{dtype}' is not a dtype; an entry may end in @"
+                               f"{', @'.join(ENTRY_DTYPES)}")
+    return Entry(pattern, reason, path, line, dtype or None)
 
 
 def parse_file(path, reason_required: bool) -> tuple[Entry, ...]:
@@ -114,13 +131,13 @@ class Expectations:
     skips: tuple[Entry, ...] = ()
     xfails: tuple[Entry, ...] = ()
 
-    def skip_for(self, case_id: str) -> Entry | None:
-        """The first skip entry matching ``case_id``, or None."""
-        return _first_match(self.skips, case_id)
+    def skip_for(self, case_id: str, dtype: str | None = None) -> Entry | None:
+        """The first skip entry matching ``case_id`` in a run at ``dtype``, or None."""
+        return _first_match(self.skips, case_id, dtype)
 
-    def xfail_for(self, case_id: str) -> Entry | None:
-        """The first xfail entry matching ``case_id``, or None."""
-        return _first_match(self.xfails, case_id)
+    def xfail_for(self, case_id: str, dtype: str | None = None) -> Entry | None:
+        """The first xfail entry matching ``case_id`` in a run at ``dtype``, or None."""
+        return _first_match(self.xfails, case_id, dtype)
 
     def unmatched(self, case_ids) -> list[Entry]:
         """Entries (skips, then xfails) that match none of ``case_ids``."""
@@ -128,8 +145,8 @@ class Expectations:
         return [e for e in (*self.skips, *self.xfails) if not any(fnmatch.fnmatchcase(i, e.pattern) for i in ids)]
 
 
-def _first_match(entries: tuple[Entry, ...], case_id: str) -> Entry | None:
-    return next((entry for entry in entries if fnmatch.fnmatchcase(case_id, entry.pattern)), None)
+def _first_match(entries: tuple[Entry, ...], case_id: str, dtype: str | None) -> Entry | None:
+    return next((entry for entry in entries if entry.applies(case_id, dtype)), None)
 
 
 def load_expectations(skip_files=(), xfail_files=()) -> Expectations:

@@ -8,14 +8,18 @@ fetched; plots are PNG data URIs):
 * the summary line and a support matrix: for each case family (``qwen3``,
   ``op/rms_norm``, ...) how many cases passed, failed, errored, were not
   implemented, skipped or xfailed;
-* one table of every case, failures first, with the headline error, the first
-  diverging tensor, the message and the one-line repro command;
+* one table of every case, failures first, with the headline tensor's error model (the
+  backend's rel RMS error, the reference's own error in the run dtype, their ratio and
+  the bound), the max abs error, the first diverging tensor, the message and the one-line
+  repro command;
 * for each failing model case, a plot (matplotlib, Agg) of the relative RMS error
   of every compared tensor in forward order (embed, layers.0, ..., norm, logits)
-  against the case's bound, the first diverging tensor marked, so the layer where
-  the backend leaves the reference is seen at a glance; for each failing scenario
-  case, the same plot over its steps (``steps.0``, ``steps.1``, ...: the error of each
-  call's logits), the first failing step marked.
+  against its bound, with the reference's own error in the run dtype drawn beside it
+  (the bound of the error model is k times it plus a floor, so it varies per tensor), the
+  first diverging tensor marked, so the layer where the backend leaves the reference is
+  seen at a glance; for each failing scenario case, the same plot over its steps
+  (``steps.0``, ``steps.1``, ...: the error of each call's logits), the first failing step
+  marked.
 
 A short inline script records, once the page has loaded, the rendered width and
 height of every plot in the ``data-rendered`` attribute of ``<body>``; the browser
@@ -37,7 +41,7 @@ from collections import Counter
 from pathlib import Path
 
 from .errors import ConformanceError
-from .report import _ROW_ORDER, REPRO, headline, repro_command, summary_line
+from .report import _ROW_ORDER, REPRO, error_model_cells, headline, repro_command, summary_line
 from .runner import CaseResult, Status, tap_order
 
 _STATUS_CLASS = {status: status.value.replace(" ", "-") for status in Status}
@@ -78,10 +82,27 @@ def family(case_id: str) -> str:
     return "/".join(parts[:2]) if parts[0] == "op" and len(parts) > 2 else parts[0]
 
 
+def plot_bounds(result: CaseResult, names: list[str]) -> tuple[list, list]:
+    """``(bounds, references)``: each tensor's rel RMS bound and the reference's own rel RMS error
+    in the run dtype (None where there is none: float64, ulp and exact rules, not recorded).
+    Without judgements (an old result) every bound is the tolerance row's ``rel_rms``."""
+    bounds, references = [], []
+    for name in names:
+        judgement = result.judgements.get(name)
+        if judgement is None:
+            bounds.append(result.tolerance.rel_rms if result.tolerance is not None else None)
+            references.append(None)
+        else:
+            bounds.append(judgement.bound_rel_rms)
+            references.append(judgement.reference_rel_rms)
+    return bounds, references
+
+
 def plot_points(result: CaseResult):
     """``(names, values, shown, floor, top)`` of :func:`error_plot_png`: the tensors in forward
     order, their relative RMS errors (inf for NaN/Inf), and the y values drawn (exact zeros
-    on ``floor``, below the bound and every nonzero error; non-finite ones at ``top``)."""
+    on ``floor``, below the bounds, the reference's errors and every nonzero error; non-finite
+    ones at ``top``)."""
     names = [n for n in tap_order(set(result.comparisons) - {"logits"})] + (
         ["logits"] if "logits" in result.comparisons else [])
     values = []
@@ -90,11 +111,13 @@ def plot_points(result: CaseResult):
         value = c.rel_rms if not c.nonfinite and math.isfinite(c.rel_rms) else math.inf
         values.append(value)
     finite = [v for v in values if math.isfinite(v) and v > 0]
-    bound = result.tolerance.rel_rms if result.tolerance is not None else None
-    # Exact zeros (an untouched embedding, say) sit on a floor well below both the bound
-    # and every nonzero error, drawn with their own marker, so they never look like a divergence.
-    floor = min(finite + ([bound] if bound else [])) / 100 if (finite or bound) else 1e-17
-    top = max(finite + ([bound] if bound else [])) * 10 if (finite or bound) else 1.0
+    bounds, references = plot_bounds(result, names)
+    others = [v for v in bounds + references if v is not None and math.isfinite(v) and v > 0]
+    # Exact zeros (an untouched embedding, say) sit on a floor well below the bounds, the
+    # reference's errors and every nonzero error, drawn with their own marker, so they never
+    # look like a divergence.
+    floor = min(finite + others) / 100 if (finite or others) else 1e-17
+    top = max(finite + others) * 10 if (finite or others) else 1.0
     shown = [max(v, floor) if math.isfinite(v) else top for v in values]
     return names, values, shown, floor, top
 
@@ -130,9 +153,14 @@ def error_plot_figure(result: CaseResult):
     from matplotlib.figure import Figure
 
     names, values, shown, floor, top = plot_points(result)
+    bounds, references = plot_bounds(result, names)
     fig = Figure(figsize=(max(6.0, 0.35 * len(names) + 2), 3.6), dpi=100)
     ax = fig.add_subplot()
     ax.plot(range(len(names)), shown, marker="o", color="#1f5fa8", label="relative RMS error")
+    drawn = [(i, max(r, floor)) for i, r in enumerate(references) if r is not None]
+    if drawn:
+        ax.plot([i for i, _ in drawn], [r for _, r in drawn], marker=".", linestyle=":", color="#555555",
+                label=f"reference's own error ({result.dtype})")
     zeros = [i for i, v in enumerate(values) if v == 0]
     if zeros:
         ax.plot(zeros, [floor] * len(zeros), linestyle="none", marker="v", color="#17702a", markersize=8,
@@ -140,9 +168,12 @@ def error_plot_figure(result: CaseResult):
     for i, v in enumerate(values):
         if not math.isfinite(v):
             ax.plot([i], [top], marker="X", color="#b00020", markersize=10)
-    if result.tolerance is not None:
-        ax.axhline(result.tolerance.rel_rms, color="#b00020", linestyle="--",
-                   label=f"bound {result.tolerance.rel_rms:.0e} ({result.dtype})")
+    steps = [(i, b) for i, b in enumerate(bounds) if b is not None and math.isfinite(b)]
+    if len({b for _, b in steps}) == 1:
+        ax.axhline(steps[0][1], color="#b00020", linestyle="--", label=f"bound {steps[0][1]:.0e} ({result.dtype})")
+    elif steps:
+        ax.plot([i for i, _ in steps], [b for _, b in steps], drawstyle="steps-mid", color="#b00020",
+                linestyle="--", label=f"bound per tensor ({result.dtype})")
     # A scenario's first divergence reads "steps.3 (decode 1 after 12 tokens)".
     first = (result.first_divergence or "").split(" ")[0]
     if first in names:
@@ -191,15 +222,17 @@ def _cases_html(results: list[CaseResult], meta: dict) -> str:
         c = headline(r.comparisons)
         rel = "" if c is None else (f"{c.nonfinite} NaN/Inf" if c.nonfinite else f"{c.rel_rms:.2e}")
         mx = "" if c is None else f"{c.max_abs:.2e}"
+        model = "".join(f'<td class="num">{_e(cell)}</td>' for cell in error_model_cells(r))
         repro = (f"<br><code>repro: {_e(repro_command(meta, r.case_id))}</code>"
                  if r.status in REPRO else "")
         message = r.message if r.status not in (Status.XFAILED, Status.XPASSED) else \
             f"xfail ({r.expectation}): {r.message}"
         rows.append(
             f'<tr class="case" data-status="{_e(r.status.value)}"><td>{_e(r.case_id)}</td>'
-            f'<td class="{_STATUS_CLASS[r.status]}">{_e(r.status.value)}</td><td class="num">{rel}</td>'
+            f'<td class="{_STATUS_CLASS[r.status]}">{_e(r.status.value)}</td><td class="num">{rel}</td>{model}'
             f'<td class="num">{mx}</td><td>{_e(r.first_divergence or "")}</td><td>{_e(message)}{repro}</td></tr>')
-    head = "<tr><th>case</th><th>status</th><th>rel RMS</th><th>max abs</th><th>first divergence</th><th>message</th></tr>"
+    head = ("<tr><th>case</th><th>status</th><th>rel RMS</th><th>ref rel RMS</th><th>ratio</th><th>bound</th>"
+            "<th>max abs</th><th>first divergence</th><th>message</th></tr>")
     return f'<table id="cases">{head}{"".join(rows)}</table>'
 
 

@@ -8,9 +8,13 @@ A golden directory holds ``MANIFEST.json``::
                 "config_summary": {...},
                 "checkpoint": "qwen3/tied-mqa/checkpoint",      # Hugging Face checkpoint dir
                 "data": "qwen3/tied-mqa/io.safetensors",
-                "files": {"<relative path>": "<sha256 hex>", ...}}]}
+                "files": {"<relative path>": "<sha256 hex>", ...},
+                "reference_error": {"float32": {"logits": {"rel_rms": 2.4e-07, "max_abs": 1.1e-06},
+                                                "layers.0": {...}, ...}, "bfloat16": {...}}}]}
 
-Every path is relative to the golden directory and must stay inside it. The data
+Every path is relative to the golden directory and must stay inside it. ``reference_error``
+(optional) records, per lower dtype the reference ran in, its own error on every compared
+output (``Case.reference_error``; ``docs/golden-format.md``). The data
 file holds ``input_ids`` int64 ``(B, T)``, ``logits`` float64 ``(B, T, V)`` and
 ``hidden_states.<tap>`` float64 ``(B, T, M)`` for the taps ``embed``,
 ``layers.{l}`` and ``norm``. A model case whose manifest entry has ``"mtp_depths": D``
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -49,6 +54,7 @@ from safetensors.numpy import load_file
 import conformance
 
 from .errors import HashMismatchError, ManifestError
+from .tolerances import REFERENCE_DTYPES, RecordedError
 
 MANIFEST_NAME = "MANIFEST.json"
 GOLDEN_ENV = "LLM_CONFORMANCE_GOLDEN"
@@ -99,6 +105,11 @@ class Case:
             case's ``inputs``, a model case's ``input_ids`` (from ``input_shape``); empty when
             absent. For backends that size their work before loading anything (informative
             only: the data file's own shapes are what runs).
+        reference_error: the reference's own error against the float64 expected outputs when
+            it runs in a lower dtype, ``{dtype: {output name: RecordedError}}`` for the dtypes of
+            ``conformance.tolerances.REFERENCE_DTYPES`` the generator could run it in (the
+            manifest entry's optional ``reference_error``; empty when absent). The error model
+            judges a backend's error against it (``conformance.tolerances``).
     """
 
     id: str
@@ -117,6 +128,7 @@ class Case:
     checkpoint_of: str | None = None
     batch: int | None = None
     shapes: dict = field(default_factory=dict)
+    reference_error: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -318,6 +330,7 @@ def _parse_case(golden_dir, raw, where: str) -> Case:
         checkpoint_of=_field(raw, "checkpoint_of", str, where) if scenario and "checkpoint_of" in raw else None,
         batch=_batch(raw, where) if scenario else None,
         shapes=_shapes(raw, where),
+        reference_error=_reference_error(raw, where),
     )
     if model:
         inside(golden_dir, case.checkpoint, f"{where}: checkpoint")
@@ -341,6 +354,42 @@ def _shapes(raw: dict, where: str) -> dict[str, tuple[int, ...]]:
                                 f">= 0, got {shape!r}")
         shapes[str(name)] = tuple(shape)
     return shapes
+
+
+def _reference_error(raw: dict, where: str) -> dict[str, dict[str, RecordedError]]:
+    """The optional ``reference_error`` of a case: ``{dtype: {output: {"rel_rms": r, "max_abs": m}}}``
+    with dtypes among :data:`~conformance.tolerances.REFERENCE_DTYPES` (float64 is the specification
+    itself: it has none) and finite numbers >= 0; ``{}`` when absent.
+
+    Raises:
+        ManifestError: one line naming the case and the first malformed part.
+    """
+    value = raw.get("reference_error", {})
+    if not isinstance(value, dict):
+        raise ManifestError(f"{where}: field 'reference_error' must be an object of dtype to outputs, got {value!r}")
+    recorded = {}
+    for dtype, outputs in value.items():
+        if dtype not in REFERENCE_DTYPES:
+            raise ManifestError(f"{where}: reference_error: dtype {dtype!r} is not one of "
+                                f"{', '.join(REFERENCE_DTYPES)} (float64 is the specification: it has no reference "
+                                "error)")
+        if not isinstance(outputs, dict) or not outputs:
+            raise ManifestError(f"{where}: reference_error.{dtype} must be a non-empty object of output name to "
+                                f"{{\"rel_rms\", \"max_abs\"}}, got {outputs!r}")
+        recorded[dtype] = {name: _recorded_error(numbers, f"{where}: reference_error.{dtype}.{name}")
+                           for name, numbers in outputs.items()}
+    return recorded
+
+
+def _recorded_error(numbers, where: str) -> RecordedError:
+    """``{"rel_rms": r, "max_abs": m}`` checked: exactly those keys, finite numbers >= 0."""
+    if not isinstance(numbers, dict) or set(numbers) != {"rel_rms", "max_abs"}:
+        raise ManifestError(f"{where} must be an object with keys 'rel_rms' and 'max_abs', got {numbers!r}")
+    for key, number in numbers.items():
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) \
+                or number < 0:
+            raise ManifestError(f"{where}: '{key}' must be a finite number >= 0, got {number!r}")
+    return RecordedError(rel_rms=float(numbers["rel_rms"]), max_abs=float(numbers["max_abs"]))
 
 
 def _batch(raw: dict, where: str) -> int | None:

@@ -14,8 +14,12 @@ are skipped as not implemented) and, with
 ``--llm-properties``, one per property (``test_property[<name>]``) join the
 session, beside the engine's own tests. Outcomes map as in ``llm-conformance run``:
 
-* passed -> passed; failed or error -> failed, with the message, the first
+* passed -> passed; failed or error -> failed, with the message (the broken bound: the
+  backend's error, the reference's own error in the dtype, their ratio), the first
   diverging tensor and the one-line ``llm-conformance run`` repro command;
+* every judged case records the headline tensor's three numbers as test properties
+  (``record_property``: ``error``, ``reference_error``, ``ratio`` and ``bound``, in pytest's
+  ``--junitxml`` too);
 * not implemented -> skipped with the reason (never a failure);
 * a skip-file entry -> skipped; an xfail-file entry -> xfailed, and a pass of an
   xfail-listed case fails (strict), as in ``run``.
@@ -111,7 +115,7 @@ def _resolve(config) -> LlmSession:
     from .errors import ConformanceError
     from .expectations import load_expectations
     from .manifest import default_golden_dir, load_scenario_data, read_manifest, verify_case_files
-    from .runner import check_op_case, one_line
+    from .runner import check_op_case, check_reference_error, one_line
 
     spec = config.getoption("llm_backend")
     try:
@@ -130,6 +134,7 @@ def _resolve(config) -> LlmSession:
                 check_op_case(golden_dir, case)
             elif case.level == "scenario":
                 load_scenario_data(golden_dir, case)
+            check_reference_error(golden_dir, case)
         properties = []
         if config.getoption("llm_properties"):
             from .properties import select_properties

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from conformance.pytest_plugin import session_state
-from conformance.report import repro_command
+from conformance.report import error_model_numbers, repro_command
 from conformance.runner import Status, apply_xfail, run_case
 
 
@@ -25,13 +25,15 @@ def _repro(state, case_id: str) -> str:
     return repro_command(meta, case_id)
 
 
-def test_golden_case(llm_case, request):
+def test_golden_case(llm_case, request, record_property):
     state = session_state(request.config)
-    skip = state.expectations.skip_for(llm_case.id)
+    skip = state.expectations.skip_for(llm_case.id, state.dtype)
     if skip is not None:
         pytest.skip(f"skip file: {skip.describe()}")
     result = run_case(state.backend, llm_case, state.golden_dir, state.dtype)
-    xfail = state.expectations.xfail_for(llm_case.id)
+    for key, value in error_model_numbers(result).items():
+        record_property(key, value)
+    xfail = state.expectations.xfail_for(llm_case.id, state.dtype)
     if xfail is not None:
         result = apply_xfail(result, xfail)
     if result.status is Status.NOT_IMPLEMENTED:

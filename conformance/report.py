@@ -1,11 +1,15 @@
 """Reports of a run: a rich table for people, a JSON file and a JUnit XML file for machines.
 
-The table has one row per case, failures and errors first, with the relative
-RMS and max abs error of the logits (model cases) or of the first output (op cases), the argmax agreement and, on failure, the first
-diverging tensor; a repro command per failing case; and a summary line. The JSON
-report keeps every number of every compared tensor plus the run's metadata
-(backend, package versions, dtype, corpus version, timestamps). The JUnit XML
-report has one testcase per case for CI dashboards (see :func:`write_junit_report`).
+The table has one row per case, failures and errors first, with the headline tensor's
+error model (the logits of a model case, the worst output of an op case): the backend's
+relative RMS error, the reference's own error in the run dtype, their ratio and the bound
+(:func:`error_model_numbers`), then the max abs error, the argmax agreement and, on failure,
+the first diverging tensor; a repro command per failing case; and a summary line. The JSON
+report keeps every number of every compared tensor (``comparisons``) and how each was judged
+(``judgements``: rule, bounds, reference error, ratios), the headline's numbers
+(``headline``), plus the run's metadata (backend, package versions, dtype, corpus version,
+timestamps). The JUnit XML report has one testcase per case for CI dashboards (see
+:func:`write_junit_report`).
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ _STATUS_STYLE = {
 FAILING = (Status.FAILED, Status.NAN, Status.ERROR, Status.CRASHED, Status.TIMED_OUT, Status.XPASSED)
 #: Statuses that get a repro command.
 REPRO = (Status.FAILED, Status.NAN, Status.ERROR, Status.CRASHED, Status.TIMED_OUT)
-_COLUMNS = ("case", "dtype", "status", "rel RMS", "max abs", "argmax agree", "first divergence / note")
+_COLUMNS = ("case", "dtype", "status", "rel RMS", "ref rel RMS", "ratio", "bound", "max abs", "argmax agree",
+            "first divergence / note")
 
 
 def summary_line(results: list[CaseResult]) -> str:
@@ -97,6 +102,65 @@ def headline(comparisons: dict):
     return comparisons.get("logits") or max(comparisons.values(), key=rank, default=None)
 
 
+def headline_name(comparisons: dict) -> str | None:
+    """The name of :func:`headline`'s tensor (None when nothing was compared)."""
+    top = headline(comparisons)
+    return next((name for name, c in comparisons.items() if c is top), None)
+
+
+def _number(value) -> float | None:
+    """A float from a number or its JSON text form ("inf"); None otherwise."""
+    try:
+        return None if value is None or isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def error_model_numbers(result: CaseResult) -> dict:
+    """The headline tensor's error model: ``{"tensor", "rule", "error", "reference_error", "ratio",
+    "bound"}`` (rel RMS; ``bound`` is the rel RMS bound, or ``"N ULP"`` / ``"exact"``), plus
+    ``"max_ulp"`` under the ulp rule; ``{}`` when nothing was compared. ``reference_error`` and
+    ``ratio`` are None at float64 and where the corpus records no reference error."""
+    name = headline_name(result.comparisons)
+    if name is None:
+        return {}
+    comparison, judgement = result.comparisons[name], result.judgements.get(name)
+    numbers = {"tensor": name, "rule": None, "error": comparison.rel_rms, "reference_error": None, "ratio": None,
+               "bound": None}
+    if judgement is None:
+        return numbers
+    numbers.update(rule=judgement.rule, reference_error=judgement.reference_rel_rms, ratio=judgement.ratio_rel_rms)
+    if judgement.rule == "ulp":
+        numbers.update(bound=f"{judgement.ulp_window:g} ULP", max_ulp=judgement.max_ulp)
+    elif judgement.rule == "exact":
+        numbers["bound"] = "exact"
+    else:
+        numbers["bound"] = judgement.bound_rel_rms
+    return numbers
+
+
+def error_model_cells(result: CaseResult) -> list[str]:
+    """The table cells ``ref rel RMS``, ``ratio``, ``bound`` of a result (``""`` where nothing was
+    compared; ``-`` at float64, ``not recorded`` where the corpus has no reference error)."""
+    numbers = error_model_numbers(result)
+    if not numbers or numbers["rule"] is None:
+        return ["", "", ""]
+    rule, reference, ratio, bound = (numbers[k] for k in ("rule", "reference_error", "ratio", "bound"))
+    if reference is None:
+        reference_cell = "-" if rule in ("absolute", "exact") else "not recorded"
+    else:
+        reference_cell = f"{reference:.2e}"
+    ratio_cell = "-" if ratio is None else "inf" if math.isinf(ratio) else f"{ratio:.2f}"
+    if rule == "ulp":
+        got = numbers.get("max_ulp")
+        bound_cell = f"{bound} (max {got:g})" if got is not None else bound
+    elif isinstance(bound, float):
+        bound_cell = f"{bound:.2e}" + (" interim" if rule == "interim" else "")
+    else:
+        bound_cell = str(bound or "")
+    return [reference_cell, ratio_cell, bound_cell]
+
+
 def _row(result: CaseResult) -> list[Text]:
     """Table cells as Text, so that brackets in messages are not read as rich markup."""
     logits = headline(result.comparisons)
@@ -110,7 +174,8 @@ def _row(result: CaseResult) -> list[Text]:
     note = _note(result)
     note = note if len(note) <= MAX_NOTE else note[: MAX_NOTE - 1] + "…"
     cells = [Text(result.case_id), Text(result.dtype), Text(result.status.value, style=_STATUS_STYLE[result.status])]
-    return cells + [Text(cell) for cell in (*numbers, argmax, note)]
+    reference, ratio, bound = error_model_cells(result)
+    return cells + [Text(cell) for cell in (numbers[0], reference, ratio, bound, numbers[1], argmax, note)]
 
 
 def id_column_options(console: Console) -> dict:
@@ -157,7 +222,8 @@ def write_json_report(path, results: list[CaseResult], meta: dict, extra: dict |
     """Write ``{"meta": meta, "summary": ..., "results": [...]}`` to ``path`` as JSON.
 
     Each result carries every number of :class:`~conformance.runner.CaseResult`
-    (all comparisons, argmax agreement, tolerance) and, when it failed or errored,
+    (all comparisons and judgements, argmax agreement, tolerance), the headline's error
+    model (``headline``: :func:`error_model_numbers`) and, when it failed or errored,
     its repro command. ``extra`` maps a case id to further keys for its entry
     (``--compare-to`` adds ``drift``).
 
@@ -167,6 +233,7 @@ def write_json_report(path, results: list[CaseResult], meta: dict, extra: dict |
     entries = []
     for result in results:
         entry = _jsonable(result)
+        entry["headline"] = _jsonable(error_model_numbers(result))
         if result.status in REPRO:
             entry["repro"] = repro_command(meta, result.case_id)
         entry.update(_jsonable((extra or {}).get(result.case_id, {})))
@@ -202,7 +269,9 @@ def write_junit_report(path, results: list[CaseResult], meta: dict) -> None:
     """Write a JUnit XML report to ``path``: one ``testsuite`` with one ``testcase`` per case.
 
     A testcase's classname is the case family with ``/`` as ``.`` (``op/rms_norm/plain``
-    is in ``op.rms_norm``), its name ``<case id> [<dtype>]``, and a ``dtype`` property.
+    is in ``op.rms_norm``), its name ``<case id> [<dtype>]``, and a ``dtype`` property, plus
+    the headline's error model as properties ``tensor``, ``rule``, ``error``, ``reference_error``,
+    ``ratio`` and ``bound`` (:func:`error_model_numbers`; absent values left out).
     Failed, nan and xpassed cases carry ``<failure>``, errored, crashed and timed-out ones
     ``<error>`` (the ``type`` is the status; the text has the repro command except for xpassed), not implemented, skipped and
     xfailed ones ``<skipped>`` whose ``type`` is the status. The suite's properties
@@ -238,6 +307,10 @@ def write_junit_report(path, results: list[CaseResult], meta: dict) -> None:
         })
         case_properties = ET.SubElement(testcase, "properties")
         ET.SubElement(case_properties, "property", name="dtype", value=result.dtype)
+        for key, value in error_model_numbers(result).items():
+            if value is not None:
+                ET.SubElement(case_properties, "property", name=key,
+                              value=f"{value:.6g}" if isinstance(value, float) else str(value))
         outcome = _junit_outcome(result, meta)
         if outcome is not None:
             testcase.append(outcome)

@@ -11,7 +11,10 @@ For every failed, nan, errored, crashed or timed-out case, ``DIR/<case id with /
   multi-token-prediction outputs); scenario cases, ``steps.{i}.logits`` (NaN on pad slots).
   Scenario inputs are ``steps.{i}.input_ids`` and ``steps.0.attention_mask`` (padded prompt).
 * ``case.json``: case id, level, op and params (op cases), dtype, the dtype of each
-  saved input as passed to the backend, tolerance class and bounds, backend spec and
+  saved input as passed to the backend, tolerance class and bounds, how each compared
+  tensor was judged (``judgements``: rule, bounds, the reference's own error in the dtype,
+  the backend's ratio to it) and the headline's three numbers (``error_model``: backend
+  error, reference error, ratio, and the bound), backend spec and
   options, status, message, first divergence, the one-line repro command, and for
   model and scenario cases the checkpoint folder: a path relative to the bundle (``checkpoint``)
   and an absolute one (``checkpoint_abs``), and for scenarios the ``schedule`` and the label of
@@ -30,7 +33,7 @@ from safetensors.numpy import save_file
 
 from .errors import ConformanceError
 from .manifest import Case, inside, load_case_data, load_case_mtp_logits, load_op_data, load_scenario_data
-from .report import repro_command
+from .report import _jsonable, error_model_numbers, repro_command
 from .runner import CaseResult, Status, cast_input
 
 #: Statuses that get a bundle.
@@ -74,6 +77,7 @@ def write_bundle(root: Path, case: Case, result: CaseResult, golden_dir: Path, m
     info = {
         "case_id": case.id, "level": case.level, "dtype": result.dtype,
         "tolerance_class": case.tolerance_class, "tolerance": _tolerance_json(result),
+        "error_model": _jsonable(error_model_numbers(result)), "judgements": _jsonable(result.judgements),
         "backend": meta.get("backend"), "backend_spec": meta["backend_spec"],
         "backend_options": meta.get("backend_options", {}),
         "status": result.status.value, "message": result.message,

@@ -8,6 +8,13 @@ cast to the run dtype and its keyword parameters, and compare every output. File
 hashes of all selected cases are verified before the first case runs; a mismatch
 stops the whole run.
 
+Each compared tensor is judged by :func:`conformance.tolerances.judge_tensor` (the error
+model): at float32, float16 and bfloat16 against the reference's own error in that dtype,
+which the corpus records per case and output (``Case.reference_error``); elementwise ops
+against the reference's own rounded result (``outputs.<name>@<dtype>``); at float64 by
+absolute bounds. ``CaseResult.judgements`` keeps, per tensor, the rule, the bounds, the
+reference's error and the backend's ratio to it: the three numbers every report shows.
+
 Integer outputs of an op (``refimpl.ops.Op.integer_outputs``: the experts a router
 selected) are compared exactly, in every dtype; the tolerance applies to the rest.
 
@@ -75,7 +82,9 @@ from .manifest import (
     MTP_PREFIX, Case, ScenarioStep, inside, load_case_data, load_case_mtp_logits, load_op_data, load_scenario_data,
     verify_case_files,
 )
-from .tolerances import MAX_ROUNDING_MISMATCH, Tolerance, get_tolerance, violations
+from .tolerances import (
+    Judgement, RecordedError, Tolerance, argmax_margin, exact_judgement, get_tolerance, judge_tensor,
+)
 
 
 class Status(str, enum.Enum):
@@ -118,6 +127,9 @@ class CaseResult:
         uncompared: taps the backend returned that the golden data lacks.
         rounding: op cases with a recorded low-precision result: ``{output: fraction of
             elements that differ from the reference's rounding in the run dtype}``.
+        judgements: ``{tensor name: Judgement}`` for every compared tensor (keys as in
+            ``comparisons``, plus missing outputs): the rule, the bounds, the reference's own
+            error in the run dtype and the backend's ratio to it.
         seconds: wall time of load + run + compare.
         expectation: for skipped, xfailed and xpassed cases, the skip or xfail entry
             as ``FILE:LINE: reason``.
@@ -135,6 +147,7 @@ class CaseResult:
     first_divergence: str | None = None
     uncompared: list[str] = field(default_factory=list)
     rounding: dict[str, float] = field(default_factory=dict)
+    judgements: dict[str, Judgement] = field(default_factory=dict)
     seconds: float = 0.0
     expectation: str = ""
     steps: dict[str, str] = field(default_factory=dict)
@@ -169,20 +182,35 @@ def _mark_nan(result: CaseResult) -> None:
         result.message = f"NaN/Inf in {', '.join(poisoned)}; first divergence {result.message}"
 
 
+def _judge_all(result: CaseResult, tolerance: Tolerance, reference: dict[str, RecordedError] | None,
+               actual: dict | None = None, rounded: dict | None = None) -> dict[str, list[str]]:
+    """Judge every tensor of ``result.comparisons`` (:func:`~conformance.tolerances.judge_tensor`),
+    keep the judgements and return ``{name: failures}``. ``reference`` is the corpus's record
+    for the run dtype (None when it has none)."""
+    for name, comparison in result.comparisons.items():
+        own = None if reference is None else reference.get(name)
+        low = (rounded or {}).get(name)
+        result.judgements[name] = judge_tensor(comparison, tolerance, result.dtype, own,
+                                               actual=None if low is None else actual[name], rounded=low)
+    return {name: list(j.failures) for name, j in result.judgements.items()}
+
+
 def judge(
-    result: CaseResult, actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], tolerance: Tolerance
+    result: CaseResult, actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], tolerance: Tolerance,
+    reference: dict[str, RecordedError] | None = None,
 ) -> CaseResult:
     """Fill ``result`` from the tensors of one case (``actual`` and ``expected`` include ``"logits"``;
-    draft logits ``mtp_logits.{k}`` come after the logits, in depth order)."""
+    draft logits ``mtp_logits.{k}`` come after the logits, in depth order). ``reference`` holds the
+    reference's own error in the run dtype per tensor (None: the corpus records none)."""
     shared = set(actual) & set(expected)
     drafts = sorted((n for n in shared if _is_mtp(n)), key=lambda n: int(n[len(MTP_PREFIX):]))
     order = tap_order(shared - {"logits"} - set(drafts)) + ["logits"] + drafts
     result.comparisons = {name: compare(actual[name], expected[name]) for name in order}
     result.uncompared = tap_order(set(actual) - set(expected))
-    failures = {name: violations(c, tolerance) for name, c in result.comparisons.items()}
+    failures = _judge_all(result, tolerance, reference)
     logits = result.comparisons["logits"]
     if not logits.shape_mismatch:
-        margin = tolerance.argmax_margin * logits.max_abs_expected
+        margin = argmax_margin(tolerance, logits, result.judgements["logits"])
         result.argmax = argmax_agreement(actual["logits"], expected["logits"], margin)
         if not result.argmax.confident_agree:
             count = result.argmax.confident_disagreements
@@ -194,6 +222,7 @@ def judge(
     for name in missing:
         failures[name] = [f"missing: the backend returned {returned} MTP depth(s), the case has "
                           f"{sum(1 for n in expected if _is_mtp(n))}"]
+        result.judgements[name] = Judgement("missing", failures=tuple(failures[name]))
     order += missing
     diverging = [name for name in order if failures[name]]
     if diverging:
@@ -308,13 +337,6 @@ def op_outputs(value, names: tuple[str, ...]) -> dict[str, np.ndarray]:
     return {names[0]: to_float64(value, "output")}
 
 
-def rounding_mismatch(actual: np.ndarray, rounded: np.ndarray) -> float:
-    """Fraction of elements of ``actual`` not equal to the reference's low-precision result."""
-    if actual.shape != rounded.shape:
-        return 1.0
-    return float(np.mean(actual != rounded))
-
-
 def exact_violations(actual: np.ndarray, expected: np.ndarray) -> list[str]:
     """Why an integer output (e.g. the experts a router selected) is not equal to the expected one; empty if equal."""
     if actual.shape != expected.shape:
@@ -330,28 +352,31 @@ def exact_violations(actual: np.ndarray, expected: np.ndarray) -> list[str]:
 def judge_op(
     result: CaseResult, actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], tolerance: Tolerance,
     rounded: dict[str, np.ndarray] | None = None, exact: tuple[str, ...] = (),
+    reference: dict[str, RecordedError] | None = None,
 ) -> CaseResult:
     """Fill ``result`` from an op's outputs; a missing output fails the case.
 
-    ``rounded`` holds the reference's result in the run dtype for outputs that have
-    one; more than :data:`MAX_ROUNDING_MISMATCH` of differing elements fails.
-    Outputs named in ``exact`` (integer outputs, such as a router's ``selected``)
-    must equal the expected values element for element, whatever the dtype.
+    ``rounded`` holds the reference's result in the run dtype for outputs that have one:
+    the ULP rule of an elementwise kind judges against it (``result.rounding`` keeps the
+    fraction of elements that differ from it). ``reference`` holds the reference's own error
+    in the run dtype per output (None: the corpus records none). Outputs named in ``exact``
+    (integer outputs, such as a router's ``selected``) must equal the expected values element
+    for element, whatever the dtype.
     """
     missing = sorted(set(expected) - set(actual))
     got = f" (the op returned {', '.join(sorted(actual)) or 'nothing'})"
     result.comparisons = {name: compare(actual[name], expected[name]) for name in expected if name in actual}
     result.uncompared = sorted(set(actual) - set(expected))
-    failures = {name: (exact_violations(actual[name], expected[name]) if name in exact else violations(c, tolerance))
-                for name, c in result.comparisons.items()}
-    failures.update({name: ["output missing" + got] for name in missing})
-    for name, exact in (rounded or {}).items():
-        if name in actual:
-            result.rounding[name] = rounding_mismatch(actual[name], exact)
-            if result.rounding[name] > MAX_ROUNDING_MISMATCH:
-                failures[name].append(f"{result.rounding[name]:.1%} of elements differ from the reference's "
-                                      f"{result.dtype} rounding (> {MAX_ROUNDING_MISMATCH:.0%}; the output must be "
-                                      f"rounded to {result.dtype} as the case's cast order rounds)")
+    failures = _judge_all(result, tolerance, reference, actual,
+                          {name: r for name, r in (rounded or {}).items() if name in actual and name not in exact})
+    for name in result.comparisons:
+        if name in exact:
+            failures[name] = exact_violations(actual[name], expected[name])
+            result.judgements[name] = exact_judgement(failures[name])
+    for name in missing:
+        failures[name] = ["output missing" + got]
+        result.judgements[name] = Judgement("missing", failures=tuple(failures[name]))
+    result.rounding = {name: j.mismatch for name, j in result.judgements.items() if j.mismatch is not None}
     diverging = [name for name in expected if failures.get(name)]
     if diverging:
         result.status, result.first_divergence = Status.FAILED, diverging[0]
@@ -405,7 +430,8 @@ def run_op_case(backend: Backend, case: Case, golden_dir: Path, dtype: str) -> C
         expected = {k: v for k, v in data.expected.items() if "@" not in k}
         rounded = {k.split("@")[0]: v for k, v in data.expected.items() if k.endswith(f"@{dtype}")}
         actual = op_outputs(fn(**inputs, **data.params), tuple(expected))
-        judge_op(result, actual, expected, result.tolerance, rounded, exact=_integer_outputs(case.op))
+        judge_op(result, actual, expected, result.tolerance, rounded, exact=_integer_outputs(case.op),
+                 reference=reference_for(case, dtype))
     except NotImplementedError as exc:
         result.status = Status.NOT_IMPLEMENTED
         result.message = one_line(str(exc) or f"backend {backend.name} does not implement these parameters")
@@ -416,6 +442,44 @@ def run_op_case(backend: Backend, case: Case, golden_dir: Path, dtype: str) -> C
     finally:
         result.seconds = time.perf_counter() - start
     return result
+
+
+def reference_for(case: Case, dtype: str) -> dict[str, RecordedError] | None:
+    """The reference's own error in ``dtype`` per compared tensor, as the corpus records it for
+    ``case``; None at float64 (the specification) and where the corpus records none."""
+    return case.reference_error.get(dtype)
+
+
+def compared_names(golden_dir: Path, case: Case) -> set[str]:
+    """The tensors of ``case`` the runner compares by tolerance (and so those the corpus's
+    ``reference_error`` must name): a model case's taps, logits and MTP drafts, a scenario's
+    prefill and decode steps, an op case's outputs but its integer ones."""
+    if case.level == "op":
+        outputs = {name for name in load_op_data(golden_dir, case).expected if "@" not in name}
+        return outputs - set(_integer_outputs(case.op))
+    if case.level == "scenario":
+        return {step.name for step in load_scenario_data(golden_dir, case) if step.op != "rollback"}
+    _, _, hidden = load_case_data(golden_dir, case)
+    return {*hidden, "logits", *load_case_mtp_logits(golden_dir, case)}
+
+
+def check_reference_error(golden_dir: Path, case: Case) -> None:
+    """Refuse a ``reference_error`` record that does not name exactly the case's compared tensors.
+
+    Raises:
+        ManifestError: naming the case, the dtype and the first missing or extra tensor.
+    """
+    if not case.reference_error:
+        return
+    names = compared_names(golden_dir, case)
+    for dtype, recorded in case.reference_error.items():
+        missing, extra = sorted(names - set(recorded)), sorted(set(recorded) - names)
+        if missing:
+            raise ManifestError(f"case {case.id}: reference_error.{dtype} lacks '{missing[0]}' "
+                                f"({len(missing)} compared tensor(s) without the reference's error)")
+        if extra:
+            raise ManifestError(f"case {case.id}: reference_error.{dtype} names '{extra[0]}', which the case "
+                                "does not compare")
 
 
 def _integer_outputs(op_name: str) -> tuple[str, ...]:
@@ -545,12 +609,13 @@ def _step_comparison(got: np.ndarray, step: ScenarioStep, pads: np.ndarray) -> S
 
 
 def judge_scenario(result: CaseResult, actual: dict[str, np.ndarray], steps: list[ScenarioStep],
-                   tolerance: Tolerance) -> CaseResult:
+                   tolerance: Tolerance, reference: dict[str, RecordedError] | None = None) -> CaseResult:
     """Fill ``result`` from the logits a backend returned for the prefill and decode ``steps``
     (``actual`` may stop early: the steps it lacks are not judged). Only real (non-pad)
     positions are compared, as ``(positions, V)`` arrays; each step's :class:`StepComparison`
     says in which row and position its max abs error is, and the failure message of the first
-    failing step names them."""
+    failing step names them. ``reference`` holds the reference's own error in the run dtype per
+    step (None: the corpus records none)."""
     failures, agreements = {}, []
     # Pad slots per row: all in the prompt (steps[0]), so a slot's position is its index in the
     # sequence so far minus its row's pads.
@@ -564,11 +629,13 @@ def judge_scenario(result: CaseResult, actual: dict[str, np.ndarray], steps: lis
         comparison = _step_comparison(actual[step.name], step, pads)
         result.comparisons[step.name] = comparison
         result.steps[step.name] = step.label
-        failures[step.name] = violations(comparison, tolerance)
+        own = None if reference is None else reference.get(step.name)
+        result.judgements[step.name] = judge_tensor(comparison, tolerance, result.dtype, own)
+        failures[step.name] = list(result.judgements[step.name].failures)
         if not comparison.shape_mismatch:
             real = step.real()
             got, want = actual[step.name][real], step.logits[real]
-            agreement = argmax_agreement(got, want, tolerance.argmax_margin * comparison.max_abs_expected)
+            agreement = argmax_agreement(got, want, argmax_margin(tolerance, comparison, result.judgements[step.name]))
             agreements.append(agreement)
             if not agreement.confident_agree:
                 failures[step.name].append(f"argmax differs at {agreement.confident_disagreements} confident "
@@ -615,7 +682,7 @@ def run_scenario_case(backend: Backend, case: Case, golden_dir: Path, dtype: str
         actual, exc, at = replay(model, steps, progress)
         if isinstance(exc, BackendError):
             raise exc
-        judge_scenario(result, actual, steps, result.tolerance)
+        judge_scenario(result, actual, steps, result.tolerance, reference_for(case, dtype))
         if exc is not None and result.status is Status.PASSED:
             where = f"{at.name} ({at.label})"
             if isinstance(exc, NotImplementedError):
@@ -671,7 +738,7 @@ def run_case(backend: Backend, case: Case, golden_dir: Path, dtype: str, progres
             result.message = (f"backend {backend.name} returned no MTP draft logits "
                               f"(the case has {case.mtp_depths} depth(s))")
             return result
-        judge(result, actual, {**hidden, "logits": logits, **drafts}, result.tolerance)
+        judge(result, actual, {**hidden, "logits": logits, **drafts}, result.tolerance, reference_for(case, dtype))
         _note_uncompared(result, extra_outputs(model))
     except BackendError as exc:
         raise BackendError(f"case {case.id}: {exc}") from None
@@ -716,8 +783,9 @@ def run_suite(backend: Backend | None, cases: list[Case], golden_dir, dtype: str
             (checked for every case before any runs).
         BackendError: the backend cannot work at all.
         ManifestError: an op case the suite cannot pose (unknown op, inputs or params
-            that do not fit it), a tolerance class of the wrong level, or malformed golden
-            data, a scenario's included (all checked before any case runs).
+            that do not fit it), a tolerance class of the wrong level, malformed golden
+            data, a scenario's included, or a ``reference_error`` record that does not name the
+            case's compared tensors (all checked before any case runs).
         ConformanceError: no tolerance for a case at ``dtype``.
         RunInterrupted: Ctrl-C; it carries the results so far.
     """
@@ -734,6 +802,7 @@ def run_suite(backend: Backend | None, cases: list[Case], golden_dir, dtype: str
             # Malformed golden data is an input error, reported before the first case runs.
             load_case_data(golden_dir, case)
             load_case_mtp_logits(golden_dir, case)
+        check_reference_error(golden_dir, case)
         try:
             get_tolerance(case.tolerance_class, dtype)
         except ConformanceError as exc:
@@ -749,7 +818,7 @@ def run_suite(backend: Backend | None, cases: list[Case], golden_dir, dtype: str
                 bar.update(task, description=f"{case.id} ({dtype})")
                 if progress and not live:
                     err.print(f"[{number}/{len(cases)}] {case.id} ({dtype})", markup=False, highlight=False)
-                skip, xfail = expectations.skip_for(case.id), expectations.xfail_for(case.id)
+                skip, xfail = expectations.skip_for(case.id, dtype), expectations.xfail_for(case.id, dtype)
                 if skip is not None:
                     results.append(skipped_result(case, dtype, skip))
                 else:

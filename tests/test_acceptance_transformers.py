@@ -16,8 +16,9 @@ pytest.importorskip("transformers")
 from conftest import ROOT  # noqa: E402
 
 XFAIL = ROOT / "conformance" / "backends" / "transformers.xfail"
-#: The case ids transformers.xfail lists (one per line, before any '#').
-XFAILED = {line.split("#")[0].strip() for line in XFAIL.read_text().splitlines()} - {""}
+#: ``(case id, dtype or None)`` of each entry of transformers.xfail (``ID@dtype``: that dtype only).
+XFAILED = {(entry.partition("@")[0], entry.partition("@")[2] or None)
+           for entry in (line.split("#")[0].strip() for line in XFAIL.read_text().splitlines()) if entry}
 
 
 @pytest.mark.parametrize("dtype", ["float32", pytest.param("float64", marks=pytest.mark.slow)])
@@ -41,7 +42,7 @@ def test_cli_transformers_passes_golden_corpus(tmp_path, dtype):
     # (its MTP layer is checked at op level through transformers' generic MtpLayer).
     grok |= {"mtp/qwen3-next-one-depth"}
     # transformers' known deviations (conformance/backends/transformers.xfail) are xfailed.
-    xfailed = {c["id"] for c in cases if c["id"] in XFAILED}
+    xfailed = {c["id"] for c in cases if (c["id"], None) in XFAILED or (c["id"], dtype) in XFAILED}
     assert {r["case_id"]: r["status"] for r in doc["results"]} == {
         c["id"]: "not implemented" if c["id"] in grok else "xfailed" if c["id"] in xfailed else "passed"
         for c in cases}

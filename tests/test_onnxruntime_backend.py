@@ -3,8 +3,8 @@
 The CLI runs the backend over the op cases of its three ops in each dtype and the
 statuses are the ones measured with onnxruntime 1.32: passes, "not implemented"
 for what ORT's CPU kernels or ONNX attributes cannot take (with the reason), and
-two float16 RMSNorm rounding failures that are ORT's own (see the module
-docstring). Each deliberately wrong variant of the adapter below changes one
+float16 RMSNorm rounding failures that are ORT's own, on every RMSNorm case but the
+zero-weight one (see the module docstring). Each deliberately wrong variant of the adapter below changes one
 graph attribute the way an adapter author could get it wrong, and the cases that
 pin that attribute fail: the adapter's comparisons can fail.
 """
@@ -33,8 +33,10 @@ OPS = ("attention", "rope", "rms_norm", "rope_frequencies")
 #: GroupQueryAttention needs D a multiple of 8 and Dv = D; these probes have D = 4 and Dv = S or 2.
 GQA_SHAPES_REFUSED = {"op/attention/window-probe", "op/attention/window-after-cache",
                       "op/attention/window-decode-probe", "op/attention/sinks-probe"}
-#: The float16 cases whose element-exact rounding ORT's RMSNormalization does not reproduce.
-FLOAT16_ROUNDING_FAILURES = {"op/rms_norm/cast-then-multiply", "op/rms_norm/multiply-then-cast"}
+#: The float16 cases whose element-exact rounding ORT's RMSNormalization does not reproduce: every RMSNorm
+#: case pins its cast order (``op_rounding``, docs/tolerances.md) but the one whose weight is 0 (1 + w = 1).
+FLOAT16_ROUNDING_FAILURES = {"op/rms_norm/cast-then-multiply", "op/rms_norm/multiply-then-cast", "op/rms_norm/plain",
+                             "op/rms_norm/one-plus-w", "op/rms_norm/per-head", "op/rms_norm/eps-dominant"}
 #: float64 attention cases whose scaling (0.25) and cap (5.0) float32 attributes hold exactly.
 FLOAT64_PASSING = {"op/attention/mha-odd-len", "op/attention/mqa-decode", "op/attention/chunked-probe",
                    "op/attention/chunked-after-cache", "op/attention/softcap"}
@@ -153,7 +155,11 @@ BROKEN = {
     "WrongInterleaved": ("rope", ROPE_CASES),
     "WindowAsLeftContext": ("attention", {"op/attention/window-1", "op/attention/window-random",
                                           "op/attention/window-decode-gqa", "op/attention/sinks-window"}),
-    "EpsilonIgnored": ("rms_norm", {"op/rms_norm/eps-dominant"}),
+    # eps 0 instead of 1e-6 moves the output by eps / (2 ms) relative: by far on the eps-dominant case, and
+    # by 10-17 float32 ULPs where the mean squares are near 1, past the 4-ULP window of the reference's own
+    # float32 result (docs/tolerances.md); the cast-order cases (x ~ 3, mean squares ~ 9) stay within 3.
+    "EpsilonIgnored": ("rms_norm", {"op/rms_norm/eps-dominant", "op/rms_norm/plain", "op/rms_norm/one-plus-w",
+                                    "op/rms_norm/zero-offset-weight", "op/rms_norm/per-head"}),
     "TopLeftCausal": ("attention", {"op/attention/mqa-decode", "op/attention/chunked-after-cache",
                                     "op/attention/mla-absorbed-decode-shape", "op/attention/mla-extend-after-cache"}),
 }

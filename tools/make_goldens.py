@@ -10,6 +10,16 @@ token ids and expected logits: one full float64 forward of each row alone over i
 real tokens so far. ``golden/MANIFEST.json`` lists every case with its seed, config
 summary, tolerance class and the sha256 of every file.
 
+The error model (``docs/tolerances.md``): every case is also run through the reference
+in float32, float16 and bfloat16, as the ``refimpl`` backend runs it (model forward with
+taps and MTP drafts, the scenario's incremental replay, the op on inputs cast to the
+dtype), and its own error on each compared tensor against the float64 expected output is
+written into the manifest entry (``reference_error``: rel RMS and max abs, 3 significant
+digits). A dtype the reference refuses (float16 / bfloat16 before it ran in them) is left
+out and reported. Elementwise op cases (the kinds with a ULP window: ``op_elementwise``,
+``op_rounding``) also store the reference's own result in each of those dtypes,
+``outputs.<name>@<dtype>``, for the ULP rule.
+
 Usage:
     python tools/make_goldens.py            # (re)write golden/
     python tools/make_goldens.py --check    # regenerate in memory and compare
@@ -17,7 +27,10 @@ Usage:
 ``--check`` fails when a stored weight, input or config differs bit for bit from
 the regenerated one, when an expected output differs by more than
 CHECK_REL_RMS (BLAS summation order differs between machines, so outputs are not
-byte-compared), or when a file does not match its manifest hash.
+byte-compared), when a recorded reference error differs by more than a factor
+CHECK_REFERENCE_FACTOR (its float32 / low-precision rounding depends on the machine's
+summation order too; on one machine it is regenerated bit for bit), or when a file does
+not match its manifest hash.
 """
 
 from __future__ import annotations
@@ -37,7 +50,14 @@ try:
     from safetensors.numpy import load, save
 
     import refimpl
-    from conformance.manifest import check_schedule
+    from conformance.backends.refimpl_backend import RefimplModel
+    from conformance.compare import compare
+    from conformance.manifest import ScenarioStep, check_schedule
+    from conformance.runner import (
+        CaseResult, Status, backend_tensors, cast_input, judge, judge_scenario, op_outputs, replay,
+    )
+    from conformance.tolerances import REFERENCE_DTYPES, get_tolerance
+    from refimpl.errors import RefimplError
     from golden_cases import JSON_NULL, ModelCase, OpCase, all_cases
     from golden_cases.common import ScenarioCase
 except ImportError as exc:
@@ -45,9 +65,13 @@ except ImportError as exc:
 
 GENERATOR_VERSION = 1
 #: Bumped whenever cases are added, removed or changed.
-CORPUS_VERSION = "0.10.0"
+CORPUS_VERSION = "0.11.0"
 #: Largest relative RMS difference allowed between stored and regenerated outputs.
 CHECK_REL_RMS = 1e-12
+#: Largest factor allowed between a stored and a regenerated reference error (either way).
+CHECK_REFERENCE_FACTOR = 2.0
+#: Significant digits of a recorded reference error.
+REFERENCE_DIGITS = 3
 
 
 CASES = all_cases()
@@ -143,7 +167,63 @@ def build_case(case: ModelCase, scratch: Path) -> dict[str, bytes]:
     )
     # One metadata key only: safetensors writes several keys in hash order, not reproducibly.
     io_bytes = save(tensors, metadata={"provenance": provenance})
+    expected = {k[len("hidden_states."):] if k.startswith("hidden_states.") else k: v
+                for k, v in tensors.items() if k != "input_ids"}
+    errors = {dtype: _model_errors(ckpt, input_ids, expected, dtype, case.tolerance_class)
+              for dtype in REFERENCE_DTYPES}
+    REFERENCE_ERRORS[case.case_id] = _recorded(errors, case.case_id)
     return {**checkpoint_files, f"{case.case_id}/io.safetensors": io_bytes}
+
+
+#: ``{case id: reference_error entry}`` of the cases built so far (read by the manifest entries).
+REFERENCE_ERRORS: dict[str, dict] = {}
+#: ``{dtype: [case ids]}`` of the cases whose reference run the dtype refused.
+REFUSED: dict[str, list[str]] = {}
+
+
+def _reference_model(ckpt: Path, dtype: str):
+    """The reference loaded in ``dtype``, as the ``refimpl`` backend loads it."""
+    return RefimplModel(refimpl.from_pretrained(ckpt, dtype=dtype))
+
+
+def _model_errors(ckpt: Path, input_ids, expected: dict, dtype: str, tolerance_class: str):
+    """The reference's comparisons in ``dtype`` for a model case (``judge``'s tensors and order),
+    or None when the reference refuses the dtype."""
+    try:
+        actual = backend_tensors(_reference_model(ckpt, dtype).run(input_ids))
+    except RefimplError as exc:
+        return _refused(dtype, exc)
+    result = judge(CaseResult("", dtype, Status.ERROR), actual, expected, get_tolerance(tolerance_class, dtype))
+    if set(result.comparisons) != set(expected):
+        raise RuntimeError(f"the reference in {dtype} returned {sorted(result.comparisons)}, the case holds "
+                           f"{sorted(expected)}")
+    return result.comparisons
+
+
+def _refused(dtype: str, exc: RefimplError):
+    """None for a low-precision dtype the reference does not run in (yet); float32 must run."""
+    if dtype == "float32":
+        raise exc
+    return None
+
+
+def _recorded(errors: dict, case_id: str) -> dict:
+    """The manifest's ``reference_error`` from ``{dtype: {name: Comparison} or None}``."""
+    entry = {}
+    for dtype, comparisons in errors.items():
+        if comparisons is None:
+            REFUSED.setdefault(dtype, []).append(case_id)
+            continue
+        entry[dtype] = {name: {"rel_rms": _significant(c.rel_rms), "max_abs": _significant(c.max_abs)}
+                        for name, c in sorted(comparisons.items())}
+        bad = [name for name, c in comparisons.items() if c.nonfinite or c.shape_mismatch]
+        if bad:
+            raise RuntimeError(f"{case_id}: the reference in {dtype} gives NaN/Inf or a wrong shape at {bad}")
+    return entry
+
+
+def _significant(value: float) -> float:
+    return float(f"{value:.{REFERENCE_DIGITS}g}")
 
 
 def _model_case(case_id: str) -> ModelCase:
@@ -214,7 +294,39 @@ def build_scenario_case(case: ScenarioCase, scratch: Path) -> tuple[str, dict[st
         sort_keys=True,
     )
     files[f"{case.case_id}/steps.safetensors"] = save(tensors, metadata={"provenance": provenance})
+    steps = _scenario_steps(case, tensors)
+    errors = {dtype: _scenario_errors(ckpt, steps, dtype, case.tolerance_class) for dtype in REFERENCE_DTYPES}
+    REFERENCE_ERRORS[case.case_id] = _recorded(errors, case.case_id)
     return f"{owner.case_id}/checkpoint", files
+
+
+def _scenario_steps(case: ScenarioCase, tensors: dict) -> list:
+    """The :class:`ScenarioStep` list the runner reads from the data file, built from ``tensors``."""
+    steps, before = [], 0
+    for index, entry in enumerate(case.schedule):
+        op, n = entry["op"], entry["num_tokens"]
+        if op == "rollback":
+            steps.append(ScenarioStep(index, op, n, before))
+            before -= n
+            continue
+        mask = tensors.get("steps.0.attention_mask") if index == 0 else None
+        steps.append(ScenarioStep(index, op, n, before, tensors[f"steps.{index}.input_ids"], mask,
+                                  tensors[f"steps.{index}.logits"]))
+        before += n
+    return steps
+
+
+def _scenario_errors(ckpt: Path, steps: list, dtype: str, tolerance_class: str):
+    """The reference's step comparisons in ``dtype``: its own prefill / decode / rollback replay, as
+    the ``refimpl`` backend runs a scenario; None when the reference refuses the dtype."""
+    try:
+        actual, exc, at = replay(_reference_model(ckpt, dtype), steps)
+        if exc is not None:
+            raise exc
+    except RefimplError as exc:
+        return _refused(dtype, exc)
+    result = judge_scenario(CaseResult("", dtype, Status.ERROR), actual, steps, get_tolerance(tolerance_class, dtype))
+    return result.comparisons
 
 
 def scenario_manifest_entry(case: ScenarioCase, checkpoint: str, files: dict[str, bytes]) -> dict:
@@ -228,13 +340,8 @@ def scenario_manifest_entry(case: ScenarioCase, checkpoint: str, files: dict[str
         "batch": case.batch, "schedule": [dict(step) for step in case.schedule],
         "checkpoint": checkpoint, "data": f"{case.case_id}/steps.safetensors",
         "files": {path: sha256_bytes(data) for path, data in sorted(files.items())},
+        **_reference_entry(case.case_id),
     }
-
-
-def _round_to(array: np.ndarray, dtype: str) -> np.ndarray:
-    import ml_dtypes
-
-    return array.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype))
 
 
 def _float64_outputs(value, names) -> dict[str, np.ndarray]:
@@ -249,8 +356,26 @@ def _float64_outputs(value, names) -> dict[str, np.ndarray]:
     return {names[0]: stored(value)}
 
 
+def _op_errors(case: OpCase, inputs: dict, expected: dict, dtype: str):
+    """``(comparisons, outputs)`` of the reference's op on the inputs cast to ``dtype`` (as the
+    runner casts them) against the float64 expected outputs, integer outputs left out; None when
+    the reference refuses the dtype."""
+    from refimpl.ops import OPS
+
+    op = OPS[case.op]
+    try:
+        outputs = op_outputs(op.function(**{k: cast_input(v, dtype) for k, v in inputs.items()}, **case.params),
+                             op.outputs)
+    except RefimplError as exc:
+        return _refused(dtype, exc)
+    comparisons = {name: compare(outputs[name], expected[name]) for name in op.outputs
+                   if name not in op.integer_outputs}
+    return comparisons, outputs
+
+
 def build_op_case(case: OpCase) -> dict[str, bytes]:
-    """The data file of one op case: inputs, float64 expected outputs (int64 integer outputs), params in metadata."""
+    """The data file of one op case: inputs, float64 expected outputs (int64 integer outputs), params in
+    metadata; elementwise cases also the reference's result in each lower dtype (``<name>@<dtype>``)."""
     from refimpl.ops import OPS
 
     op = OPS[case.op]
@@ -260,10 +385,14 @@ def build_op_case(case: OpCase) -> dict[str, bytes]:
         if array.dtype != want:
             raise TypeError(f"{case.case_id}: input '{name}' is {array.dtype}, the generator stores {np.dtype(want)}")
     outputs = _float64_outputs(op.function(**inputs, **case.params), op.outputs)
-    for dtype in case.rounded_dtypes:
-        low = {k: (v if k in op.integer_inputs else _round_to(v, dtype)) for k, v in inputs.items()}
-        rounded = _float64_outputs(op.function(**low, **case.params), op.outputs)
-        outputs.update({f"{k}@{dtype}": v for k, v in rounded.items()})
+    errors = {}
+    for dtype in REFERENCE_DTYPES:
+        measured = _op_errors(case, inputs, outputs, dtype)
+        errors[dtype] = None if measured is None else measured[0]
+        if measured is not None and get_tolerance(case.tolerance_class, dtype).ulp is not None:
+            # Stored as float64: every value of the lower dtype is exactly representable.
+            outputs.update({f"{k}@{dtype}": v for k, v in measured[1].items() if k not in op.integer_outputs})
+    REFERENCE_ERRORS[case.case_id] = _recorded(errors, case.case_id)
     tensors = {f"inputs.{k}": v for k, v in inputs.items()}
     tensors.update({f"outputs.{k}": v for k, v in outputs.items()})
     # safetensors.numpy.save writes a non-contiguous array's buffer in memory order, silently.
@@ -284,7 +413,14 @@ def op_manifest_entry(case: OpCase, files: dict[str, bytes]) -> dict:
         "tolerance_class": case.tolerance_class, "data": f"{case.case_id}/io.safetensors",
         "inputs": {k[len("inputs."):]: list(v.shape) for k, v in sorted(tensors.items()) if k.startswith("inputs.")},
         "files": {path: sha256_bytes(data) for path, data in sorted(files.items())},
+        **_reference_entry(case.case_id),
     }
+
+
+def _reference_entry(case_id: str) -> dict:
+    """``{"reference_error": ...}`` of a built case, or ``{}`` when no dtype could be measured."""
+    recorded = REFERENCE_ERRORS.get(case_id)
+    return {"reference_error": recorded} if recorded else {}
 
 
 def config_summary(config: dict) -> dict:
@@ -308,6 +444,7 @@ def manifest_entry(case: ModelCase, files: dict[str, bytes]) -> dict:
         "input_shape": [case.batch, case.seq],
         "checkpoint": f"{case.case_id}/checkpoint", "data": f"{case.case_id}/io.safetensors",
         "files": {path: sha256_bytes(data) for path, data in sorted(files.items())},
+        **_reference_entry(case.case_id),
     }
 
 
@@ -416,10 +553,33 @@ def check(golden: Path, files: dict[str, bytes]) -> list[str]:
         if stored_manifest.get(key) != fresh_manifest[key]:
             problems.append(f"MANIFEST.json: {key} is {stored_manifest.get(key)!r}, the generator writes {fresh_manifest[key]!r}")
     for old, new in zip(stored_manifest["cases"], fresh_manifest["cases"]):
-        old, new = {k: v for k, v in old.items() if k != "files"}, {k: v for k, v in new.items() if k != "files"}
+        problems += _compare_reference_errors(new["id"], old.get("reference_error", {}),
+                                              new.get("reference_error", {}))
+        old, new = ({k: v for k, v in entry.items() if k not in ("files", "reference_error")} for entry in (old, new))
         if old != new:
             changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
             problems.append(f"MANIFEST.json: case {new['id']}: {', '.join(changed)} differ from the generator's")
+    return problems
+
+
+def _compare_reference_errors(case_id: str, stored: dict, fresh: dict) -> list[str]:
+    """Differences between two ``reference_error`` records: the same dtypes and tensors, each number
+    within a factor :data:`CHECK_REFERENCE_FACTOR` of the other (both 0, or neither)."""
+    where = f"MANIFEST.json: case {case_id}: reference_error"
+    if not isinstance(stored, dict) or set(stored) != set(fresh):
+        return [f"{where}: dtypes {sorted(stored) if isinstance(stored, dict) else stored!r}, the generator "
+                f"measures {sorted(fresh)}"]
+    problems = []
+    for dtype, outputs in fresh.items():
+        if not isinstance(stored[dtype], dict) or set(stored[dtype]) != set(outputs):
+            problems.append(f"{where}.{dtype}: tensors differ from the generator's")
+            continue
+        for name, numbers in outputs.items():
+            for key, value in numbers.items():
+                old = stored[dtype][name].get(key) if isinstance(stored[dtype][name], dict) else None
+                if not isinstance(old, (int, float)) or (old == 0) != (value == 0) or (
+                        value and not 1 / CHECK_REFERENCE_FACTOR <= old / value <= CHECK_REFERENCE_FACTOR):
+                    problems.append(f"{where}.{dtype}.{name}.{key}: stored {old!r}, regenerated {value!r}")
     return problems
 
 
@@ -441,6 +601,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no case id matches {args.only}")
     with tempfile.TemporaryDirectory() as scratch:
         _, files = generate(Path(scratch), cases)
+    for dtype, refused in sorted(REFUSED.items()):
+        print(f"make_goldens: the reference refused {dtype} on {len(refused)} case(s) (e.g. {refused[0]}): their "
+              f"manifest entries record no {dtype} reference error", file=sys.stderr)
     if args.check:
         problems = check(args.out, files)
         for p in problems:

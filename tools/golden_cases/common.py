@@ -51,9 +51,10 @@ class OpCase:
 
     ``make_inputs(rng)`` returns ``{argument: array}`` (float64, or int64 for integer
     arguments) drawn from ``np.random.default_rng(seed)``; ``params`` are the
-    keyword parameters, JSON values only. For each of ``rounded_dtypes`` the generator
-    also stores the op's result on the inputs rounded to that dtype, computed as
-    the named variant rounds.
+    keyword parameters, JSON values only. For a case of ``tolerance_class``
+    ``"op_elementwise"`` the generator also stores the reference's result on the inputs
+    cast to each of float32, float16 and bfloat16, computed as the named variant rounds
+    (``outputs.<name>@<dtype>``: the ULP rule of ``conformance.tolerances``).
     """
 
     case_id: str
@@ -63,8 +64,6 @@ class OpCase:
     params: dict
     make_inputs: Callable
     tolerance_class: str = "op_exact"
-    #: low-precision dtypes whose exact rounding the case also records (``outputs.<name>@<dtype>``)
-    rounded_dtypes: tuple[str, ...] = ()
 
 
 def prefill(num_tokens: int) -> dict:
