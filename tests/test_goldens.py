@@ -113,3 +113,53 @@ def test_check_catches_an_edited_manifest_description(golden_dir, tmp_path):
     result = run_check(copy)
     assert result.returncode == 1
     assert f"case {manifest['cases'][0]['id']}: description differ" in result.stderr
+
+
+# -- the routing guard: the reference's own low-precision runs route like its float64 run
+
+@pytest.fixture()
+def make_goldens(monkeypatch):
+    sys.path.insert(0, str(ROOT / "tools"))
+    import make_goldens
+
+    monkeypatch.setattr(make_goldens, "ROUTING_FLIPS", {})
+    monkeypatch.setattr(make_goldens, "REFERENCE_ERRORS", {})
+    return make_goldens
+
+
+def test_routing_flips_counts_tokens_routed_elsewhere(make_goldens):
+    a = [np.array([[0, 2], [1, 3], [0, 1]]), np.array([[4]])]
+    assert make_goldens.routing_flips(a, [x.copy() for x in a]) == 0
+    b = [np.array([[0, 2], [1, 2], [0, 1]]), np.array([[5]])]
+    assert make_goldens.routing_flips(a, b) == 2
+    # A different call sequence (another layer routed, a step skipped) counts every token.
+    assert make_goldens.routing_flips(a, a[:1]) == 4
+
+
+def test_routing_choices_records_every_router(make_goldens):
+    from refimpl import routers
+
+    logits = np.array([[0.3, 0.1, 0.9, -0.2], [0.0, 0.5, 0.2, 0.4]])
+    with make_goldens.routing_choices() as calls:
+        routers.softmax_top_k(logits, 2, norm_topk_prob=True)
+        routers.llama4_top_k_sigmoid(logits, 1)
+    assert [c.tolist() for c in calls] == [[[0, 2], [1, 3]], [[2], [1]]]
+    assert routers.top_k_indices.__name__ == "top_k_indices"  # restored
+
+
+def test_generation_stops_on_a_seed_whose_low_precision_routing_flips(make_goldens, monkeypatch, tmp_path, capsys):
+    import dataclasses
+
+    # Corpus 0.11.0's seed of this scenario: the reference's bfloat16 run routes one token elsewhere.
+    case_id = "scenario/glm4_moe/speculative"
+    cases = [dataclasses.replace(c, seed=1654) if c.case_id == case_id else c for c in make_goldens.CASES]
+    monkeypatch.setattr(make_goldens, "CASES", cases)
+    assert make_goldens.main(["--only", case_id, "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{case_id}: 1 token(s) in bfloat16" in err and "another seed" in err
+    assert not (tmp_path / "MANIFEST.json").exists()
+    # The committed seed passes the guard.
+    monkeypatch.setattr(make_goldens, "CASES", [c for c in cases if c.case_id != case_id]
+                        + [c for c in make_goldens.all_cases() if c.case_id == case_id])
+    make_goldens.ROUTING_FLIPS.clear()
+    assert make_goldens.main(["--only", case_id, "--out", str(tmp_path)]) == 0

@@ -116,7 +116,5 @@ def test_transformers_passes_every_scenario(backend, corpus, cases, dtype):
     wrong = {r.case_id: f"{r.status.value}: {r.message}" for r in results
              if r.status not in (Status.PASSED, Status.XFAILED)}
     assert not wrong, wrong
-    # transformers.xfail: Llama 4's left padding at every dtype but bfloat16, where the reference's own error on
-    # that case hides it; at bfloat16 a routing near-tie of the MiniMax chunked prefill (docs/tolerances.md).
-    expected = {"scenario/minimax_m2/chunked-prefill"} if dtype == "bfloat16" else {LLAMA4_PADDED}
-    assert {r.case_id for r in results if r.status is Status.XFAILED} == expected
+    # transformers.xfail: Llama 4's left padding (its attention temperature), at every dtype.
+    assert {r.case_id for r in results if r.status is Status.XFAILED} == {LLAMA4_PADDED}

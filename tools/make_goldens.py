@@ -20,6 +20,12 @@ out and reported. Elementwise op cases (the kinds with a ULP window: ``op_elemen
 ``op_rounding``) also store the reference's own result in each of those dtypes,
 ``outputs.<name>@<dtype>``, for the ULP rule.
 
+Routing guard: every expert set the reference selects (``refimpl.routers.top_k_indices``, in
+call order) in float32, float16 and bfloat16 must equal its float64 run's. A case whose
+low-precision run routes a token elsewhere (a near-tie of router scores) would record a
+reference error made of that one discrete flip, and so a bound many times the dtype's noise
+(``docs/tolerances.md``). Generation then stops, naming the cases, to be given another seed.
+
 Usage:
     python tools/make_goldens.py            # (re)write golden/
     python tools/make_goldens.py --check    # regenerate in memory and compare
@@ -36,6 +42,7 @@ not match its manifest hash.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import sys
@@ -65,7 +72,7 @@ except ImportError as exc:
 
 GENERATOR_VERSION = 1
 #: Bumped whenever cases are added, removed or changed.
-CORPUS_VERSION = "0.11.0"
+CORPUS_VERSION = "0.12.0"
 #: Largest relative RMS difference allowed between stored and regenerated outputs.
 CHECK_REL_RMS = 1e-12
 #: Largest factor allowed between a stored and a regenerated reference error (either way).
@@ -169,8 +176,8 @@ def build_case(case: ModelCase, scratch: Path) -> dict[str, bytes]:
     io_bytes = save(tensors, metadata={"provenance": provenance})
     expected = {k[len("hidden_states."):] if k.startswith("hidden_states.") else k: v
                 for k, v in tensors.items() if k != "input_ids"}
-    errors = {dtype: _model_errors(ckpt, input_ids, expected, dtype, case.tolerance_class)
-              for dtype in REFERENCE_DTYPES}
+    errors = _guard_routing(case.case_id, lambda dtype: _model_errors(ckpt, input_ids, expected, dtype,
+                                                                       case.tolerance_class))
     REFERENCE_ERRORS[case.case_id] = _recorded(errors, case.case_id)
     return {**checkpoint_files, f"{case.case_id}/io.safetensors": io_bytes}
 
@@ -179,6 +186,55 @@ def build_case(case: ModelCase, scratch: Path) -> dict[str, bytes]:
 REFERENCE_ERRORS: dict[str, dict] = {}
 #: ``{dtype: [case ids]}`` of the cases whose reference run the dtype refused.
 REFUSED: dict[str, list[str]] = {}
+#: ``{case id: {dtype: tokens routed elsewhere than in float64}}`` (the routing guard; must stay empty).
+ROUTING_FLIPS: dict[str, dict[str, int]] = {}
+
+
+@contextlib.contextmanager
+def routing_choices():
+    """Record every expert set ``refimpl.routers.top_k_indices`` returns, as ``(N, k)`` sorted
+    index rows, in call order (every router of refimpl selects through it)."""
+    import refimpl.routers as routers
+
+    calls: list[np.ndarray] = []
+    select = routers.top_k_indices
+
+    def recording(scores, top_k):
+        chosen = select(scores, top_k)
+        calls.append(np.sort(chosen, axis=-1))
+        return chosen
+
+    routers.top_k_indices = recording
+    try:
+        yield calls
+    finally:
+        routers.top_k_indices = select
+
+
+def routing_flips(float64_calls: list, calls: list) -> int:
+    """Tokens whose expert set differs between two recordings of the same run (every token of a
+    call when the call sequences differ in length or shape)."""
+    if len(calls) != len(float64_calls):
+        return sum(len(c) for c in float64_calls) or 1
+    flips = 0
+    for a, b in zip(float64_calls, calls):
+        flips += len(a) if a.shape != b.shape else int((a != b).any(axis=-1).sum())
+    return flips
+
+
+def _guard_routing(case_id: str, run) -> dict:
+    """Run ``run(dtype)`` in float64 and in each of REFERENCE_DTYPES, recording routing; note the
+    dtypes whose expert sets differ from float64's in ROUTING_FLIPS. Returns ``{dtype: run(dtype)}``."""
+    with routing_choices() as float64_calls:
+        run("float64")
+    results = {}
+    for dtype in REFERENCE_DTYPES:
+        with routing_choices() as calls:
+            results[dtype] = run(dtype)
+        flips = routing_flips(float64_calls, calls) if results[dtype] is not None else 0
+        if flips:
+            ROUTING_FLIPS.setdefault(case_id, {})[dtype] = flips
+    return results
 
 
 def _reference_model(ckpt: Path, dtype: str):
@@ -295,7 +351,7 @@ def build_scenario_case(case: ScenarioCase, scratch: Path) -> tuple[str, dict[st
     )
     files[f"{case.case_id}/steps.safetensors"] = save(tensors, metadata={"provenance": provenance})
     steps = _scenario_steps(case, tensors)
-    errors = {dtype: _scenario_errors(ckpt, steps, dtype, case.tolerance_class) for dtype in REFERENCE_DTYPES}
+    errors = _guard_routing(case.case_id, lambda dtype: _scenario_errors(ckpt, steps, dtype, case.tolerance_class))
     REFERENCE_ERRORS[case.case_id] = _recorded(errors, case.case_id)
     return f"{owner.case_id}/checkpoint", files
 
@@ -386,8 +442,7 @@ def build_op_case(case: OpCase) -> dict[str, bytes]:
             raise TypeError(f"{case.case_id}: input '{name}' is {array.dtype}, the generator stores {np.dtype(want)}")
     outputs = _float64_outputs(op.function(**inputs, **case.params), op.outputs)
     errors = {}
-    for dtype in REFERENCE_DTYPES:
-        measured = _op_errors(case, inputs, outputs, dtype)
+    for dtype, measured in _guard_routing(case.case_id, lambda d: _op_errors(case, inputs, outputs, d)).items():
         errors[dtype] = None if measured is None else measured[0]
         if measured is not None and get_tolerance(case.tolerance_class, dtype).ulp is not None:
             # Stored as float64: every value of the lower dtype is exactly representable.
@@ -604,6 +659,12 @@ def main(argv: list[str] | None = None) -> int:
     for dtype, refused in sorted(REFUSED.items()):
         print(f"make_goldens: the reference refused {dtype} on {len(refused)} case(s) (e.g. {refused[0]}): their "
               f"manifest entries record no {dtype} reference error", file=sys.stderr)
+    if ROUTING_FLIPS:
+        print(f"make_goldens: the reference's low-precision run routes tokens to other experts than its float64 run "
+              f"(a near-tie of router scores) in {len(ROUTING_FLIPS)} case(s); give them another seed:", file=sys.stderr)
+        for case_id, flips in sorted(ROUTING_FLIPS.items()):
+            print(f"  {case_id}: " + ", ".join(f"{n} token(s) in {d}" for d, n in flips.items()), file=sys.stderr)
+        return 1
     if args.check:
         problems = check(args.out, files)
         for p in problems:

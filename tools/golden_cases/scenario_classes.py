@@ -49,7 +49,10 @@ prompt); mla-05 1711 -> 1721, mla-07 1713 -> 1728, mla-08 1714 -> 1736 (bfloat16
 over 18 to 70 tokens; the Kimi K2-like checkpoint with two MoE layers failed more often, hence
 the one-MoE-layer checkpoint); gdn-06 1717 -> 1753, gdn-07 1718 -> 1767, mtp-03 1719 -> 1781
 (float16 or bfloat16: ill-conditioned Gated DeltaNet read-outs of early tokens, which the gated
-RMSNorm rescales to unit size; ``qwen3_next.py`` describes the hazard).
+RMSNorm rescales to unit size; ``qwen3_next.py`` describes the hazard). Replaced in corpus
+0.12.0 by the routing guard (the reference's own low-precision run flipped an expert:
+``scenarios.py``): kv-01-llama4-left-padded-positions 1703 -> 1801, mla-05 1721 -> 1802,
+mla-07 1728 -> 1805, mtp-03 1781 -> 1807.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ CASES = [
           "KV-01: Llama 4 (layer 0 RoPE with chunk C=5, layer 1 NoPE without temperature tuning), batch 3 "
           "left-padded by 0, 3 and 7 slots (not multiples of C): chunk boundaries count from each row's first "
           "real token (positions cumsum(mask) - 1), so slot-index positions move them; then decodes of 1, 4, 1",
-          1703, LLAMA4_NO_TEMPERATURE, (prefill(10), decode(1), decode(4), decode(1)), batch=3,
+          1801, LLAMA4_NO_TEMPERATURE, (prefill(10), decode(1), decode(4), decode(1)), batch=3,
           left_padding=(0, 3, 7)),
     _case("kv-02-extend-past-window",
           "KV-02: Mistral, every layer sliding with W=4: prefill 6, two single-token decodes (the decode path), "
@@ -129,7 +132,7 @@ CASES = [
     _case("mla-05-absorbed-decode-long-cache",
           "MLA-05: DeepSeek-V3 MLA, absorbed decode: prefill 10, single-token decodes over 11 and 12 slots, a "
           "4-token piece (16 slots), then single-token decodes over 17 and 18 slots (past one 16-row key block)",
-          1721, DEEPSEEK, (prefill(10), decode(1), decode(1), decode(4), decode(1), decode(1))),
+          1802, DEEPSEEK, (prefill(10), decode(1), decode(1), decode(4), decode(1), decode(1))),
     _case("mla-06-chunked-prefill-16-16-8",
           "MLA-06: DeepSeek-V3 MLA: a 40-token prompt prefilled as 16, 16 and 8 tokens (cached context plus "
           "the new tokens), then a decode",
@@ -137,7 +140,7 @@ CASES = [
     _case("mla-07-empty-context-chunk",
           "MLA-07: DeepSeek-V3 MLA, batch 2 with cached prompts of 40 and 2 real tokens (row 1 left-padded by "
           "38 slots, so 16-slot context chunks of row 1 hold no key), then continuations of 4 and 1 tokens",
-          1728, DEEPSEEK, (prefill(40), decode(4), decode(1)), batch=2, left_padding=(0, 38)),
+          1805, DEEPSEEK, (prefill(40), decode(4), decode(1)), batch=2, left_padding=(0, 38)),
     _case("mla-08-multi-token-continuation",
           "MLA-08: DeepSeek-V3 MLA: 64 cached tokens, a single-token decode, a 4-token continuation (causal "
           "among its own tokens), a decode",
@@ -163,7 +166,7 @@ CASES = [
     _case("mtp-03-verify-accept-1-of-3",
           "MTP-03: Qwen3-Next speculative verification: prefill 6, a decode; verify 3 drafts and accept 1 (roll "
           "back 2), a decode; verify 3 and accept none, a decode; verify 4 and accept 1, a decode; batch 2",
-          1781, QWEN3_NEXT,
+          1807, QWEN3_NEXT,
           (prefill(6), decode(1), decode(3), rollback(2), decode(1), decode(3), rollback(3), decode(1), decode(4),
            rollback(3), decode(1)), batch=2),
 ]

@@ -36,6 +36,16 @@ checkpoint runs close to the float16 / bfloat16 bounds over 25 tokens (0.86-0.97
 on its first seeds); the seeds kept stay within 0.85. Worst step of any case, as a fraction of
 its bound: float16 0.83, bfloat16 0.85 (both ``gemma3n_conditional/speculative``), float32
 0.04, float64 below 1e-4.
+
+Since corpus 0.12.0 the generator's routing guard (``make_goldens.py``) also requires the
+reference's own float32 / float16 / bfloat16 runs to choose the same experts as float64 on every
+token: their error is the error model's yardstick (``docs/tolerances.md``), and a flip there
+made a bound up to 20 times the dtype's rounding noise. Seeds replaced, each by the next free
+seed from 1800 without a flip: glm4_moe speculative 1654 -> 1809, grok2 left-padded 1632 ->
+1810, llama4 chunked 1655 -> 1835 (1814 passed the guard, but transformers flipped an expert at
+bfloat16), llama4 left-padded-batch 1626 -> 1826 (11 seeds tried: the large temperature flips
+one in most), left-padded-batch-no-temperature 1658 -> 1827, minimax_m2 chunked 1652 -> 1828 and
+speculative 1630 -> 1831.
 """
 
 from __future__ import annotations
@@ -78,13 +88,13 @@ _FAMILIES = (
      "Gemma 3, layers [full, sliding, full] with W=3, final soft-cap", (1616, 1617, 1618)),
     ("gpt_oss", "gpt_oss/released-style-config", 4, "gpt-oss, sinks, alternating sliding (W=4) and full layers",
      (1650, 1620, 1651)),
-    ("glm4_moe", "glm4_moe/glm45-style", 4, "GLM-4.5, partial RoPE, dense then MoE layers", (1649, 1653, 1654)),
+    ("glm4_moe", "glm4_moe/glm45-style", 4, "GLM-4.5, partial RoPE, dense then MoE layers", (1649, 1653, 1809)),
     ("llama4", "llama4/scout-chunked-nope-temperature", 5,
-     "Llama 4, chunked attention C=5, NoPE layer with attention temperature", (1655, None, 1660)),
+     "Llama 4, chunked attention C=5, NoPE layer with attention temperature", (1835, None, 1660)),
     ("minimax_m2", "minimax_m2/gqa-partial-rotary", 4, "MiniMax-M2, partial rotary, sigmoid routing",
-     (1652, 1629, 1630)),
+     (1828, 1629, 1831)),
     ("grok2", "grok2/temperature-caps-dense-mlp", 4, "Grok 2.5, soft-caps and a dense MLP beside the experts",
-     (1631, 1632, 1633)),
+     (1631, 1810, 1633)),
     ("deepseek_v3", "deepseek_v3/yarn-mscale-differs", 4,
      "DeepSeek-V3, MLA (the cache holds c_kv and the roped k_rope) with YaRN mscale", (1606, 1635, 1636)),
     ("qwen3_next", "qwen3_next/long-150-three-chunks", 4,
@@ -132,7 +142,7 @@ CASES += [
         "layers 1 and 3 (interval 2), floor_scale 1 and attn_scale 2, so tau = 1 + 2 ln(p + 2)): batch 3, prompts "
         "of 8, 5 and 2 real tokens left-padded to 8, then decodes of 1, 6, 1, 3 and 1 tokens. The temperature is "
         "a function of each token's position (cumsum(mask) - 1), which padding must not shift",
-        seed=1626, schedule=left_padded(5), batch=3, left_padding=(0, 3, 6),
+        seed=1826, schedule=left_padded(5), batch=3, left_padding=(0, 3, 6),
         config=_llama4(rope_parameters=SCOUT_ROPE, no_rope_layer_interval=2, floor_scale=1, attn_scale=2.0),
     ),
     ScenarioCase(
@@ -140,7 +150,7 @@ CASES += [
         "Llama 4 with attn_temperature_tuning false (its own checkpoint; otherwise the scout case's config): "
         "chunked attention C=5 with left padding, whose chunks start at each row's first real token (position "
         "0), not at slot 0; batch 3, prompts of 8, 6 and 3 real tokens, then decodes of 1, 6, 1, 3 and 1 tokens",
-        seed=1658, schedule=left_padded(5), batch=3, left_padding=(0, 2, 5),
+        seed=1827, schedule=left_padded(5), batch=3, left_padding=(0, 2, 5),
         config=_llama4(rope_parameters=SCOUT_ROPE, attn_temperature_tuning=False),
     ),
     ScenarioCase(
