@@ -228,7 +228,8 @@ def _run_and_report(factory, spec: dict, dtype, level, op_names, golden_dir, cas
     for entry in expectations.unmatched(case.id for case in manifest.cases):
         if str(entry.path) in own_files:
             continue  # a built-in backend's own file, run on a corpus without that case
-        click.echo(f"warning: {entry.where}: '{entry.pattern}' matches no case in the corpus", err=True)
+        shown = f"{entry.pattern}@{entry.dtype}" if entry.dtype else entry.pattern
+        click.echo(f"warning: {entry.where}: '{shown}' matches no case in the corpus", err=True)
     if old is not None:
         for line in mismatch_warnings(old, {"dtype": dtype, "corpus_version": manifest.corpus_version}):
             click.echo(line, err=True)

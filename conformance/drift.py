@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConformanceError
-from .report import _jsonable, _number, error_model_numbers, headline
+from .report import _jsonable, _number, error_model_numbers, headline, headline_name
 from .runner import CaseResult, Status
 
 DEFAULT_FACTOR = 2.0
@@ -110,8 +110,11 @@ def compute_drift(results: list[CaseResult], old: OldReport, factor: float = DEF
         reasons = []
         if before["status"] in _PASSING and result.status.value not in _PASSING:
             reasons.append(f"passed before, {result.status.value} now")
-        model = error_model_numbers(result)
+        # The headline tensor's numbers on both sides (a failing case's report shows its failing tensor).
+        model = error_model_numbers(result, headline_name(result.comparisons))
         old_model = before.get("headline") if isinstance(before.get("headline"), dict) else {}
+        if old_model.get("tensor") != model.get("tensor") or old_model.get("metric", "rel_rms") != "rel_rms":
+            old_model = {}
         reference, ratio = _number(model.get("reference_error")), _number(model.get("ratio"))
         old_reference, old_ratio = _number(old_model.get("reference_error")), _number(old_model.get("ratio"))
         grew = None

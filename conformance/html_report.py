@@ -8,8 +8,8 @@ fetched; plots are PNG data URIs):
 * the summary line and a support matrix: for each case family (``qwen3``,
   ``op/rms_norm``, ...) how many cases passed, failed, errored, were not
   implemented, skipped or xfailed;
-* one table of every case, failures first, with the headline tensor's error model (the
-  backend's rel RMS error, the reference's own error in the run dtype, their ratio and
+* one table of every case, failures first, with the error model of its first failing tensor,
+  else its headline tensor (the backend's rel RMS error, the reference's own error in the run dtype, their ratio and
   the bound), the max abs error, the first diverging tensor, the message and the one-line
   repro command;
 * for each failing model case, a plot (matplotlib, Agg) of the relative RMS error
@@ -41,7 +41,7 @@ from collections import Counter
 from pathlib import Path
 
 from .errors import ConformanceError
-from .report import _ROW_ORDER, REPRO, error_model_cells, headline, repro_command, summary_line
+from .report import _ROW_ORDER, REPRO, error_model_cells, judged_name, repro_command, summary_line
 from .runner import CaseResult, Status, tap_order
 
 _STATUS_CLASS = {status: status.value.replace(" ", "-") for status in Status}
@@ -219,7 +219,8 @@ def _matrix_html(results: list[CaseResult]) -> str:
 def _cases_html(results: list[CaseResult], meta: dict) -> str:
     rows = []
     for r in sorted(results, key=lambda r: _ROW_ORDER.index(r.status)):
-        c = headline(r.comparisons)
+        name = judged_name(r)
+        c = None if name is None else r.comparisons[name]
         rel = "" if c is None else (f"{c.nonfinite} NaN/Inf" if c.nonfinite else f"{c.rel_rms:.2e}")
         mx = "" if c is None else f"{c.max_abs:.2e}"
         model = "".join(f'<td class="num">{_e(cell)}</td>' for cell in error_model_cells(r))

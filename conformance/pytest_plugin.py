@@ -17,9 +17,9 @@ session, beside the engine's own tests. Outcomes map as in ``llm-conformance run
 * passed -> passed; failed or error -> failed, with the message (the broken bound: the
   backend's error, the reference's own error in the dtype, their ratio), the first
   diverging tensor and the one-line ``llm-conformance run`` repro command;
-* every judged case records the headline tensor's three numbers as test properties
-  (``record_property``: ``error``, ``reference_error``, ``ratio`` and ``bound``, in pytest's
-  ``--junitxml`` too);
+* every judged case records its error model (:func:`conformance.report.error_model_numbers`:
+  ``error``, ``reference_error``, ``ratio``, ``bound``, ``tensor``, ``metric``, ``rule``) as
+  test properties (``user_properties``, in pytest's ``--junitxml`` too);
 * not implemented -> skipped with the reason (never a failure);
 * a skip-file entry -> skipped; an xfail-file entry -> xfailed, and a pass of an
   xfail-listed case fails (strict), as in ``run``.

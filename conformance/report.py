@@ -1,13 +1,14 @@
 """Reports of a run: a rich table for people, a JSON file and a JUnit XML file for machines.
 
-The table has one row per case, failures and errors first, with the headline tensor's
-error model (the logits of a model case, the worst output of an op case): the backend's
-relative RMS error, the reference's own error in the run dtype, their ratio and the bound
+The table has one row per case, failures and errors first, with one tensor's error model
+(the first tensor that failed; on a passing case the headline: the logits of a model case, the
+worst output of an op case): the backend's relative RMS error, the reference's own error in
+the run dtype, their ratio and the bound, or the same on max abs when only max abs failed
 (:func:`error_model_numbers`), then the max abs error, the argmax agreement and, on failure,
 the first diverging tensor; a repro command per failing case; and a summary line. The JSON
 report keeps every number of every compared tensor (``comparisons``) and how each was judged
-(``judgements``: rule, bounds, reference error, ratios), the headline's numbers
-(``headline``), plus the run's metadata (backend, package versions, dtype, corpus version,
+(``judgements``: rule, bounds, reference error, ratios), the numbers of the table's
+tensor (``headline``), plus the run's metadata (backend, package versions, dtype, corpus version,
 timestamps). The JUnit XML report has one testcase per case for CI dashboards (see
 :func:`write_junit_report`).
 """
@@ -108,6 +109,22 @@ def headline_name(comparisons: dict) -> str | None:
     return next((name for name, c in comparisons.items() if c is top), None)
 
 
+def judged_name(result: CaseResult) -> str | None:
+    """The tensor a result's numbers describe: the first that broke a bound, in the order the case
+    was judged (taps, logits, MTP drafts; scenario steps), else :func:`headline_name`'s."""
+    for name, judgement in (result.judgements or {}).items():
+        if judgement.failures and name in result.comparisons:
+            return name
+    return headline_name(result.comparisons)
+
+
+def _max_abs_only(comparison, judgement) -> bool:
+    """Whether ``judgement`` failed on max abs while rel RMS was within its bound."""
+    if not judgement.failures or judgement.bound_max_abs is None or judgement.bound_rel_rms is None:
+        return False
+    return comparison.max_abs > judgement.bound_max_abs and not comparison.rel_rms > judgement.bound_rel_rms
+
+
 def _number(value) -> float | None:
     """A float from a number or its JSON text form ("inf"); None otherwise."""
     try:
@@ -116,18 +133,27 @@ def _number(value) -> float | None:
         return None
 
 
-def error_model_numbers(result: CaseResult) -> dict:
-    """The headline tensor's error model: ``{"tensor", "rule", "error", "reference_error", "ratio",
-    "bound"}`` (rel RMS; ``bound`` is the rel RMS bound, or ``"N ULP"`` / ``"exact"``), plus
-    ``"max_ulp"`` under the ulp rule; ``{}`` when nothing was compared. ``reference_error`` and
+def error_model_numbers(result: CaseResult, tensor: str | None = None) -> dict:
+    """The error model of one tensor (``tensor``, or :func:`judged_name`'s: the first that failed,
+    else the headline): ``{"tensor", "metric", "rule", "error", "reference_error", "ratio",
+    "bound"}``, plus ``"max_ulp"`` under the ulp rule; ``{}`` when nothing was compared.
+
+    ``metric`` is ``"rel_rms"``, or ``"max_abs"`` when the tensor failed on max abs alone; the
+    numbers are then the max abs error, the reference's max abs error, their ratio and the max
+    abs bound. ``bound`` is ``"N ULP"`` / ``"exact"`` under those rules. ``reference_error`` and
     ``ratio`` are None at float64 and where the corpus records no reference error."""
-    name = headline_name(result.comparisons)
-    if name is None:
+    name = tensor if tensor is not None else judged_name(result)
+    if name is None or name not in result.comparisons:
         return {}
     comparison, judgement = result.comparisons[name], result.judgements.get(name)
-    numbers = {"tensor": name, "rule": None, "error": comparison.rel_rms, "reference_error": None, "ratio": None,
-               "bound": None}
+    numbers = {"tensor": name, "metric": "rel_rms", "rule": None, "error": comparison.rel_rms,
+               "reference_error": None, "ratio": None, "bound": None}
     if judgement is None:
+        return numbers
+    if _max_abs_only(comparison, judgement):
+        numbers.update(metric="max_abs", rule=judgement.rule, error=comparison.max_abs,
+                       reference_error=judgement.reference_max_abs, ratio=judgement.ratio_max_abs,
+                       bound=judgement.bound_max_abs)
         return numbers
     numbers.update(rule=judgement.rule, reference_error=judgement.reference_rel_rms, ratio=judgement.ratio_rel_rms)
     if judgement.rule == "ulp":
@@ -141,7 +167,8 @@ def error_model_numbers(result: CaseResult) -> dict:
 
 def error_model_cells(result: CaseResult) -> list[str]:
     """The table cells ``ref rel RMS``, ``ratio``, ``bound`` of a result (``""`` where nothing was
-    compared; ``-`` at float64, ``not recorded`` where the corpus has no reference error)."""
+    compared; ``-`` at float64, ``not recorded`` where the corpus has no reference error), each
+    marked ``(max abs)`` when the tensor failed on max abs alone."""
     numbers = error_model_numbers(result)
     if not numbers or numbers["rule"] is None:
         return ["", "", ""]
@@ -158,12 +185,15 @@ def error_model_cells(result: CaseResult) -> list[str]:
         bound_cell = f"{bound:.2e}" + (" interim" if rule == "interim" else "")
     else:
         bound_cell = str(bound or "")
+    if numbers["metric"] == "max_abs":
+        return [f"{cell} (max abs)" for cell in (reference_cell, ratio_cell, bound_cell)]
     return [reference_cell, ratio_cell, bound_cell]
 
 
 def _row(result: CaseResult) -> list[Text]:
     """Table cells as Text, so that brackets in messages are not read as rich markup."""
-    logits = headline(result.comparisons)
+    name = judged_name(result)
+    logits = None if name is None else result.comparisons[name]
     if logits is None:
         numbers = ["", ""]
     elif logits.nonfinite:
@@ -222,8 +252,8 @@ def write_json_report(path, results: list[CaseResult], meta: dict, extra: dict |
     """Write ``{"meta": meta, "summary": ..., "results": [...]}`` to ``path`` as JSON.
 
     Each result carries every number of :class:`~conformance.runner.CaseResult`
-    (all comparisons and judgements, argmax agreement, tolerance), the headline's error
-    model (``headline``: :func:`error_model_numbers`) and, when it failed or errored,
+    (all comparisons and judgements, argmax agreement, tolerance), the error model of the
+    first failing tensor, else the headline's (``headline``: :func:`error_model_numbers`) and, when it failed or errored,
     its repro command. ``extra`` maps a case id to further keys for its entry
     (``--compare-to`` adds ``drift``).
 
@@ -270,8 +300,9 @@ def write_junit_report(path, results: list[CaseResult], meta: dict) -> None:
 
     A testcase's classname is the case family with ``/`` as ``.`` (``op/rms_norm/plain``
     is in ``op.rms_norm``), its name ``<case id> [<dtype>]``, and a ``dtype`` property, plus
-    the headline's error model as properties ``tensor``, ``rule``, ``error``, ``reference_error``,
-    ``ratio`` and ``bound`` (:func:`error_model_numbers`; absent values left out).
+    the error model of the first failing tensor, else the headline's, as properties ``tensor``,
+    ``metric``, ``rule``, ``error``, ``reference_error``, ``ratio`` and ``bound``
+    (:func:`error_model_numbers`; absent values left out).
     Failed, nan and xpassed cases carry ``<failure>``, errored, crashed and timed-out ones
     ``<error>`` (the ``type`` is the status; the text has the repro command except for xpassed), not implemented, skipped and
     xfailed ones ``<skipped>`` whose ``type`` is the status. The suite's properties

@@ -63,6 +63,7 @@ results of the cases that finished, so that reports can still be written (marked
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import inspect
 import re
@@ -195,6 +196,13 @@ def _judge_all(result: CaseResult, tolerance: Tolerance, reference: dict[str, Re
     return {name: list(j.failures) for name, j in result.judgements.items()}
 
 
+def _add_failure(result: CaseResult, failures: dict[str, list[str]], name: str, failure: str) -> None:
+    """Record a failure found after a tensor's judgement (the argmax check) in both places."""
+    failures[name].append(failure)
+    judgement = result.judgements[name]
+    result.judgements[name] = dataclasses.replace(judgement, failures=(*judgement.failures, failure))
+
+
 def judge(
     result: CaseResult, actual: dict[str, np.ndarray], expected: dict[str, np.ndarray], tolerance: Tolerance,
     reference: dict[str, RecordedError] | None = None,
@@ -214,7 +222,7 @@ def judge(
         result.argmax = argmax_agreement(actual["logits"], expected["logits"], margin)
         if not result.argmax.confident_agree:
             count = result.argmax.confident_disagreements
-            failures["logits"].append(f"argmax differs at {count} confident position(s)")
+            _add_failure(result, failures, "logits", f"argmax differs at {count} confident position(s)")
     # Every draft depth the case records is required once the backend returns any:
     # returning depth 1 of 2 must not pass as if depth 2 had been checked.
     missing = sorted((n for n in expected if _is_mtp(n) and n not in actual), key=lambda n: int(n[len(MTP_PREFIX):]))
@@ -638,8 +646,8 @@ def judge_scenario(result: CaseResult, actual: dict[str, np.ndarray], steps: lis
             agreement = argmax_agreement(got, want, argmax_margin(tolerance, comparison, result.judgements[step.name]))
             agreements.append(agreement)
             if not agreement.confident_agree:
-                failures[step.name].append(f"argmax differs at {agreement.confident_disagreements} confident "
-                                           "position(s)")
+                _add_failure(result, failures, step.name,
+                             f"argmax differs at {agreement.confident_disagreements} confident position(s)")
     if agreements:
         positions = sum(a.positions for a in agreements)
         result.argmax = ArgmaxAgreement(

@@ -19,6 +19,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from conformance.backends.base import BackendOutput
@@ -386,13 +387,14 @@ def test_the_pytest_plugin_records_the_numbers_as_properties(corpus, tmp_path):
     (tmp_path / "test_own.py").write_text("def test_own():\n    assert True\n")
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "test_own.py"),
                            "--llm-backend=refimpl", "--llm-golden-dir", str(corpus), "--llm-case", "op/gated_mlp/*",
-                           "--llm-dtype", "bfloat16", f"--junitxml={junit}"],
+                           "--llm-dtype", "bfloat16", f"--junitxml={junit}", "-W", "error::pytest.PytestWarning"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     case = next(c for c in ET.parse(junit).iter("testcase") if "gated_mlp" in c.get("name"))
     properties = {p.get("name"): p.get("value") for p in case.iter("property")}
     assert properties["rule"] == "ratio" and float(properties["ratio"]) == pytest.approx(1.0, rel=6e-3)
     assert float(properties["reference_error"]) > 0 and float(properties["bound"]) > float(properties["error"])
+    assert "None" not in properties.values()  # absent values are left out
 
 
 # -- xfail entries for one dtype
@@ -403,3 +405,78 @@ def test_an_xfail_entry_can_name_the_dtype_it_applies_to():
     assert entry.applies("op/attention/mla-x", "bfloat16") and not entry.applies("op/attention/mla-x", "float32")
     with pytest.raises(ExpectationError, match="'@int8' is not a dtype"):
         parse_line("op/x@int8  # r", "f", 2, reason_required=True)
+
+
+# -- review findings: the numbers name what failed; RoPE in half precision
+
+def test_the_numbers_describe_the_failing_tap_not_the_passing_logits():
+    from conformance.report import error_model_cells, error_model_numbers
+
+    row = get_tolerance("model_logits", "bfloat16")
+    logits, logits_error, logits_ref = _scaled((1, 3, 40), 0.05, seed=1)
+    tap, tap_error, tap_ref = _scaled((1, 3, 16), 0.01, seed=2)
+    result = judge(CaseResult("c", "bfloat16", Status.ERROR), {"layers.0": tap + 5 * tap_error, "logits": logits},
+                   {"layers.0": tap, "logits": logits}, row, reference={"layers.0": tap_ref, "logits": logits_ref})
+    numbers = error_model_numbers(result)
+    assert result.status is Status.FAILED and numbers["tensor"] == "layers.0" and numbers["metric"] == "rel_rms"
+    assert numbers["ratio"] == pytest.approx(5) and numbers["error"] > numbers["bound"]
+    # The headline's own numbers stay available (drift compares those between runs).
+    assert error_model_numbers(result, "logits")["ratio"] == pytest.approx(0)
+    assert error_model_cells(result)[1] == "5.00"
+
+
+def test_a_max_abs_only_failure_reports_the_max_abs_numbers():
+    from conformance.report import error_model_cells, error_model_numbers
+
+    row = get_tolerance("op_attention", "bfloat16")
+    expected, error, reference = _scaled((64, 64), 0.01, seed=3)
+    actual = expected + error
+    actual.flat[5] = expected.flat[5] + 8 * reference.max_abs  # one element: rel RMS still within its bound
+    result = judge_op(CaseResult("op/x", "bfloat16", Status.ERROR), {"output": actual}, {"output": expected}, row,
+                      reference={"output": reference})
+    numbers = error_model_numbers(result)
+    judgement = result.judgements["output"]
+    assert result.status is Status.FAILED and judgement.passed is False
+    assert result.comparisons["output"].rel_rms <= judgement.bound_rel_rms
+    assert numbers["metric"] == "max_abs" and numbers["error"] == result.comparisons["output"].max_abs
+    assert numbers["bound"] == judgement.bound_max_abs and numbers["ratio"] == pytest.approx(8, rel=0.2)
+    assert all(cell.endswith("(max abs)") for cell in error_model_cells(result))
+
+
+def test_an_argmax_flip_is_recorded_in_the_logits_judgement():
+    row = get_tolerance("model_logits", "float32")
+    expected = np.zeros((1, 2, 8))
+    expected[0, :, 3] = 1.0
+    expected[0, :, 5] = 0.9
+    actual = expected.copy()
+    # Position 1's top-1 swapped (gap 0.1 > the margin, twice the reference's max abs 0.04), each
+    # value moved 0.06, within the max abs bound (2 x 0.04 + floor): only the argmax check fails.
+    actual[0, 1, 3], actual[0, 1, 5] = 0.94, 0.96
+    result = judge(CaseResult("c", "float32", Status.ERROR), {"logits": actual}, {"logits": expected}, row,
+                   reference={"logits": RecordedError(0.1, 0.04)})
+    assert result.status is Status.FAILED
+    assert result.judgements["logits"].failures == ("argmax differs at 1 confident position(s)",)
+
+
+@pytest.mark.parametrize("run,computed", [("float16", ml_dtypes.bfloat16), ("bfloat16", None)])
+def test_rope_at_half_precision_is_judged_against_the_reference_not_the_float32_angle(golden_dir, run, computed):
+    """An engine computing RoPE in bfloat16 when asked for float16 fails the long-position cases
+    (the float32-angle floor applies at float32 only); the reference's own run passes."""
+    from refimpl.ops import OPS
+
+    manifest = read_manifest(golden_dir)
+    cases = [c for c in manifest.cases if c.tolerance_class == "op_rope_long"]
+    assert cases
+    row = get_tolerance("op_rope_long", run)
+    verdicts = []
+    for case in cases:
+        data = load_file(str(golden_dir / case.data))
+        inputs = {k[len("inputs."):]: v for k, v in data.items() if k.startswith("inputs.")}
+        dtype = computed or LOW[run]
+        cast = {k: (v if v.dtype.kind in "iu" else v.astype(dtype)) for k, v in inputs.items()}
+        with safe_open(str(golden_dir / case.data), "np") as f:
+            params = json.loads(f.metadata()["case"])["params"]
+        output = np.asarray(OPS[case.op].function(**cast, **params), dtype=np.float64)
+        verdicts.append(judge_tensor(compare(output, data["outputs.output"]), row, run,
+                                     case.reference_error[run]["output"]).passed)
+    assert verdicts == [computed is None] * len(cases)
