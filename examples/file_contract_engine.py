@@ -72,7 +72,9 @@ def run_case(case_dir: Path, out_dir: Path) -> None:
         result = OPS[info["op"]].function(**arrays, **info["params"])
         names = list(info["outputs"])
         tensors = result if isinstance(result, dict) else {names[0]: result}
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(out_dir / "outputs.safetensors"))
+    # np.array(order="C"), not np.ascontiguousarray, which turns a 0-d output (a scalar such as
+    # rope_frequencies' attention_scaling) into shape (1,).
+    save_file({k: np.array(v, order="C") for k, v in tensors.items()}, str(out_dir / "outputs.safetensors"))
 
 
 def main(cases: str, outputs: str) -> None:

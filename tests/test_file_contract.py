@@ -74,6 +74,18 @@ def test_export_layout_describes_every_case(exported):
     assert op["op"] == "rms_norm" and set(op["outputs"]) == {"output"} and "eps" in op["params"]
 
 
+def test_every_op_case_round_trips_through_the_example_engine(golden_dir, tmp_path):
+    """Every op of the corpus, scalar outputs included (``rope_frequencies``' 0-d
+    ``attention_scaling``, whose shape a careless writer turns into ``(1,)``)."""
+    cases, outputs = tmp_path / "cases", tmp_path / "outputs"
+    assert invoke("export", cases, "--level", "op", "--golden-dir", golden_dir).exit_code == 0
+    engine().main(str(cases), str(outputs))
+    result, entries = check(cases, outputs, golden_dir, tmp_path)
+    assert result.exit_code == 0, result.output
+    assert len(entries) > 100 and {e["status"] for e in entries.values()} == {"passed"}
+    assert any(e["comparisons"].get("attention_scaling") for e in entries.values())
+
+
 def test_engine_outputs_pass_like_run(exported, golden_dir, tmp_path):
     cases, outputs = exported
     result, entries = check(cases, outputs, golden_dir, tmp_path)
