@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import importlib.util
 import os
 import sys
 from datetime import datetime, timezone
@@ -46,7 +47,7 @@ from .backends import OWN_XFAIL_FILES, resolve_backend
 from .backends.base import DTYPES, package_versions
 from .errors import ConformanceError
 from .drift import DEFAULT_FACTOR, compute_drift, drift_lines, load_old_report, mismatch_warnings
-from .manifest import LEVELS, Case, default_golden_dir, read_manifest, verify_case_files
+from .manifest import LEVELS, Case, default_golden_dir, read_manifest, shadowing_note, verify_case_files
 from .matrix import support_matrix
 from .expectations import load_expectations
 from .report import FAILING, id_column_options, print_report, write_json_report, write_junit_report
@@ -127,6 +128,15 @@ def _check_writable(report: Path) -> None:
     parent = report.parent if str(report.parent) else Path(".")
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise ConformanceError(f"cannot write report {report}: directory {parent} does not exist or is not writable")
+
+
+def _default_golden_dir() -> Path:
+    """:func:`default_golden_dir`, with a note on stderr when ./golden shadows the packaged corpus."""
+    chosen = default_golden_dir()
+    note = shadowing_note(chosen)
+    if note:
+        click.echo(note, err=True)
+    return chosen
 
 
 def _stdout_console(ids=()) -> Console:
@@ -220,7 +230,7 @@ def _run_and_report(factory, spec: dict, dtype, level, op_names, golden_dir, cas
     corpus besides (``check`` warns about stray folders).
     On Ctrl-C the reports of the finished cases are written, marked partial, and the exit
     status is 130."""
-    golden_dir = golden_dir or default_golden_dir()
+    golden_dir = golden_dir or _default_golden_dir()
     old = load_old_report(compare_to) if compare_to is not None else None
     manifest = read_manifest(golden_dir)
     expectations = load_expectations(skip_files, xfail_files)
@@ -283,6 +293,9 @@ def _run_and_report(factory, spec: dict, dtype, level, op_names, golden_dir, cas
         from .html_report import write_html_report
 
         write_html_report(html_path, results, meta, partial=partial)
+        if importlib.util.find_spec("matplotlib") is None:
+            click.echo(f"warning: {html_path} has no plots: matplotlib is not installed "
+                       "(pip install 'llm-refimpl[report]')", err=True)
     console = _stdout_console([r.case_id for r in results])
     print_report(results, meta, console)
     if old is not None:
@@ -318,7 +331,7 @@ def export_command(directory, dtype, level, op_names, golden_dir, case_globs):
     `llm-conformance check --outputs DIR2`. See docs/file-contract.md."""
     from .file_contract import export_cases
 
-    golden_dir = golden_dir or default_golden_dir()
+    golden_dir = golden_dir or _default_golden_dir()
     manifest = read_manifest(golden_dir)
     cases = select_level(select_cases(manifest.cases, case_globs), level, op_names)
     if not cases:
@@ -407,7 +420,7 @@ def check_command(outputs_dir, exported_dir, dtype, level, op_names, golden_dir,
 @_input_errors_as_one_line
 def matrix_command(backend_specs, options, dtype, golden_dir, output):
     """Print which cases each backend supports, as a markdown table (probes support; runs nothing)."""
-    golden_dir = golden_dir or default_golden_dir()
+    golden_dir = golden_dir or _default_golden_dir()
     manifest = read_manifest(golden_dir)
     if output is not None:
         _check_writable(output)
@@ -434,7 +447,7 @@ def matrix_command(backend_specs, options, dtype, golden_dir, output):
 @_input_errors_as_one_line
 def list_command(golden_dir, level, case_globs):
     """List the golden cases (the same --level and --case selection as run)."""
-    golden_dir = golden_dir or default_golden_dir()
+    golden_dir = golden_dir or _default_golden_dir()
     manifest = read_manifest(golden_dir)
     cases = select_level(select_cases(manifest.cases, case_globs), level, ())
     if not cases:

@@ -95,7 +95,7 @@ def _headline_rel_rms(comparisons) -> float | None:
 def compute_drift(results: list[CaseResult], old: OldReport, factor: float = DEFAULT_FACTOR) -> dict[str, dict]:
     """``{case id: drift entry}`` for the cases of ``results`` that OLD.json has.
 
-    Each entry: ``old_status``, ``status``, ``old_rel_rms``, ``rel_rms`` (headline errors,
+    Each entry: ``tensor`` (the headline tensor the numbers are of), ``old_status``, ``status``, ``old_rel_rms``, ``rel_rms`` (headline errors,
     None if not compared), ``factor`` (new / old, None if not computable), ``old_reference_error``,
     ``reference_error``, ``old_ratio``, ``ratio`` (the headline's error model), ``flagged`` and
     ``reasons`` (why it is flagged; empty when not).
@@ -126,6 +126,7 @@ def compute_drift(results: list[CaseResult], old: OldReport, factor: float = DEF
                     grown += f"; reference {reference:.2e}, ratio {_ratio_text(old_ratio)} -> {_ratio_text(ratio)}"
                 reasons.append(f"rel RMS grew more than {factor:g}x ({grown})")
         drift[result.case_id] = {
+            "tensor": model.get("tensor"),
             "old_status": before["status"], "status": result.status.value, "old_rel_rms": then, "rel_rms": now,
             "factor": grew, "old_reference_error": old_reference, "reference_error": reference,
             "old_ratio": old_ratio, "ratio": ratio, "flagged": bool(reasons), "reasons": reasons,

@@ -219,6 +219,25 @@ def default_golden_dir() -> Path:
     raise ManifestError(f"no golden corpus found (looked in {searched}); pass --golden-dir or set ${GOLDEN_ENV}")
 
 
+def shadowing_note(golden_dir: Path) -> str | None:
+    """A note when :func:`default_golden_dir` chose ``./golden`` while another corpus sits beside
+    the package (a repository's own ``golden/`` folder silently taking the suite's place); it
+    names both corpus versions. None otherwise."""
+    packaged = Path(conformance.__file__).resolve().parents[1] / "golden"
+    if Path(golden_dir) != Path("golden") or not (packaged / MANIFEST_NAME).is_file() \
+            or packaged.resolve() == Path(golden_dir).resolve():
+        return None
+
+    def version(root: Path) -> str:
+        try:
+            return str(json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8")).get("corpus_version", "?"))
+        except (OSError, ValueError, AttributeError):
+            return "?"
+
+    return (f"note: using ./golden (corpus {version(Path(golden_dir))}) from the current directory, not the corpus "
+            f"beside the package, {packaged} (corpus {version(packaged)}); pass --golden-dir to choose")
+
+
 def inside(golden_dir: Path, relative: str, what: str) -> Path:
     """Resolve ``relative`` against ``golden_dir``, refusing paths that leave it.
 

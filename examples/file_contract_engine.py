@@ -4,13 +4,14 @@ safetensors outputs. Here the "engine" is the NumPy reference itself.
 
     llm-conformance export /tmp/cases --case 'qwen3/*' --case 'op/rms_norm/*' --case 'scenario/qwen3/*'
     python examples/file_contract_engine.py /tmp/cases /tmp/outputs
-    llm-conformance check --outputs /tmp/outputs
+    llm-conformance check --outputs /tmp/outputs --exported /tmp/cases
 """
 
 import json
 import sys
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
@@ -45,36 +46,36 @@ def replay_scenario(model, schedule: list, inputs: dict) -> dict:
 
 
 def run_case(case_dir: Path, out_dir: Path) -> None:
+    """Compute one exported case with the reference in the export's dtype (float16 and bfloat16
+    too: refimpl's storage dtypes, ``docs/low-precision.md``) and write its outputs."""
     info = json.loads((case_dir / "case.json").read_text())
     inputs = load_file(str(case_dir / "inputs.safetensors"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    if info["level"] == "scenario":
-        if info["dtype"] not in ("float32", "float64"):
-            (out_dir / "NOT_IMPLEMENTED").write_text(f"this engine has no {info['dtype']} model path\n")
-            return
-        model = refimpl.from_pretrained(case_dir / info["checkpoint"], dtype=np.dtype(info["dtype"]))
-        tensors = replay_scenario(model, info["schedule"], inputs)
-    elif info["level"] == "model":
-        # The reference computes in float32 or float64 only: say so for other dtypes.
-        if info["dtype"] not in ("float32", "float64"):
-            (out_dir / "NOT_IMPLEMENTED").write_text(f"this engine has no {info['dtype']} model path\n")
-            return
-        model = refimpl.from_pretrained(case_dir / info["checkpoint"], dtype=np.dtype(info["dtype"]))
-        drafts = info.get("mtp_depths", 0) > 0  # multi-token prediction: write mtp_logits.1 .. mtp_logits.D
-        out = model.forward(inputs["input_ids"], return_hidden_states=True, return_mtp_logits=drafts)
-        tensors = {"logits": out.logits, **{f"hidden_states.{k}": v for k, v in out.hidden_states.items()}}
-        if drafts:
-            tensors.update({f"mtp_logits.{k}": v for k, v in enumerate(out.mtp_logits, 1)})
+    dtype = info["dtype"]
+    if info["level"] in ("scenario", "model"):
+        model = refimpl.from_pretrained(case_dir / info["checkpoint"], dtype=dtype)
+        if info["level"] == "scenario":
+            tensors = replay_scenario(model, info["schedule"], inputs)
+        else:
+            drafts = info.get("mtp_depths", 0) > 0  # multi-token prediction: write mtp_logits.1 .. mtp_logits.D
+            out = model.forward(inputs["input_ids"], return_hidden_states=True, return_mtp_logits=drafts)
+            tensors = {"logits": out.logits, **{f"hidden_states.{k}": v for k, v in out.hidden_states.items()}}
+            if drafts:
+                tensors.update({f"mtp_logits.{k}": v for k, v in enumerate(out.mtp_logits, 1)})
     else:
-        # Widen low-precision inputs: this engine computes in float64 and rounds the result.
-        arrays = {k: (v.astype(np.float64) if v.dtype.kind == "f" or v.dtype.name == "bfloat16" else v)
-                  for k, v in inputs.items()}
-        result = OPS[info["op"]].function(**arrays, **info["params"])
+        # The inputs as stored, in the export dtype (BF16 loads as ml_dtypes.bfloat16 once ml_dtypes is imported).
+        result = OPS[info["op"]].function(**inputs, **info["params"])
         names = list(info["outputs"])
         tensors = result if isinstance(result, dict) else {names[0]: result}
-    # np.array(order="C"), not np.ascontiguousarray, which turns a 0-d output (a scalar such as
-    # rope_frequencies' attention_scaling) into shape (1,).
-    save_file({k: np.array(v, order="C") for k, v in tensors.items()}, str(out_dir / "outputs.safetensors"))
+    # Written as float32 or wider (every float16 / bfloat16 value is exact in float32), integers as
+    # they are; np.array(order="C"), not np.ascontiguousarray, which turns a 0-d output (a scalar
+    # such as rope_frequencies' attention_scaling) into shape (1,).
+    save_file({k: np.array(_widened(v), order="C") for k, v in tensors.items()}, str(out_dir / "outputs.safetensors"))
+
+
+def _widened(value) -> np.ndarray:
+    value = np.asarray(value)
+    return value.astype(np.float32) if value.dtype in (np.float16, ml_dtypes.bfloat16) else value
 
 
 def main(cases: str, outputs: str) -> None:

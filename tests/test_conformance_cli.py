@@ -393,3 +393,19 @@ def test_transformers_backend_passes(golden, dtype):
     result = invoke("run", "--backend", "transformers", "--dtype", dtype, "--golden-dir", str(golden))
     assert result.exit_code == 0, result.output
     assert "1 passed" in result.stdout
+
+
+def test_a_golden_folder_in_the_working_directory_shadowing_the_packaged_corpus_is_named(tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    from conformance.manifest import shadowing_note
+
+    (tmp_path / "golden").mkdir()
+    (tmp_path / "golden" / "MANIFEST.json").write_text(json.dumps({"corpus_version": "0.0.7"}))
+    monkeypatch.chdir(tmp_path)
+    note = shadowing_note(Path("golden"))
+    assert note is not None and "corpus 0.0.7" in note and "--golden-dir" in note
+    # An explicit folder, or the packaged corpus itself, is not a shadow.
+    assert shadowing_note(tmp_path / "golden") is None
+    assert shadowing_note(Path(__file__).resolve().parents[1] / "golden") is None

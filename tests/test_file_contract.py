@@ -74,16 +74,21 @@ def test_export_layout_describes_every_case(exported):
     assert op["op"] == "rms_norm" and set(op["outputs"]) == {"output"} and "eps" in op["params"]
 
 
-def test_every_op_case_round_trips_through_the_example_engine(golden_dir, tmp_path):
-    """Every op of the corpus, scalar outputs included (``rope_frequencies``' 0-d
-    ``attention_scaling``, whose shape a careless writer turns into ``(1,)``)."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_every_op_case_round_trips_through_the_example_engine(golden_dir, tmp_path, dtype):
+    """Every op of the corpus and a model case, in the export dtype: scalar outputs included
+    (``rope_frequencies``' 0-d ``attention_scaling``, whose shape a careless writer turns into
+    ``(1,)``), and at bfloat16 the reference's own rounding (the ULP rule of RMSNorm)."""
     cases, outputs = tmp_path / "cases", tmp_path / "outputs"
-    assert invoke("export", cases, "--level", "op", "--golden-dir", golden_dir).exit_code == 0
+    exported = invoke("export", cases, "--case", "op/*", "--case", "qwen3/single-token", "--dtype", dtype,
+                      "--golden-dir", golden_dir)
+    assert exported.exit_code == 0, exported.output
     engine().main(str(cases), str(outputs))
-    result, entries = check(cases, outputs, golden_dir, tmp_path)
+    result, entries = check(cases, outputs, golden_dir, tmp_path, "--dtype", dtype)
     assert result.exit_code == 0, result.output
     assert len(entries) > 100 and {e["status"] for e in entries.values()} == {"passed"}
     assert any(e["comparisons"].get("attention_scaling") for e in entries.values())
+    assert entries["qwen3/single-token"]["headline"]["ratio"] == pytest.approx(1.0, abs=0.01)
 
 
 def test_engine_outputs_pass_like_run(exported, golden_dir, tmp_path):
